@@ -1,0 +1,74 @@
+//! Extractors whose rejections are our `Error`, so malformed input gets problem+json with a
+//! specific `code` instead of axum's plain-text rejections.
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::error::Error;
+use crate::log::StreamName;
+
+/// Query parameters; a malformed query is 400 `invalid_parameter`.
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| Query(q.0))
+            .map_err(|e| Error::InvalidParameter(e.body_text()))
+    }
+}
+
+/// The `{stream}` path segment, validated.
+pub struct Stream(pub StreamName);
+
+#[derive(Deserialize)]
+struct StreamParam {
+    stream: String,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Stream {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
+        let axum::extract::Path(p) =
+            axum::extract::Path::<StreamParam>::from_request_parts(parts, state)
+                .await
+                .map_err(|e| Error::InvalidStreamName(e.body_text()))?;
+        Ok(Stream(StreamName::parse(&p.stream)?))
+    }
+}
+
+/// The whole request body, bounded by the router's body limit: reading stops as soon as the
+/// limit is passed, so a huge body is never buffered.
+pub struct Body(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = Error;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Error> {
+        let limit = req
+            .extensions()
+            .get::<BodyLimit>()
+            .map_or(usize::MAX, |l| l.0);
+        Bytes::from_request(req, state)
+            .await
+            .map(Body)
+            .map_err(|e| {
+                if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    Error::PayloadTooLarge { limit }
+                } else {
+                    Error::InvalidJson(format!("could not read the request body: {}", e.body_text()))
+                }
+            })
+    }
+}
+
+/// The body limit in force, recorded for error messages.
+#[derive(Clone, Copy)]
+pub struct BodyLimit(pub usize);

@@ -1,0 +1,80 @@
+//! Operations: liveness, readiness, Prometheus metrics, and node stats.
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::app::AppState;
+use crate::error::Result;
+use crate::log::MIGRATOR;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/stats", get(stats))
+}
+
+async fn healthz() -> Response {
+    Json(json!({ "status": "ok" })).into_response()
+}
+
+/// Ready when the database answers and every embedded migration is applied.
+async fn readyz(State(app): State<AppState>) -> Response {
+    let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+    let check = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        sqlx::query_scalar::<_, i64>(
+            "select coalesce(max(version), 0) from _sqlx_migrations where success",
+        )
+        .fetch_one(&app.pool),
+    )
+    .await;
+    match check {
+        Ok(Ok(v)) if v >= latest => Json(json!({ "status": "ready" })).into_response(),
+        Ok(Ok(v)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "migrating", "applied": v, "expected": latest })),
+        )
+            .into_response(),
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "database_unavailable", "detail": e.to_string() })),
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "database_unavailable", "detail": "timed out" })),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(app): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.prometheus.render(),
+    )
+        .into_response()
+}
+
+async fn stats(State(app): State<AppState>) -> Result<Response> {
+    let c = &app.connections;
+    Ok(Json(json!({
+        "node_id": &*app.node_id,
+        "uptime_s": app.started.elapsed().as_secs(),
+        "connections": {
+            "sse": c.sse.load(Ordering::Relaxed),
+            "ws": c.ws.load(Ordering::Relaxed),
+        },
+        "subscriptions": app.hub.subscriptions(),
+        "live_streams": app.hub.live_streams(),
+    }))
+    .into_response())
+}

@@ -1,0 +1,270 @@
+//! REST: append, close, read and replay, export, list, metadata, delete, snapshot.
+
+use axum::body::Body as HttpBody;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::{BufMut, Bytes, BytesMut};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::events::parse_batch;
+use super::extract::{Body, Query, Stream};
+use crate::app::AppState;
+use crate::error::{Error, Result};
+use crate::log::model::{encode_envelope, TYPE_STREAM_CLOSED};
+use crate::log::store::{self, StreamRow};
+use crate::log::{AppendSpec, NewEvent, StreamName};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/streams", get(list_streams))
+        .route("/v1/streams/{stream}", get(stream_info).delete(delete_stream))
+        .route("/v1/streams/{stream}/events", post(append).get(read_events))
+        .route("/v1/streams/{stream}/close", post(close))
+        .route("/v1/streams/{stream}/snapshot", get(snapshot))
+}
+
+#[derive(Deserialize)]
+struct AppendParams {
+    expected_seq: Option<i64>,
+}
+
+async fn append(
+    State(app): State<AppState>,
+    Stream(stream): Stream,
+    Query(params): Query<AppendParams>,
+    Body(body): Body,
+) -> Result<Response> {
+    if params.expected_seq.is_some_and(|s| s < 0) {
+        return Err(Error::InvalidParameter("expected_seq must be >= 0".into()));
+    }
+    let events = parse_batch(&body, app.limits())?;
+    let spec = AppendSpec {
+        stream,
+        events,
+        expected_seq: params.expected_seq,
+        close: false,
+    };
+    let res = app.appender.append(spec).await?;
+    Ok((StatusCode::CREATED, Json(res)).into_response())
+}
+
+#[derive(Deserialize)]
+struct CloseBody {
+    reason: Option<serde_json::Value>,
+}
+
+async fn close(
+    State(app): State<AppState>,
+    Stream(stream): Stream,
+    Body(body): Body,
+) -> Result<Response> {
+    let reason = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let b: CloseBody = serde_json::from_slice(&body)
+            .map_err(|e| super::events::json_error("the close request", e))?;
+        b.reason
+    };
+    let data = match reason {
+        Some(r) => json!({ "reason": r }).to_string(),
+        None => "{}".to_owned(),
+    };
+    let spec = AppendSpec {
+        stream,
+        events: vec![NewEvent {
+            ty: TYPE_STREAM_CLOSED.into(),
+            data,
+            id: None,
+            key: None,
+        }],
+        expected_seq: None,
+        close: true,
+    };
+    let res = app.appender.append(spec).await?;
+    let status = if res.events.iter().any(|e| e.duplicate) {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(res)).into_response())
+}
+
+/// Looks a stream up, or 404 `stream_not_found`.
+pub async fn existing_stream(app: &AppState, stream: &StreamName) -> Result<StreamRow> {
+    store::stream(&app.pool, stream.as_str())
+        .await?
+        .ok_or_else(|| Error::StreamNotFound(stream.to_string()))
+}
+
+async fn stream_info(State(app): State<AppState>, Stream(stream): Stream) -> Result<Response> {
+    let row = existing_stream(&app, &stream).await?;
+    Ok(Json(row.info()).into_response())
+}
+
+async fn delete_stream(State(app): State<AppState>, Stream(stream): Stream) -> Result<Response> {
+    if !store::delete_stream(&app.pool, stream.as_str(), &app.node_id).await? {
+        return Err(Error::StreamNotFound(stream.to_string()));
+    }
+    app.hub.deleted(&stream);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+struct ListParams {
+    #[serde(default)]
+    prefix: String,
+    #[serde(default)]
+    after_name: String,
+    limit: Option<i64>,
+}
+
+async fn list_streams(
+    State(app): State<AppState>,
+    Query(p): Query<ListParams>,
+) -> Result<Response> {
+    let limit = page_limit(p.limit, 100)?;
+    let rows = store::list_streams(&app.pool, &p.prefix, &p.after_name, limit).await?;
+    let next = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.name.clone()));
+    let streams: Vec<_> = rows.iter().map(StreamRow::info).collect();
+    Ok(Json(json!({ "streams": streams, "next_after_name": next.flatten() })).into_response())
+}
+
+fn page_limit(limit: Option<i64>, default: i64) -> Result<i64> {
+    match limit {
+        None => Ok(default),
+        Some(l) if (1..=1000).contains(&l) => Ok(l),
+        Some(l) => Err(Error::InvalidParameter(format!(
+            "limit must be between 1 and 1000, not {l}"
+        ))),
+    }
+}
+
+#[derive(Deserialize)]
+struct ReadParams {
+    after: Option<i64>,
+    limit: Option<i64>,
+    since: Option<String>,
+}
+
+/// Parses an RFC 3339 time parameter.
+pub fn parse_since(raw: &str) -> Result<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(raw)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| Error::InvalidParameter(format!("since must be an RFC 3339 time: {e}")))
+}
+
+async fn read_events(
+    State(app): State<AppState>,
+    Stream(stream): Stream,
+    Query(p): Query<ReadParams>,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let limit = page_limit(p.limit, 100)?;
+    let row = existing_stream(&app, &stream).await?;
+    let after = match (p.after, p.since.as_deref()) {
+        (Some(a), _) if a < 0 => {
+            return Err(Error::InvalidCursor("after must be >= 0".into()));
+        }
+        (Some(a), None) => a,
+        (None, Some(s)) => store::cursor_at_time(&app.pool, &row, parse_since(s)?).await?,
+        (None, None) => 0,
+        (Some(_), Some(_)) => {
+            return Err(Error::InvalidParameter("give either after or since, not both".into()));
+        }
+    };
+    if wants_ndjson(&headers) {
+        return Ok(export(app, stream, row, after));
+    }
+    let events = store::read_events(&app.pool, row.id, after, row.head, limit).await?;
+    let next_after = events.last().map_or(after, |e| e.seq);
+    // Envelopes are spliced in as encoded, so replay is byte-identical to live delivery.
+    let mut body = BytesMut::with_capacity(256 + events.iter().map(|e| e.data.len() + 128).sum::<usize>());
+    body.put_slice(b"{\"stream\":");
+    body.put_slice(serde_json::to_string(stream.as_str()).unwrap_or_default().as_bytes());
+    body.put_slice(b",\"events\":[");
+    for (i, ev) in events.iter().enumerate() {
+        if i > 0 {
+            body.put_u8(b',');
+        }
+        body.put_slice(&encode_envelope(stream.as_str(), ev));
+    }
+    let tail = json!({
+        "next_after": next_after,
+        "head": row.head,
+        "oldest_seq": row.trimmed_to + 1,
+        "closed": row.closed,
+    })
+    .to_string();
+    body.put_slice(b"],");
+    body.put_slice(&tail.as_bytes()[1..]);
+    Ok(([(header::CONTENT_TYPE, "application/json")], body.freeze()).into_response())
+}
+
+fn wants_ndjson(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/x-ndjson"))
+}
+
+/// Every event after `after` up to the head as of now, one envelope per line, read from the
+/// log page by page so memory stays constant whatever the stream's length.
+fn export(app: AppState, stream: StreamName, row: StreamRow, after: i64) -> Response {
+    let page = app.config.read_page;
+    let state = Some((app, after));
+    let body = futures::stream::unfold(state, move |state| {
+        let stream = stream.clone();
+        async move {
+            let (app, cursor) = state?;
+            if cursor >= row.head {
+                return None;
+            }
+            match store::read_events(&app.pool, row.id, cursor, row.head, page).await {
+                Ok(events) if events.is_empty() => None,
+                Ok(events) => {
+                    let next = events.last().map_or(cursor, |e| e.seq);
+                    let mut buf = BytesMut::new();
+                    for ev in &events {
+                        buf.put_slice(&encode_envelope(stream.as_str(), ev));
+                        buf.put_u8(b'\n');
+                    }
+                    Some((Ok::<Bytes, std::io::Error>(buf.freeze()), Some((app, next))))
+                }
+                Err(e) => {
+                    // Headers are gone: the only honest signal left is an aborted body.
+                    tracing::warn!(error = %e, "export aborted");
+                    Some((Err(std::io::Error::other(e.to_string())), None))
+                }
+            }
+        }
+    });
+    let mut res = HttpBody::from_stream(body).into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    res
+}
+
+async fn snapshot(State(app): State<AppState>, Stream(stream): Stream) -> Result<Response> {
+    let row = existing_stream(&app, &stream).await?;
+    let events = store::snapshot(&app.pool, row.id, row.head).await?;
+    let mut body = BytesMut::new();
+    body.put_slice(b"{\"stream\":");
+    body.put_slice(serde_json::to_string(stream.as_str()).unwrap_or_default().as_bytes());
+    body.put_slice(format!(",\"at\":{},\"events\":[", row.head).as_bytes());
+    for (i, ev) in events.iter().enumerate() {
+        if i > 0 {
+            body.put_u8(b',');
+        }
+        body.put_slice(&encode_envelope(stream.as_str(), ev));
+    }
+    body.put_slice(b"]}");
+    Ok(([(header::CONTENT_TYPE, "application/json")], body.freeze()).into_response())
+}

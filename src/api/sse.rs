@@ -1,0 +1,215 @@
+//! `GET /v1/streams/{stream}/sse`: a subscription framed as Server-Sent Events.
+//!
+//! The body is written by hand rather than through axum's `Sse` so that each event's frame
+//! is encoded once (`Frame::sse`) and the same bytes go to every subscriber.
+
+use std::time::Duration;
+
+use axum::body::Body as HttpBody;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+use tokio::time::{interval_at, Instant, Interval, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use super::extract::{Query, Stream};
+use super::rest::parse_since;
+use crate::app::{AppState, ConnectionGuard, Transport};
+use crate::error::{Error, Result};
+use crate::live::frame::put_sse_data;
+use crate::live::{Filter, Item, Start, Subscription};
+use crate::metrics as m;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/streams/{stream}/sse", get(sse))
+}
+
+#[derive(Deserialize, Default)]
+pub struct SseParams {
+    after: Option<String>,
+    from: Option<String>,
+    since: Option<String>,
+    types: Option<String>,
+    named: Option<String>,
+}
+
+/// Parses a cursor: a non-negative integer seq.
+pub fn parse_cursor(what: &str, raw: &str) -> Result<i64> {
+    raw.trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|c| *c >= 0)
+        .ok_or_else(|| {
+            let shown: String = raw.chars().take(32).collect();
+            Error::InvalidCursor(format!("{what} must be a non-negative integer seq, not {shown:?}"))
+        })
+}
+
+/// Works out where an SSE request starts: `Last-Event-ID` wins, then `after`, `from`, `since`.
+pub fn sse_start(params: &SseParams, headers: &HeaderMap) -> Result<Start> {
+    if let Some(v) = headers.get("last-event-id") {
+        let raw = v
+            .to_str()
+            .map_err(|_| Error::InvalidCursor("Last-Event-ID must be ASCII digits".into()))?;
+        if !raw.trim().is_empty() {
+            return Ok(Start::After(parse_cursor("Last-Event-ID", raw)?));
+        }
+    }
+    if let Some(a) = &params.after {
+        return Ok(Start::After(parse_cursor("after", a)?));
+    }
+    match params.from.as_deref() {
+        Some("now") => return Ok(Start::Now),
+        Some("snapshot") => return Ok(Start::Snapshot),
+        Some("beginning") | Some("start") => return Ok(Start::After(0)),
+        Some(other) => {
+            return Err(Error::InvalidParameter(format!(
+                "from must be \"now\" or \"snapshot\", not {:?}",
+                other.chars().take(32).collect::<String>()
+            )))
+        }
+        None => {}
+    }
+    if let Some(s) = &params.since {
+        return Ok(Start::Since(parse_since(s)?));
+    }
+    Ok(Start::After(0))
+}
+
+fn parse_flag(name: &str, raw: Option<&str>) -> Result<bool> {
+    match raw {
+        None | Some("0") | Some("false") => Ok(false),
+        Some("") | Some("1") | Some("true") => Ok(true),
+        Some(other) => Err(Error::InvalidParameter(format!(
+            "{name} must be 1 or 0, not {:?}",
+            other.chars().take(16).collect::<String>()
+        ))),
+    }
+}
+
+/// `types=a,b` as a filter.
+pub fn parse_types(raw: Option<&str>) -> Filter {
+    Filter::types(raw.unwrap_or_default().split(',').map(|t| t.trim().to_owned()))
+}
+
+async fn sse(
+    State(app): State<AppState>,
+    Stream(stream): Stream,
+    Query(params): Query<SseParams>,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let start = sse_start(&params, &headers)?;
+    let named = parse_flag("named", params.named.as_deref())?;
+    let filter = parse_types(params.types.as_deref());
+    let snapshot = start == Start::Snapshot;
+    let (sub, opened) = Subscription::open(app.source(), stream, start, filter, true).await?;
+    if opened.closed && opened.cursor >= opened.head && !snapshot {
+        // Tells EventSource to stop reconnecting: there is nothing more, ever.
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let mut first = BytesMut::new();
+    first.put_slice(format!("retry: {}\n\n", app.config.sse_retry_ms).as_bytes());
+    let keepalive = app.config.sse_keepalive();
+    let state = SseState {
+        sub,
+        named,
+        keepalive: keepalive_timer(keepalive),
+        shutdown: app.shutdown.clone(),
+        first: Some(first.freeze()),
+        done: false,
+        _conn: ConnectionGuard::new(&app, Transport::Sse),
+    };
+    let body = futures::stream::unfold(state, |mut st| async move {
+        let chunk = st.next_chunk().await?;
+        Some((Ok::<Bytes, std::convert::Infallible>(chunk), st))
+    });
+    let mut res = HttpBody::from_stream(body).into_response();
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(res)
+}
+
+fn keepalive_timer(every: Duration) -> Interval {
+    let mut t = interval_at(Instant::now() + every, every);
+    t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    t
+}
+
+struct SseState {
+    sub: Subscription,
+    named: bool,
+    keepalive: Interval,
+    shutdown: CancellationToken,
+    first: Option<Bytes>,
+    done: bool,
+    _conn: ConnectionGuard,
+}
+
+impl SseState {
+    /// The next bytes to send, or `None` to end the response.
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        if let Some(first) = self.first.take() {
+            return Some(first);
+        }
+        if self.done {
+            return None;
+        }
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => None,
+            item = self.sub.next() => match item {
+                None => None,
+                Some(Ok(item)) => {
+                    self.keepalive.reset();
+                    Some(self.encode(item))
+                }
+                Some(Err(e)) => {
+                    // The client reconnects with Last-Event-ID and resumes where it was.
+                    tracing::warn!(stream = %self.sub.stream(), error = %e, "SSE subscription failed");
+                    self.done = true;
+                    let notice = serde_json::json!({"notice":"error","stream":self.sub.stream(),"code":e.code(),"detail":e.to_string()});
+                    Some(notice_frame(notice.to_string().as_bytes()))
+                }
+            },
+            _ = self.keepalive.tick() => Some(Bytes::from_static(b": keep-alive\n\n")),
+        }
+    }
+
+    fn encode(&self, item: Item) -> Bytes {
+        match item {
+            Item::Event(frame) => {
+                metrics::counter!(m::DELIVERED_EVENTS, "transport" => "sse").increment(1);
+                if let Some(t) = frame.committed_at {
+                    metrics::histogram!(m::DELIVERY_LATENCY, "transport" => "sse")
+                        .record(t.elapsed().as_secs_f64());
+                }
+                if self.named {
+                    let mut buf = BytesMut::with_capacity(frame.sse().len() + frame.ty.len() + 8);
+                    buf.put_slice(b"event: ");
+                    buf.put_slice(frame.ty.as_bytes());
+                    buf.put_u8(b'\n');
+                    buf.put_slice(frame.sse());
+                    buf.freeze()
+                } else {
+                    frame.sse().clone()
+                }
+            }
+            Item::Notice(n) => notice_frame(&serde_json::to_vec(&n).unwrap_or_default()),
+            Item::Cursor(seq) => Bytes::from(format!("id: {seq}\n\n")),
+        }
+    }
+}
+
+fn notice_frame(json: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(json.len() + 24);
+    buf.put_slice(b"event: notice\n");
+    put_sse_data(&mut buf, json);
+    buf.put_u8(b'\n');
+    buf.freeze()
+}

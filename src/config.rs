@@ -1,0 +1,116 @@
+//! The one configuration struct: command-line flags, each also readable from a `TAILCAST_*`
+//! environment variable (and `DATABASE_URL`). Secrets are never printed by `Debug`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// The database used when `DATABASE_URL` is not set.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/tailcast";
+
+#[derive(Parser, Clone)]
+#[command(name = "tailcast", version, about = "Durable event streams over SSE and WebSocket")]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "TAILCAST_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// PostgreSQL URL of the event log. Without it, postgres://postgres@127.0.0.1:5432/tailcast
+    /// (created if missing).
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// Largest pool of database connections.
+    #[arg(long, env = "TAILCAST_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+
+    /// Largest `data` of one event, in bytes.
+    #[arg(long, env = "TAILCAST_MAX_EVENT_BYTES", default_value_t = 1 << 20)]
+    pub max_event_bytes: usize,
+
+    /// Most events in one append.
+    #[arg(long, env = "TAILCAST_MAX_BATCH_EVENTS", default_value_t = 1000)]
+    pub max_batch_events: usize,
+
+    /// Largest append request body, in bytes.
+    #[arg(long, env = "TAILCAST_MAX_BATCH_BYTES", default_value_t = 8 << 20)]
+    pub max_batch_bytes: usize,
+
+    /// Most appends one group commit may take.
+    #[arg(long, env = "TAILCAST_APPENDER_MAX_BATCH", default_value_t = 2000)]
+    pub appender_max_batch: usize,
+
+    /// Events read from the log per page during catch-up and export.
+    #[arg(long, env = "TAILCAST_READ_PAGE", default_value_t = 1000)]
+    pub read_page: i64,
+
+    /// Live batches buffered per stream before a slow subscriber falls back to the log.
+    #[arg(long, env = "TAILCAST_LIVE_BUFFER", default_value_t = 1024)]
+    pub live_buffer: usize,
+
+    /// Seconds between SSE keep-alive comments.
+    #[arg(long, env = "TAILCAST_SSE_KEEPALIVE_S", default_value_t = 15)]
+    pub sse_keepalive_s: u64,
+
+    /// Reconnection delay suggested to EventSource clients (`retry:`), in milliseconds.
+    #[arg(long, env = "TAILCAST_SSE_RETRY_MS", default_value_t = 2000)]
+    pub sse_retry_ms: u64,
+
+    /// A client that accepts no bytes for this many seconds is disconnected (it resumes by cursor).
+    #[arg(long, env = "TAILCAST_WRITE_TIMEOUT_S", default_value_t = 30)]
+    pub write_timeout_s: u64,
+
+    /// Seconds the server waits for connections to finish at shutdown.
+    #[arg(long, env = "TAILCAST_SHUTDOWN_TIMEOUT_S", default_value_t = 10)]
+    pub shutdown_timeout_s: u64,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "TAILCAST_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+
+    /// This node's name in stats and logs (default: a random id).
+    #[arg(long, env = "TAILCAST_NODE_ID")]
+    pub node_id: Option<String>,
+}
+
+impl Config {
+    pub fn database_url(&self) -> &str {
+        self.database_url.as_deref().unwrap_or(DEFAULT_DATABASE_URL)
+    }
+
+    pub fn sse_keepalive(&self) -> Duration {
+        Duration::from_secs(self.sse_keepalive_s.max(1))
+    }
+
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.write_timeout_s.max(1))
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_s)
+    }
+
+    /// A configuration with every default, for tests and embedding.
+    pub fn for_database(url: &str) -> Self {
+        let mut c = Config::parse_from(["tailcast"]);
+        c.database_url = Some(url.to_owned());
+        c.listen = "127.0.0.1:0".parse().expect("literal address");
+        c
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The database URL may carry a password: show only scheme and host.
+        let db = self.database_url().split('@').next_back().unwrap_or_default();
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("database", &db)
+            .field("max_event_bytes", &self.max_event_bytes)
+            .field("max_batch_events", &self.max_batch_events)
+            .field("max_batch_bytes", &self.max_batch_bytes)
+            .finish_non_exhaustive()
+    }
+}

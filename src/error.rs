@@ -1,0 +1,271 @@
+//! One error type for every surface. Each variant knows its HTTP status and its stable,
+//! machine-readable `code`; the same value renders as `application/problem+json` for REST/SSE
+//! and as the WebSocket `error` op.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Map, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// 400: the stream name breaks the naming rule.
+    #[error("invalid stream name {0:?}: use 1-200 characters from A-Z a-z 0-9 _ . : @ -")]
+    InvalidStreamName(String),
+    /// 400: an event object is malformed (bad `type`, `id`, `key`, unknown field...).
+    #[error("{0}")]
+    InvalidEvent(String),
+    /// 400: producers may not append server-only types.
+    #[error("event type {0:?} is reserved for the server")]
+    ReservedType(String),
+    /// 400: the body is not JSON, or not the JSON shape expected.
+    #[error("{0}")]
+    InvalidJson(String),
+    /// 400: the batch holds no events.
+    #[error("the batch holds no events")]
+    EmptyBatch,
+    /// 400: a query or path parameter is malformed.
+    #[error("{0}")]
+    InvalidParameter(String),
+    /// 400: a cursor (`after`, `Last-Event-ID`) is not a non-negative integer.
+    #[error("{0}")]
+    InvalidCursor(String),
+    /// 413: one event's `data` is over the limit.
+    #[error("event data is {size} bytes; the limit is {limit}")]
+    EventTooLarge { size: usize, limit: usize },
+    /// 413: the batch has too many events.
+    #[error("the batch holds {count} events; the limit is {limit}")]
+    BatchTooLarge { count: usize, limit: usize },
+    /// 413: the request body is over the limit.
+    #[error("the request body is over the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    /// 409: `expected_seq` did not match the stream's head.
+    #[error("expected head {expected}, but the stream's head is {head}")]
+    SeqConflict { expected: i64, head: i64 },
+    /// 409: the stream is closed.
+    #[error("the stream is closed; its last event is seq {head}")]
+    StreamClosed { head: i64 },
+    /// 404: the stream does not exist.
+    #[error("stream {0:?} does not exist")]
+    StreamNotFound(String),
+    /// 404: no such route.
+    #[error("no such resource")]
+    NotFound,
+    /// 405: the route exists, the method does not.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// 406: the `Accept` header asks for nothing this endpoint produces.
+    #[error("{0}")]
+    NotAcceptable(String),
+    /// 401: no valid credentials.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 403: valid credentials without the needed grant.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 404: the input request does not exist.
+    #[error("input request {0:?} does not exist")]
+    InputNotFound(String),
+    /// 409: the input request was answered already.
+    #[error("input request {0:?} was already answered")]
+    InputAlreadyAnswered(String),
+    /// 409: an input request with this id exists already.
+    #[error("input request {0:?} exists already")]
+    InputExists(String),
+    /// 410: the input request expired.
+    #[error("input request {0:?} has expired")]
+    InputExpired(String),
+    /// 422: the answer does not match the request's JSON Schema.
+    #[error("{0}")]
+    InputInvalid(String),
+    /// 429: too many requests; retry after the given seconds.
+    #[error("rate limit exceeded; retry after {retry_after_s} s")]
+    RateLimited { retry_after_s: u64 },
+    /// 503: the database cannot be reached.
+    #[error("the event log is unavailable; retry shortly")]
+    Unavailable,
+    /// 503: the server is shutting down.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// 500: anything else. The cause is logged once and never echoed to the client.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn status(&self) -> StatusCode {
+        use Error::*;
+        match self {
+            InvalidStreamName(_) | InvalidEvent(_) | ReservedType(_) | InvalidJson(_) | EmptyBatch
+            | InvalidParameter(_) | InvalidCursor(_) => StatusCode::BAD_REQUEST,
+            EventTooLarge { .. } | BatchTooLarge { .. } | PayloadTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            SeqConflict { .. } | StreamClosed { .. } | InputAlreadyAnswered(_) | InputExists(_) => {
+                StatusCode::CONFLICT
+            }
+            StreamNotFound(_) | NotFound | InputNotFound(_) => StatusCode::NOT_FOUND,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
+            Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Forbidden(_) => StatusCode::FORBIDDEN,
+            InputExpired(_) => StatusCode::GONE,
+            InputInvalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Unavailable | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        use Error::*;
+        match self {
+            InvalidStreamName(_) => "invalid_stream_name",
+            InvalidEvent(_) => "invalid_event",
+            ReservedType(_) => "reserved_type",
+            InvalidJson(_) => "invalid_json",
+            EmptyBatch => "empty_batch",
+            InvalidParameter(_) => "invalid_parameter",
+            InvalidCursor(_) => "invalid_cursor",
+            EventTooLarge { .. } => "event_too_large",
+            BatchTooLarge { .. } => "batch_too_large",
+            PayloadTooLarge { .. } => "payload_too_large",
+            SeqConflict { .. } => "seq_conflict",
+            StreamClosed { .. } => "stream_closed",
+            StreamNotFound(_) => "stream_not_found",
+            NotFound => "not_found",
+            MethodNotAllowed => "method_not_allowed",
+            NotAcceptable(_) => "not_acceptable",
+            Unauthorized(_) => "unauthorized",
+            Forbidden(_) => "forbidden",
+            InputNotFound(_) => "input_not_found",
+            InputAlreadyAnswered(_) => "input_already_answered",
+            InputExists(_) => "input_exists",
+            InputExpired(_) => "input_expired",
+            InputInvalid(_) => "input_invalid",
+            RateLimited { .. } => "rate_limited",
+            Unavailable => "unavailable",
+            ShuttingDown => "shutting_down",
+            Internal(_) => "internal",
+        }
+    }
+
+    /// Fields beyond `code` and `detail` that help the client act on the error.
+    fn extra(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        match self {
+            Error::SeqConflict { expected, head } => {
+                m.insert("head".into(), json!(head));
+                m.insert("expected_seq".into(), json!(expected));
+            }
+            Error::StreamClosed { head } => {
+                m.insert("head".into(), json!(head));
+            }
+            Error::EventTooLarge { limit, .. }
+            | Error::BatchTooLarge { limit, .. }
+            | Error::PayloadTooLarge { limit } => {
+                m.insert("limit".into(), json!(limit));
+            }
+            Error::RateLimited { retry_after_s } => {
+                m.insert("retry_after_s".into(), json!(retry_after_s));
+            }
+            _ => {}
+        }
+        m
+    }
+
+    fn title(&self) -> &'static str {
+        self.status().canonical_reason().unwrap_or("Error")
+    }
+
+    /// The problem+json body of API.md.
+    pub fn problem(&self) -> Value {
+        let mut body = Map::new();
+        body.insert("type".into(), json!("about:blank"));
+        body.insert("title".into(), json!(self.title()));
+        body.insert("status".into(), json!(self.status().as_u16()));
+        body.insert("code".into(), json!(self.code()));
+        body.insert("detail".into(), json!(self.to_string()));
+        body.extend(self.extra());
+        Value::Object(body)
+    }
+
+    /// The WebSocket `error` op for this error, echoing the client's `ref`.
+    pub fn ws_op(&self, reference: Option<&Value>) -> Value {
+        let mut body = Map::new();
+        body.insert("op".into(), json!("error"));
+        if let Some(r) = reference {
+            body.insert("ref".into(), r.clone());
+        }
+        body.insert("code".into(), json!(self.code()));
+        body.insert("message".into(), json!(self.to_string()));
+        body.insert("status".into(), json!(self.status().as_u16()));
+        body.extend(self.extra());
+        Value::Object(body)
+    }
+
+    fn log(&self) {
+        if let Error::Internal(cause) = self {
+            tracing::error!(%cause, "internal error");
+        }
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        if is_unavailable(&e) {
+            tracing::warn!(error = %e, "database unavailable");
+            Error::Unavailable
+        } else {
+            Error::Internal(format!("database: {e}"))
+        }
+    }
+}
+
+/// True for errors that mean "the database is not reachable right now" rather than
+/// "this statement is wrong": the client should retry, and gets 503.
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => {
+            // 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now,
+            // 08xxx connection exceptions, 53300 too_many_connections.
+            let code = db.code().unwrap_or_default();
+            code.starts_with("08") || code.starts_with("57P") || code == "53300"
+        }
+        _ => false,
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        self.log();
+        let body = serde_json::to_vec(&self.problem()).unwrap_or_default();
+        let mut res = (self.status(), body).into_response();
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Error::RateLimited { retry_after_s } = self {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+        }
+        if matches!(self, Error::Unavailable | Error::ShuttingDown) {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if matches!(self, Error::Unauthorized(_)) {
+            res.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"tailcast\""),
+            );
+        }
+        res
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

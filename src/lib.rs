@@ -1,0 +1,21 @@
+//! tailcast: durable event streams for AI outputs and workflow progress.
+//!
+//! - [`log`]: the append-only event log in PostgreSQL, the source of truth; its batched
+//!   appender gives every event a gap-free per-stream `seq`.
+//! - [`live`]: per-process fan-out; a [`live::Subscription`] catches up from the log from any
+//!   cursor and then follows the stream live, falling back to the log whenever it lags.
+//! - [`api`]: REST, SSE (and later WebSocket) surfaces, thin adapters over the two above.
+//! - [`app`]: start-up and serving; [`config`]: flags and environment; [`error`]: the one
+//!   error type, rendered as problem+json.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod live;
+pub mod log;
+pub mod metrics;
+pub mod net;
+
+pub use app::{App, AppState};
+pub use config::Config;

@@ -1,0 +1,10 @@
+//! Fan-out: the per-process `hub`, shared wire `frame`s, and the `subscription` that joins
+//! catch-up from the log with the live tail.
+
+pub mod frame;
+pub mod hub;
+pub mod subscription;
+
+pub use frame::Frame;
+pub use hub::Hub;
+pub use subscription::{Filter, Item, Notice, Opened, Source, Start, Subscription};

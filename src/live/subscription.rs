@@ -1,0 +1,320 @@
+//! A subscription: every event after a cursor, exactly once and in order, first from the log
+//! and then live, whatever happens meanwhile. SSE and WebSocket are thin framings over it.
+//!
+//! The hand-over race: an event committed between "read the log up to its end" and "start
+//! listening" would be lost. So the subscription registers with the hub *first*, then reads
+//! the log; live events it has already read are dropped by seq (`seq <= upto`). Anything the
+//! live path cannot vouch for — a lagged channel, a gap in seqs, a bare head announcement —
+//! sends it back to the log from the last seq it holds, which is always correct because
+//! commit order equals seq order within a stream.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::frame::Frame;
+use super::hub::{Hub, LiveMsg, LiveReceiver};
+use crate::error::Error;
+use crate::log::model::TYPE_STREAM_CLOSED;
+use crate::log::store::{self, StreamRow};
+use crate::log::StreamName;
+use crate::metrics as m;
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Start {
+    /// After this seq (0: from the beginning).
+    After(i64),
+    /// At the current head: only events appended from now on.
+    Now,
+    /// The snapshot (latest event per key), then everything after it.
+    Snapshot,
+    /// From the first event at or after this time.
+    Since(DateTime<Utc>),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    types: Option<HashSet<String>>,
+}
+
+impl Filter {
+    pub fn types<I: IntoIterator<Item = String>>(types: I) -> Self {
+        let set: HashSet<String> = types.into_iter().filter(|t| !t.is_empty()).collect();
+        Filter {
+            types: (!set.is_empty()).then_some(set),
+        }
+    }
+
+    fn passes(&self, ty: &str) -> bool {
+        self.types.as_ref().is_none_or(|t| t.contains(ty))
+    }
+}
+
+/// A notice: the client's cursor could not be honoured as given, or the stream is gone.
+#[derive(Debug, Clone, Serialize)]
+pub struct Notice {
+    pub notice: &'static str,
+    pub stream: StreamName,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub head: Option<i64>,
+}
+
+/// What a subscription yields.
+#[derive(Debug, Clone)]
+pub enum Item {
+    Event(Arc<Frame>),
+    Notice(Notice),
+    /// The client's cursor moved to this seq without an event (after a snapshot).
+    Cursor(i64),
+}
+
+/// The database and hub a subscription reads from.
+#[derive(Clone)]
+pub struct Source {
+    pub pool: PgPool,
+    pub hub: Arc<Hub>,
+    pub page: i64,
+}
+
+enum Mode {
+    CatchUp,
+    Live,
+}
+
+pub struct Subscription {
+    src: Source,
+    stream: StreamName,
+    live: LiveReceiver,
+    stream_id: Option<i64>,
+    mode: Mode,
+    /// Highest seq read into `pending` (or skipped); the next log read starts after it.
+    upto: i64,
+    /// Highest seq handed to the client (or filtered out).
+    delivered: i64,
+    pending: VecDeque<Item>,
+    filter: Filter,
+    end_on_close: bool,
+    finished: bool,
+}
+
+/// The state of a stream when a subscription opened.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    pub head: i64,
+    pub closed: bool,
+    /// The cursor the subscription actually starts from.
+    pub cursor: i64,
+}
+
+impl Subscription {
+    /// Opens a subscription. `end_on_close`: stop after delivering `stream.closed`.
+    pub async fn open(
+        src: Source,
+        stream: StreamName,
+        start: Start,
+        filter: Filter,
+        end_on_close: bool,
+    ) -> Result<(Subscription, Opened), Error> {
+        // Register for live events before reading anything: see the module comment.
+        let live = src.hub.subscribe(&stream);
+        let row = store::stream(&src.pool, stream.as_str()).await?;
+        let mut sub = Subscription {
+            src,
+            stream,
+            live,
+            stream_id: row.as_ref().map(|r| r.id),
+            mode: Mode::CatchUp,
+            upto: 0,
+            delivered: 0,
+            pending: VecDeque::new(),
+            filter,
+            end_on_close,
+            finished: false,
+        };
+        let head = row.as_ref().map_or(0, |r| r.head);
+        let cursor = sub.position(row.as_ref(), start).await?;
+        sub.upto = cursor;
+        sub.delivered = cursor;
+        let opened = Opened {
+            head,
+            closed: row.as_ref().is_some_and(|r| r.closed),
+            cursor,
+        };
+        Ok((sub, opened))
+    }
+
+    /// Works out the starting cursor, queuing notices and snapshot events as needed.
+    async fn position(&mut self, row: Option<&StreamRow>, start: Start) -> Result<i64, Error> {
+        let head = row.map_or(0, |r| r.head);
+        let trimmed = row.map_or(0, |r| r.trimmed_to);
+        Ok(match start {
+            Start::Now => head,
+            Start::After(c) if c > head => {
+                self.notice("reset", format!("cursor {c} is past the stream's head {head}; continuing from the head"), None, Some(head));
+                head
+            }
+            Start::After(c) if c < trimmed => {
+                let oldest = trimmed + 1;
+                self.notice("gap", format!("events {}..{} were removed by retention; continuing from {oldest}", c + 1, trimmed), Some(oldest), None);
+                trimmed
+            }
+            Start::After(c) => c,
+            Start::Since(t) => match row {
+                Some(r) => store::cursor_at_time(&self.src.pool, r, t).await?.max(trimmed),
+                None => 0,
+            },
+            Start::Snapshot => {
+                let Some(r) = row else { return Ok(0) };
+                let mut events = store::snapshot(&self.src.pool, r.id, r.head).await?;
+                // In seq order, so a client's cursor only ever moves forward.
+                events.sort_by_key(|e| e.seq);
+                for ev in &events {
+                    let frame = Frame::new(self.stream.as_str(), ev, None);
+                    if self.filter.passes(&frame.ty) {
+                        self.pending.push_back(Item::Event(frame));
+                    }
+                }
+                self.pending.push_back(Item::Cursor(r.head));
+                r.head
+            }
+        })
+    }
+
+    fn notice(&mut self, kind: &'static str, detail: String, oldest: Option<i64>, head: Option<i64>) {
+        self.pending.push_back(Item::Notice(Notice {
+            notice: kind,
+            stream: self.stream.clone(),
+            detail,
+            oldest,
+            head,
+        }));
+    }
+
+    pub fn stream(&self) -> &StreamName {
+        &self.stream
+    }
+
+    /// The seq of the last event this subscription handed out (or filtered out).
+    pub fn cursor(&self) -> i64 {
+        self.delivered
+    }
+
+    /// The next item, or `None` when the subscription is over (stream closed with
+    /// `end_on_close`, stream deleted, or the hub shut down). Cancel-safe: state only
+    /// changes after each await completes.
+    pub async fn next(&mut self) -> Option<Result<Item, Error>> {
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                match &item {
+                    Item::Event(f) => {
+                        self.delivered = f.seq;
+                        if f.ty == TYPE_STREAM_CLOSED && self.end_on_close {
+                            self.finished = true;
+                            self.pending.clear();
+                        }
+                    }
+                    Item::Cursor(c) => self.delivered = self.delivered.max(*c),
+                    Item::Notice(_) => {}
+                }
+                return Some(Ok(item));
+            }
+            if self.finished {
+                return None;
+            }
+            let step = match self.mode {
+                Mode::CatchUp => self.read_log().await,
+                Mode::Live => self.recv_live().await,
+            };
+            if let Err(e) = step {
+                return Some(Err(e));
+            }
+        }
+    }
+
+    async fn read_log(&mut self) -> Result<(), Error> {
+        if self.stream_id.is_none() {
+            match store::stream(&self.src.pool, self.stream.as_str()).await? {
+                Some(row) => self.stream_id = Some(row.id),
+                None => {
+                    // Not created yet: wait for its first events live.
+                    self.mode = Mode::Live;
+                    return Ok(());
+                }
+            }
+        }
+        let id = self.stream_id.expect("set above");
+        let rows = store::read_events(&self.src.pool, id, self.upto, i64::MAX, self.src.page).await?;
+        metrics::counter!(m::CATCHUP_READS).increment(1);
+        if (rows.len() as i64) < self.src.page {
+            self.mode = Mode::Live;
+        }
+        if let Some(first) = rows.first() {
+            if first.seq > self.upto + 1 {
+                // The log is gap-free, so a hole means retention removed those events.
+                let (from, to) = (self.upto + 1, first.seq - 1);
+                self.notice("gap", format!("events {from}..{to} were removed by retention; continuing from {}", first.seq), Some(first.seq), None);
+            }
+        }
+        for ev in &rows {
+            self.upto = ev.seq;
+            let frame = Frame::new(self.stream.as_str(), ev, None);
+            self.push_event(frame);
+        }
+        Ok(())
+    }
+
+    fn push_event(&mut self, frame: Arc<Frame>) {
+        if self.filter.passes(&frame.ty) || (frame.ty == TYPE_STREAM_CLOSED && self.end_on_close) {
+            self.pending.push_back(Item::Event(frame));
+        } else if self.pending.is_empty() {
+            // Filtered out: the cursor still moves past it.
+            self.delivered = frame.seq;
+        }
+    }
+
+    async fn recv_live(&mut self) -> Result<(), Error> {
+        match self.live.rx.recv().await {
+            Ok(msg) => match &*msg {
+                LiveMsg::Events { events, .. } => {
+                    for f in events {
+                        if f.seq <= self.upto {
+                            continue;
+                        }
+                        if f.seq > self.upto + 1 {
+                            // Committed elsewhere and not fanned out here yet: the log has it.
+                            self.mode = Mode::CatchUp;
+                            return Ok(());
+                        }
+                        self.upto = f.seq;
+                        self.push_event(f.clone());
+                    }
+                }
+                LiveMsg::Advanced { head } => {
+                    if *head > self.upto {
+                        self.mode = Mode::CatchUp;
+                    }
+                }
+                LiveMsg::Deleted => {
+                    self.notice("deleted", "the stream was deleted".into(), None, None);
+                    self.finished = true;
+                }
+            },
+            Err(RecvError::Lagged(missed)) => {
+                // Never skip: re-read what the channel dropped from the log.
+                tracing::debug!(stream = %self.stream, missed, "live buffer overflow; reading the log");
+                metrics::counter!(m::LAG_FALLBACKS).increment(1);
+                self.mode = Mode::CatchUp;
+            }
+            Err(RecvError::Closed) => self.finished = true,
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,411 @@
+//! The batched appender (group commit).
+//!
+//! One task per process owns all writes to the log. It takes every append queued since its
+//! last commit (up to a limit), locks the streams involved, assigns seqs, inserts all rows
+//! with one statement, commits once, and only then answers each caller and hands the new
+//! events to the live hub. Under load many appends share one commit (one WAL flush); when
+//! idle, a lone append goes straight through: `recv_many` never waits for company.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::model::{wire_time, NewEvent, StoredEvent, StreamName};
+use super::store::{self, EventRows};
+use crate::error::{is_unavailable, Error};
+use crate::metrics as m;
+
+/// One append request: events for one stream, applied all or nothing.
+#[derive(Debug, Clone)]
+pub struct AppendSpec {
+    pub stream: StreamName,
+    pub events: Vec<NewEvent>,
+    /// Append only if the stream's head is this (0: missing or empty).
+    pub expected_seq: Option<i64>,
+    /// This append closes the stream (its one event is `stream.closed`); idempotent.
+    pub close: bool,
+}
+
+/// What the API returns for an append.
+#[derive(Debug, Clone, Serialize)]
+pub struct AppendResult {
+    pub stream: StreamName,
+    pub first_seq: i64,
+    pub last_seq: i64,
+    pub events: Vec<EventAck>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EventAck {
+    pub seq: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+}
+
+/// Events of one stream made durable by one commit, in seq order.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub stream: StreamName,
+    pub head: i64,
+    pub closed: bool,
+    pub events: Vec<StoredEvent>,
+}
+
+/// Receives every commit, after it is durable (the live hub implements this).
+pub trait CommitSink: Send + Sync + 'static {
+    fn committed(&self, batch: Vec<Committed>);
+}
+
+struct Job {
+    spec: AppendSpec,
+    reply: oneshot::Sender<Result<AppendResult, Error>>,
+    queued: Instant,
+}
+
+/// The handle producers append through. Cheap to clone.
+#[derive(Clone)]
+pub struct Appender {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Appender {
+    /// Starts the appender task. It ends once every `Appender` handle is dropped and the
+    /// queue is drained, so awaiting the returned handle flushes every accepted append.
+    pub fn spawn(
+        pool: PgPool,
+        sink: Arc<dyn CommitSink>,
+        node_id: Arc<str>,
+        max_batch: usize,
+    ) -> (Appender, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(max_batch.max(1) * 4);
+        let task = tokio::spawn(run(rx, pool, sink, node_id, max_batch.max(1)));
+        (Appender { tx }, task)
+    }
+
+    pub async fn append(&self, spec: AppendSpec) -> Result<AppendResult, Error> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            spec,
+            reply,
+            queued: Instant::now(),
+        };
+        self.tx.send(job).await.map_err(|_| Error::ShuttingDown)?;
+        answer.await.map_err(|_| Error::ShuttingDown)?
+    }
+}
+
+async fn run(
+    mut rx: mpsc::Receiver<Job>,
+    pool: PgPool,
+    sink: Arc<dyn CommitSink>,
+    node_id: Arc<str>,
+    max_batch: usize,
+) {
+    let mut jobs = Vec::with_capacity(max_batch);
+    while rx.recv_many(&mut jobs, max_batch).await > 0 {
+        commit_jobs(&pool, &*sink, &node_id, std::mem::take(&mut jobs)).await;
+    }
+}
+
+async fn commit_jobs(pool: &PgPool, sink: &dyn CommitSink, node: &str, jobs: Vec<Job>) {
+    let started = Instant::now();
+    let specs: Vec<&AppendSpec> = jobs.iter().map(|j| &j.spec).collect();
+    match commit_with_retry(pool, node, &specs).await {
+        Ok(plan) => {
+            metrics::histogram!(m::APPEND_BATCH_SIZE).record(jobs.len() as f64);
+            metrics::counter!(m::APPEND_BATCHES).increment(1);
+            deliver(sink, jobs, plan, started);
+        }
+        Err(e) if jobs.len() > 1 && !is_unavailable(&e) => {
+            // One bad append must not fail its neighbours: retry each alone.
+            tracing::warn!(error = %e, jobs = jobs.len(), "batch failed; retrying appends one by one");
+            for job in jobs {
+                let started = Instant::now();
+                match commit_with_retry(pool, node, &[&job.spec]).await {
+                    Ok(plan) => deliver(sink, vec![job], plan, started),
+                    Err(e) => {
+                        let _ = job.reply.send(Err(e.into()));
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            let e = Error::from(e);
+            for job in jobs {
+                let _ = job.reply.send(Err(clone_error(&e)));
+            }
+        }
+    }
+}
+
+fn clone_error(e: &Error) -> Error {
+    match e {
+        Error::Unavailable => Error::Unavailable,
+        other => Error::Internal(other.to_string()),
+    }
+}
+
+/// Per job: its result, and for each of its events the seq assigned (None: a duplicate).
+struct Plan {
+    outcomes: Vec<Result<(AppendResult, Vec<Option<i64>>), Error>>,
+    heads: HashMap<StreamName, (i64, bool)>,
+    time: chrono::DateTime<Utc>,
+}
+
+async fn commit_with_retry(
+    pool: &PgPool,
+    node: &str,
+    specs: &[&AppendSpec],
+) -> Result<Plan, sqlx::Error> {
+    let mut attempt = 0;
+    loop {
+        match commit(pool, node, specs).await {
+            // 40P01 deadlock (streams created by two nodes at once), 40001 serialization.
+            Err(sqlx::Error::Database(db))
+                if attempt < 5 && matches!(db.code().as_deref(), Some("40P01" | "40001")) =>
+            {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(2 << attempt)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+struct StreamState {
+    id: i64,
+    head: i64,
+    closed: bool,
+    written: bool,
+    /// Ids appended earlier in this batch.
+    new_ids: HashMap<String, i64>,
+}
+
+async fn commit(pool: &PgPool, node: &str, specs: &[&AppendSpec]) -> Result<Plan, sqlx::Error> {
+    let time = wire_time(Utc::now());
+    let names: BTreeSet<&str> = specs.iter().map(|s| s.stream.as_str()).collect();
+    let names: Vec<&str> = names.into_iter().collect();
+
+    let mut tx = pool.begin().await?;
+    let rows = store::lock_streams(&mut tx, &names).await?;
+
+    let mut id_streams = Vec::new();
+    let mut id_values = Vec::new();
+    for spec in specs {
+        let sid = rows[spec.stream.as_str()].id;
+        for id in spec.events.iter().filter_map(|e| e.id.as_deref()) {
+            id_streams.push(sid);
+            id_values.push(id);
+        }
+    }
+    let existing = store::existing_ids(&mut tx, &id_streams, &id_values).await?;
+
+    let mut states: HashMap<&str, StreamState> = rows
+        .values()
+        .map(|r| {
+            let st = StreamState {
+                id: r.id,
+                head: r.head,
+                closed: r.closed,
+                written: false,
+                new_ids: HashMap::new(),
+            };
+            (r.name.as_str(), st)
+        })
+        .collect();
+
+    let mut out = EventRows::default();
+    let mut outcomes = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let st = states.get_mut(spec.stream.as_str()).expect("locked above");
+        let outcome = plan_job(spec, st, &existing, &mut out);
+        outcomes.push(outcome);
+    }
+
+    store::insert_events(&mut tx, &out, time).await?;
+    let written: Vec<&StreamState> = states.values().filter(|s| s.written).collect();
+    if !written.is_empty() {
+        let ids: Vec<i64> = written.iter().map(|s| s.id).collect();
+        let heads: Vec<i64> = written.iter().map(|s| s.head).collect();
+        let closed: Vec<bool> = written.iter().map(|s| s.closed).collect();
+        store::update_heads(&mut tx, &ids, &heads, &closed, time).await?;
+    }
+    let mut heads = HashMap::new();
+    let mut announced = Vec::new();
+    for spec in specs {
+        let st = &states[spec.stream.as_str()];
+        if st.written && !heads.contains_key(&spec.stream) {
+            heads.insert(spec.stream.clone(), (st.head, st.closed));
+        }
+    }
+    for (name, (head, _)) in &heads {
+        announced.push((name, *head));
+    }
+    store::notify(&mut tx, &store::notify_payloads(node, &announced)).await?;
+    tx.commit().await?;
+    Ok(Plan {
+        outcomes,
+        heads,
+        time,
+    })
+}
+
+/// Decides one job against its stream's state; on success records its rows and moves the
+/// state on, on failure leaves both untouched.
+fn plan_job<'a>(
+    spec: &'a AppendSpec,
+    st: &mut StreamState,
+    existing: &HashMap<(i64, String), i64>,
+    out: &mut EventRows<'a>,
+) -> Result<(AppendResult, Vec<Option<i64>>), Error> {
+    if spec.close && st.closed {
+        let ack = EventAck {
+            seq: st.head,
+            id: None,
+            duplicate: true,
+        };
+        return Ok((result(&spec.stream, vec![ack]), vec![None]));
+    }
+    if st.closed {
+        return Err(Error::StreamClosed { head: st.head });
+    }
+    // First pass: which events are duplicates (of the log, of this batch, of this request)?
+    let mut dup_of: Vec<Option<i64>> = Vec::with_capacity(spec.events.len());
+    let mut in_request: HashMap<&str, usize> = HashMap::new();
+    let mut fresh = 0i64;
+    for ev in &spec.events {
+        let prior = ev.id.as_deref().and_then(|id| {
+            existing
+                .get(&(st.id, id.to_owned()))
+                .or_else(|| st.new_ids.get(id))
+                .copied()
+                .or_else(|| in_request.get(id).map(|n| st.head + *n as i64))
+        });
+        if prior.is_none() {
+            fresh += 1;
+            if let Some(id) = ev.id.as_deref() {
+                in_request.insert(id, fresh as usize);
+            }
+        }
+        dup_of.push(prior);
+    }
+    // A retry of an append that already succeeded is all duplicates: answer it as such even
+    // though the head has moved past `expected_seq`.
+    if fresh > 0 {
+        if let Some(expected) = spec.expected_seq {
+            if expected != st.head {
+                return Err(Error::SeqConflict {
+                    expected,
+                    head: st.head,
+                });
+            }
+        }
+    }
+    let mut acks = Vec::with_capacity(spec.events.len());
+    let mut assigned = Vec::with_capacity(spec.events.len());
+    for (ev, prior) in spec.events.iter().zip(dup_of) {
+        let (seq, duplicate) = match prior {
+            Some(seq) => (seq, true),
+            None => {
+                st.head += 1;
+                out.stream_id.push(st.id);
+                out.seq.push(st.head);
+                out.ty.push(&ev.ty);
+                out.data.push(&ev.data);
+                out.id.push(ev.id.as_deref());
+                out.key.push(ev.key.as_deref());
+                if let Some(id) = &ev.id {
+                    st.new_ids.insert(id.clone(), st.head);
+                }
+                (st.head, false)
+            }
+        };
+        assigned.push((!duplicate).then_some(seq));
+        acks.push(EventAck {
+            seq,
+            id: ev.id.clone(),
+            duplicate,
+        });
+    }
+    if fresh > 0 {
+        st.written = true;
+        st.closed |= spec.close;
+    }
+    Ok((result(&spec.stream, acks), assigned))
+}
+
+fn result(stream: &StreamName, events: Vec<EventAck>) -> AppendResult {
+    let first_seq = events.iter().map(|e| e.seq).min().unwrap_or(0);
+    let last_seq = events.iter().map(|e| e.seq).max().unwrap_or(0);
+    AppendResult {
+        stream: stream.clone(),
+        first_seq,
+        last_seq,
+        events,
+    }
+}
+
+/// Hands the committed events to the hub, then answers every caller.
+fn deliver(sink: &dyn CommitSink, jobs: Vec<Job>, plan: Plan, started: Instant) {
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut by_stream: HashMap<StreamName, Vec<StoredEvent>> = HashMap::new();
+    let mut replies = Vec::with_capacity(jobs.len());
+    let mut appended = 0u64;
+    for (job, outcome) in jobs.into_iter().zip(plan.outcomes) {
+        let Job {
+            spec,
+            reply,
+            queued,
+        } = job;
+        metrics::histogram!(m::APPEND_LATENCY).record(queued.elapsed().as_secs_f64());
+        match outcome {
+            Ok((res, assigned)) => {
+                let evs = by_stream.entry(spec.stream.clone()).or_default();
+                for (ev, seq) in spec.events.into_iter().zip(assigned) {
+                    if let Some(seq) = seq {
+                        appended += 1;
+                        evs.push(StoredEvent {
+                            seq,
+                            ty: ev.ty,
+                            data: ev.data,
+                            id: ev.id,
+                            key: ev.key,
+                            time: plan.time,
+                        });
+                    }
+                }
+                replies.push((reply, Ok(res)));
+            }
+            Err(e) => replies.push((reply, Err(e))),
+        }
+    }
+    metrics::counter!(m::APPENDED_EVENTS).increment(appended);
+    metrics::histogram!(m::APPEND_COMMIT_SECONDS).record(elapsed);
+    let committed: Vec<Committed> = by_stream
+        .into_iter()
+        .filter(|(_, evs)| !evs.is_empty())
+        .map(|(stream, events)| {
+            let (head, closed) = plan.heads[&stream];
+            Committed {
+                stream,
+                head,
+                closed,
+                events,
+            }
+        })
+        .collect();
+    if !committed.is_empty() {
+        sink.committed(committed);
+    }
+    for (reply, res) in replies {
+        let _ = reply.send(res);
+    }
+}

@@ -1,0 +1,207 @@
+//! The log's vocabulary: stream names, event types, new and stored events, and the one
+//! function that turns a stored event into its wire envelope (used live and on replay alike,
+//! which is what keeps the two byte-identical).
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+
+use crate::error::Error;
+
+/// Longest stream name, in characters (all of them ASCII).
+pub const MAX_STREAM_NAME: usize = 200;
+/// Longest event type, in characters.
+pub const MAX_TYPE_CHARS: usize = 128;
+/// Longest event `id` or `key`, in characters.
+pub const MAX_ID_CHARS: usize = 256;
+
+/// Types only the server writes; producers appending them get `reserved_type`.
+pub const RESERVED_TYPES: [&str; 5] = [
+    TYPE_STREAM_CLOSED,
+    TYPE_INPUT_REQUESTED,
+    TYPE_INPUT_ANSWERED,
+    TYPE_INPUT_EXPIRED,
+    TYPE_CONTROL_STOP,
+];
+pub const TYPE_STREAM_CLOSED: &str = "stream.closed";
+pub const TYPE_INPUT_REQUESTED: &str = "input.requested";
+pub const TYPE_INPUT_ANSWERED: &str = "input.answered";
+pub const TYPE_INPUT_EXPIRED: &str = "input.expired";
+pub const TYPE_CONTROL_STOP: &str = "control.stop";
+pub const DEFAULT_TYPE: &str = "message";
+
+/// A validated stream name: 1–200 characters from `A-Z a-z 0-9 _ . : @ -`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamName(Arc<str>);
+
+impl StreamName {
+    pub fn parse(raw: &str) -> Result<Self, Error> {
+        let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '@' | '-');
+        if raw.is_empty() || raw.len() > MAX_STREAM_NAME || !raw.chars().all(ok_char) {
+            return Err(Error::InvalidStreamName(raw.chars().take(64).collect()));
+        }
+        Ok(Self(raw.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for StreamName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for StreamName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl Serialize for StreamName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+/// Checks a producer-supplied event type: 1–128 characters, no control characters, not reserved.
+pub fn parse_event_type(raw: &str) -> Result<String, Error> {
+    let chars = raw.chars().count();
+    if chars == 0 || chars > MAX_TYPE_CHARS || raw.chars().any(char::is_control) {
+        return Err(Error::InvalidEvent(format!(
+            "`type` must be 1-{MAX_TYPE_CHARS} characters without control characters"
+        )));
+    }
+    if RESERVED_TYPES.contains(&raw) {
+        return Err(Error::ReservedType(raw.to_owned()));
+    }
+    Ok(raw.to_owned())
+}
+
+/// Checks an event `id` or `key`: 1–256 characters, no control characters.
+pub fn parse_label(field: &str, raw: &str) -> Result<String, Error> {
+    let chars = raw.chars().count();
+    if chars == 0 || chars > MAX_ID_CHARS || raw.chars().any(char::is_control) {
+        return Err(Error::InvalidEvent(format!(
+            "`{field}` must be 1-{MAX_ID_CHARS} characters without control characters"
+        )));
+    }
+    Ok(raw.to_owned())
+}
+
+/// An event as a producer hands it to the appender, already validated.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub ty: String,
+    /// The JSON value exactly as received.
+    pub data: String,
+    pub id: Option<String>,
+    pub key: Option<String>,
+}
+
+/// An event as stored in the log.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub seq: i64,
+    pub ty: String,
+    pub data: String,
+    pub id: Option<String>,
+    pub key: Option<String>,
+    pub time: DateTime<Utc>,
+}
+
+/// Formats a time the way every tailcast response does: RFC 3339, UTC, milliseconds.
+pub fn format_time(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Truncates a time to the wire precision, so what is stored equals what is sent.
+pub fn wire_time(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
+}
+
+fn put_json_str(buf: &mut BytesMut, s: &str) {
+    // Writing a &str into a Vec cannot fail.
+    serde_json::to_writer(buf.writer(), s).expect("string serialisation");
+}
+
+/// The envelope of API.md, encoded once: `{"stream","seq","type","data","id"?,"key"?,"time"}`.
+pub fn encode_envelope(stream: &str, ev: &StoredEvent) -> Bytes {
+    let mut buf = BytesMut::with_capacity(96 + stream.len() + ev.ty.len() + ev.data.len());
+    buf.put_slice(b"{\"stream\":");
+    put_json_str(&mut buf, stream);
+    buf.put_slice(b",\"seq\":");
+    buf.put_slice(itoa_i64(ev.seq).as_bytes());
+    buf.put_slice(b",\"type\":");
+    put_json_str(&mut buf, &ev.ty);
+    buf.put_slice(b",\"data\":");
+    buf.put_slice(ev.data.as_bytes());
+    if let Some(id) = &ev.id {
+        buf.put_slice(b",\"id\":");
+        put_json_str(&mut buf, id);
+    }
+    if let Some(key) = &ev.key {
+        buf.put_slice(b",\"key\":");
+        put_json_str(&mut buf, key);
+    }
+    buf.put_slice(b",\"time\":\"");
+    buf.put_slice(format_time(&ev.time).as_bytes());
+    buf.put_slice(b"\"}");
+    buf.freeze()
+}
+
+fn itoa_i64(n: i64) -> String {
+    n.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_names_at_their_limits() {
+        assert!(StreamName::parse("run:42").is_ok());
+        assert!(StreamName::parse("a-Z_0.9:@x").is_ok());
+        assert!(StreamName::parse(&"x".repeat(200)).is_ok());
+        assert!(StreamName::parse(&"x".repeat(201)).is_err());
+        assert!(StreamName::parse("").is_err());
+        assert!(StreamName::parse("a b").is_err());
+        assert!(StreamName::parse("a/b").is_err());
+        assert!(StreamName::parse("é").is_err());
+        assert!(StreamName::parse("a\0").is_err());
+    }
+
+    #[test]
+    fn event_types_at_their_limits() {
+        assert_eq!(parse_event_type("token").unwrap(), "token");
+        assert!(parse_event_type(&"é".repeat(128)).is_ok());
+        assert!(parse_event_type(&"é".repeat(129)).is_err());
+        assert!(parse_event_type("").is_err());
+        assert!(parse_event_type("a\nb").is_err());
+        for reserved in RESERVED_TYPES {
+            assert!(matches!(parse_event_type(reserved), Err(Error::ReservedType(_))));
+        }
+    }
+
+    #[test]
+    fn envelope_keeps_data_bytes_and_omits_absent_fields() {
+        let ev = StoredEvent {
+            seq: 17,
+            ty: "token".into(),
+            data: "{\"b\":1, \"a\":[1e400]}".into(),
+            id: None,
+            key: Some("k\"1".into()),
+            time: DateTime::from_timestamp_millis(1_795_000_000_123).unwrap(),
+        };
+        let env = encode_envelope("run:42", &ev);
+        assert_eq!(
+            std::str::from_utf8(&env).unwrap(),
+            r#"{"stream":"run:42","seq":17,"type":"token","data":{"b":1, "a":[1e400]},"key":"k\"1","time":"2026-11-18T07:06:40.123Z"}"#
+        );
+    }
+}

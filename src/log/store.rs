@@ -1,0 +1,387 @@
+//! Every SQL statement of the event log. Functions take a pool or a transaction; the locks each
+//! one takes are explained where it takes them.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Postgres, Row, Transaction};
+
+use super::model::{format_time, StoredEvent, StreamName};
+
+/// Channel on which every appender commit is announced to all nodes.
+pub const NOTIFY_CHANNEL: &str = "tailcast_appends";
+
+/// A stream's row.
+#[derive(Debug, Clone)]
+pub struct StreamRow {
+    pub id: i64,
+    pub name: String,
+    pub head: i64,
+    pub trimmed_to: i64,
+    pub closed: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A stream as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamInfo {
+    pub name: String,
+    pub head: i64,
+    /// Seq of the oldest retained event (head + 1 when the stream holds none).
+    pub oldest_seq: i64,
+    pub created_at: String,
+    pub updated_at: String,
+    pub closed: bool,
+}
+
+impl StreamRow {
+    fn from_row(r: &PgRow) -> Self {
+        StreamRow {
+            id: r.get("id"),
+            name: r.get("name"),
+            head: r.get("head"),
+            trimmed_to: r.get("trimmed_to"),
+            closed: r.get("closed"),
+            created_at: r.get("created_at"),
+            updated_at: r.get("updated_at"),
+        }
+    }
+
+    pub fn info(&self) -> StreamInfo {
+        StreamInfo {
+            name: self.name.clone(),
+            head: self.head,
+            oldest_seq: self.trimmed_to + 1,
+            created_at: format_time(&self.created_at),
+            updated_at: format_time(&self.updated_at),
+            closed: self.closed,
+        }
+    }
+}
+
+const STREAM_COLUMNS: &str = "id, name, head, trimmed_to, closed, created_at, updated_at";
+
+pub async fn stream(pool: &PgPool, name: &str) -> Result<Option<StreamRow>, sqlx::Error> {
+    let sql = format!("select {STREAM_COLUMNS} from streams where name = $1");
+    let row = sqlx::query(&sql).bind(name).fetch_optional(pool).await?;
+    Ok(row.as_ref().map(StreamRow::from_row))
+}
+
+/// Streams whose name starts with `prefix`, after `after_name`, in name order (keyset paging).
+pub async fn list_streams(
+    pool: &PgPool,
+    prefix: &str,
+    after_name: &str,
+    limit: i64,
+) -> Result<Vec<StreamRow>, sqlx::Error> {
+    // `name` is collated "C", so `>=` prefix / `<` prefix-successor ranges use its index.
+    let sql = format!(
+        "select {STREAM_COLUMNS} from streams
+         where name > $1 and starts_with(name, $2)
+         order by name limit $3"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(after_name)
+        .bind(prefix)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.iter().map(StreamRow::from_row).collect())
+}
+
+fn event_from_row(r: &PgRow) -> StoredEvent {
+    StoredEvent {
+        seq: r.get(0),
+        ty: r.get(1),
+        data: r.get(2),
+        id: r.get(3),
+        key: r.get(4),
+        time: r.get(5),
+    }
+}
+
+/// Events with `after < seq <= upto`, oldest first, at most `limit`.
+pub async fn read_events(
+    pool: &PgPool,
+    stream_id: i64,
+    after: i64,
+    upto: i64,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    let rows = sqlx::query(
+        r#"select seq, type, data, event_id, key, time from events
+           where stream_id = $1 and seq > $2 and seq <= $3
+           order by seq limit $4"#,
+    )
+    .bind(stream_id)
+    .bind(after)
+    .bind(upto)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.iter().map(event_from_row).collect())
+}
+
+/// The seq just before the first event at or after `since` (a cursor), or the head if none is.
+pub async fn cursor_at_time(
+    pool: &PgPool,
+    stream: &StreamRow,
+    since: DateTime<Utc>,
+) -> Result<i64, sqlx::Error> {
+    let seq: Option<i64> = sqlx::query_scalar(
+        r#"select seq from events where stream_id = $1 and time >= $2
+           order by time, seq limit 1"#,
+    )
+    .bind(stream.id)
+    .bind(since)
+    .fetch_optional(pool)
+    .await?;
+    Ok(seq.map_or(stream.head, |s| s - 1))
+}
+
+/// The latest event of every key with `seq <= at`, ordered by key.
+pub async fn snapshot(
+    pool: &PgPool,
+    stream_id: i64,
+    at: i64,
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    let rows = sqlx::query(
+        r#"select distinct on (key) seq, type, data, event_id, key, time from events
+           where stream_id = $1 and key is not null and seq <= $2
+           order by key, seq desc"#,
+    )
+    .bind(stream_id)
+    .bind(at)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.iter().map(event_from_row).collect())
+}
+
+/// Deletes a stream and its events. Returns false if it did not exist.
+pub async fn delete_stream(pool: &PgPool, name: &str, node: &str) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    // Taking the row lock first waits for an appender batch on this stream to commit, so the
+    // delete never interleaves with an append in flight.
+    let id: Option<i64> = sqlx::query_scalar("select id from streams where name = $1 for update")
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(id) = id else {
+        return Ok(false);
+    };
+    sqlx::query("delete from events where stream_id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("delete from streams where id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    // A head of -1 tells the other nodes the stream is gone.
+    sqlx::query("select pg_notify($1, $2)")
+        .bind(NOTIFY_CHANNEL)
+        .bind(format!("{node}\n{name} -1"))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Locks (creating where missing) the rows of `names`, sorted, and returns them by name.
+///
+/// Rows are locked in name order so that two appenders (on any nodes) whose batches share
+/// streams cannot deadlock; the locks are held until the caller's transaction commits, which
+/// is what keeps per-stream commit order equal to seq order.
+pub async fn lock_streams(
+    tx: &mut Transaction<'_, Postgres>,
+    names: &[&str],
+) -> Result<HashMap<String, StreamRow>, sqlx::Error> {
+    let sql = format!(
+        "select {STREAM_COLUMNS} from streams where name = any($1) order by name for update"
+    );
+    let rows = sqlx::query(&sql).bind(names).fetch_all(&mut **tx).await?;
+    let mut found: HashMap<String, StreamRow> = rows
+        .iter()
+        .map(StreamRow::from_row)
+        .map(|r| (r.name.clone(), r))
+        .collect();
+    let missing: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| !found.contains_key(*n))
+        .collect();
+    if !missing.is_empty() {
+        // A concurrent creator may win the insert; `do nothing` then leaves its row, which the
+        // select below locks (waiting for that creator to commit).
+        sqlx::query(
+            "insert into streams (name) select n from unnest($1::text[]) as t(n) order by n
+             on conflict (name) do nothing",
+        )
+        .bind(&missing)
+        .execute(&mut **tx)
+        .await?;
+        let rows = sqlx::query(&sql).bind(&missing).fetch_all(&mut **tx).await?;
+        found.extend(
+            rows.iter()
+                .map(StreamRow::from_row)
+                .map(|r| (r.name.clone(), r)),
+        );
+    }
+    Ok(found)
+}
+
+/// `(stream_id, event_id) -> seq` for the ids that already exist.
+pub async fn existing_ids(
+    tx: &mut Transaction<'_, Postgres>,
+    stream_ids: &[i64],
+    event_ids: &[&str],
+) -> Result<HashMap<(i64, String), i64>, sqlx::Error> {
+    if event_ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = sqlx::query(
+        r#"select e.stream_id, e.event_id, e.seq
+           from unnest($1::bigint[], $2::text[]) as t(sid, eid)
+           join events e on e.stream_id = t.sid and e.event_id = t.eid"#,
+    )
+    .bind(stream_ids)
+    .bind(event_ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| ((r.get::<i64, _>(0), r.get::<String, _>(1)), r.get::<i64, _>(2)))
+        .collect())
+}
+
+/// Column arrays for one multi-row insert.
+#[derive(Default)]
+pub struct EventRows<'a> {
+    pub stream_id: Vec<i64>,
+    pub seq: Vec<i64>,
+    pub ty: Vec<&'a str>,
+    pub data: Vec<&'a str>,
+    pub id: Vec<Option<&'a str>>,
+    pub key: Vec<Option<&'a str>>,
+}
+
+/// Inserts every row in one statement, all with the batch's commit time.
+pub async fn insert_events(
+    tx: &mut Transaction<'_, Postgres>,
+    rows: &EventRows<'_>,
+    time: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    if rows.seq.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        r#"insert into events (stream_id, seq, type, data, event_id, key, time)
+           select sid, seq, ty, data, eid, k, $7
+           from unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[])
+             as t(sid, seq, ty, data, eid, k)"#,
+    )
+    .bind(&rows.stream_id)
+    .bind(&rows.seq)
+    .bind(&rows.ty)
+    .bind(&rows.data)
+    .bind(&rows.id)
+    .bind(&rows.key)
+    .bind(time)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Sets the new heads (and closed flags) of the streams a batch wrote to.
+pub async fn update_heads(
+    tx: &mut Transaction<'_, Postgres>,
+    ids: &[i64],
+    heads: &[i64],
+    closed: &[bool],
+    time: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        r#"update streams s set head = t.head, closed = t.closed, updated_at = $4
+           from unnest($1::bigint[], $2::bigint[], $3::bool[]) as t(id, head, closed)
+           where s.id = t.id"#,
+    )
+    .bind(ids)
+    .bind(heads)
+    .bind(closed)
+    .bind(time)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Queues notifications for the other nodes; PostgreSQL delivers them at commit.
+pub async fn notify(
+    tx: &mut Transaction<'_, Postgres>,
+    payloads: &[String],
+) -> Result<(), sqlx::Error> {
+    if payloads.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("select pg_notify($1, p) from unnest($2::text[]) as t(p)")
+        .bind(NOTIFY_CHANNEL)
+        .bind(payloads)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Creates the database named in `url` if it does not exist (connecting to `postgres`).
+pub async fn ensure_database(url: &str) -> Result<(), sqlx::Error> {
+    use sqlx::postgres::PgConnectOptions;
+    use sqlx::{ConnectOptions, Connection};
+    let opts: PgConnectOptions = url.parse()?;
+    let Some(db) = opts.get_database().map(str::to_owned) else {
+        return Ok(());
+    };
+    if opts.clone().connect().await.is_ok() {
+        return Ok(());
+    }
+    let mut admin = opts.database("postgres").connect().await?;
+    let exists: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+            .bind(&db)
+            .fetch_one(&mut admin)
+            .await?;
+    if !exists {
+        let quoted = format!("\"{}\"", db.replace('"', "\"\""));
+        if let Err(e) = sqlx::query(&format!("create database {quoted}"))
+            .execute(&mut admin)
+            .await
+        {
+            // Another process may have created it meanwhile.
+            tracing::debug!(error = %e, "create database");
+        }
+    }
+    admin.close().await
+}
+
+/// The stream's name and head as carried in a notification payload.
+pub fn notify_payloads(node: &str, heads: &[(&StreamName, i64)]) -> Vec<String> {
+    // pg_notify payloads must stay under 8000 bytes: split into several when needed.
+    const LIMIT: usize = 7000;
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for (name, head) in heads {
+        let item = format!("{name} {head}");
+        if !cur.is_empty() && cur.len() + item.len() + 1 > LIMIT {
+            out.push(std::mem::take(&mut cur));
+        }
+        if cur.is_empty() {
+            cur.push_str(node);
+        }
+        cur.push('\n');
+        cur.push_str(&item);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
