@@ -66,7 +66,9 @@ pub struct ConnectionGuard {
 
 impl ConnectionGuard {
     pub fn new(app: &AppState, transport: Transport) -> Self {
-        app.connections.counter(transport).fetch_add(1, Ordering::Relaxed);
+        app.connections
+            .counter(transport)
+            .fetch_add(1, Ordering::Relaxed);
         metrics::gauge!(m::CONNECTIONS, "transport" => transport.label()).increment(1.0);
         ConnectionGuard {
             connections: app.connections.clone(),

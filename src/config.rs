@@ -11,7 +11,11 @@ use clap::Parser;
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/tailcast";
 
 #[derive(Parser, Clone)]
-#[command(name = "tailcast", version, about = "Durable event streams over SSE and WebSocket")]
+#[command(
+    name = "tailcast",
+    version,
+    about = "Durable event streams over SSE and WebSocket"
+)]
 pub struct Config {
     /// Address to listen on.
     #[arg(long, env = "TAILCAST_LISTEN", default_value = "127.0.0.1:8080")]
@@ -104,7 +108,11 @@ impl Config {
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The database URL may carry a password: show only scheme and host.
-        let db = self.database_url().split('@').next_back().unwrap_or_default();
+        let db = self
+            .database_url()
+            .split('@')
+            .next_back()
+            .unwrap_or_default();
         f.debug_struct("Config")
             .field("listen", &self.listen)
             .field("database", &db)

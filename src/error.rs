@@ -95,8 +95,8 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         use Error::*;
         match self {
-            InvalidStreamName(_) | InvalidEvent(_) | ReservedType(_) | InvalidJson(_) | EmptyBatch
-            | InvalidParameter(_) | InvalidCursor(_) => StatusCode::BAD_REQUEST,
+            InvalidStreamName(_) | InvalidEvent(_) | ReservedType(_) | InvalidJson(_)
+            | EmptyBatch | InvalidParameter(_) | InvalidCursor(_) => StatusCode::BAD_REQUEST,
             EventTooLarge { .. } | BatchTooLarge { .. } | PayloadTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }

@@ -99,7 +99,11 @@ fn to_new_event(ev: EventIn<'_>, limits: Limits) -> Result<NewEvent, Error> {
         ty,
         data: data.to_owned(),
         id: ev.id.as_deref().map(|s| parse_label("id", s)).transpose()?,
-        key: ev.key.as_deref().map(|s| parse_label("key", s)).transpose()?,
+        key: ev
+            .key
+            .as_deref()
+            .map(|s| parse_label("key", s))
+            .transpose()?,
     })
 }
 

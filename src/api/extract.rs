@@ -63,7 +63,10 @@ impl<S: Send + Sync> FromRequest<S> for Body {
                 if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
                     Error::PayloadTooLarge { limit }
                 } else {
-                    Error::InvalidJson(format!("could not read the request body: {}", e.body_text()))
+                    Error::InvalidJson(format!(
+                        "could not read the request body: {}",
+                        e.body_text()
+                    ))
                 }
             })
     }

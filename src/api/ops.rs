@@ -10,6 +10,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::app::AppState;
+use crate::auth::Principal;
 use crate::error::Result;
 use crate::log::MIGRATOR;
 
@@ -64,7 +65,8 @@ async fn metrics(State(app): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn stats(State(app): State<AppState>) -> Result<Response> {
+async fn stats(State(app): State<AppState>, who: Principal) -> Result<Response> {
+    who.check_admin()?;
     let c = &app.connections;
     Ok(Json(json!({
         "node_id": &*app.node_id,

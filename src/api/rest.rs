@@ -14,6 +14,7 @@ use serde_json::json;
 use super::events::parse_batch;
 use super::extract::{Body, Query, Stream};
 use crate::app::AppState;
+use crate::auth::{Grant, Principal};
 use crate::error::{Error, Result};
 use crate::log::model::{encode_envelope, TYPE_STREAM_CLOSED};
 use crate::log::store::{self, StreamRow};
@@ -22,7 +23,10 @@ use crate::log::{AppendSpec, NewEvent, StreamName};
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/streams", get(list_streams))
-        .route("/v1/streams/{stream}", get(stream_info).delete(delete_stream))
+        .route(
+            "/v1/streams/{stream}",
+            get(stream_info).delete(delete_stream),
+        )
         .route("/v1/streams/{stream}/events", post(append).get(read_events))
         .route("/v1/streams/{stream}/close", post(close))
         .route("/v1/streams/{stream}/snapshot", get(snapshot))
@@ -35,6 +39,7 @@ struct AppendParams {
 
 async fn append(
     State(app): State<AppState>,
+    who: Principal,
     Stream(stream): Stream,
     Query(params): Query<AppendParams>,
     Body(body): Body,
@@ -42,6 +47,7 @@ async fn append(
     if params.expected_seq.is_some_and(|s| s < 0) {
         return Err(Error::InvalidParameter("expected_seq must be >= 0".into()));
     }
+    who.check(Grant::Write, &stream)?;
     let events = parse_batch(&body, app.limits())?;
     let spec = AppendSpec {
         stream,
@@ -60,9 +66,11 @@ struct CloseBody {
 
 async fn close(
     State(app): State<AppState>,
+    who: Principal,
     Stream(stream): Stream,
     Body(body): Body,
 ) -> Result<Response> {
+    who.check(Grant::Write, &stream)?;
     let reason = if body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
@@ -101,12 +109,22 @@ pub async fn existing_stream(app: &AppState, stream: &StreamName) -> Result<Stre
         .ok_or_else(|| Error::StreamNotFound(stream.to_string()))
 }
 
-async fn stream_info(State(app): State<AppState>, Stream(stream): Stream) -> Result<Response> {
+async fn stream_info(
+    State(app): State<AppState>,
+    who: Principal,
+    Stream(stream): Stream,
+) -> Result<Response> {
+    who.check(Grant::Read, &stream)?;
     let row = existing_stream(&app, &stream).await?;
     Ok(Json(row.info()).into_response())
 }
 
-async fn delete_stream(State(app): State<AppState>, Stream(stream): Stream) -> Result<Response> {
+async fn delete_stream(
+    State(app): State<AppState>,
+    who: Principal,
+    Stream(stream): Stream,
+) -> Result<Response> {
+    who.check_admin()?;
     if !store::delete_stream(&app.pool, stream.as_str(), &app.node_id).await? {
         return Err(Error::StreamNotFound(stream.to_string()));
     }
@@ -125,8 +143,10 @@ struct ListParams {
 
 async fn list_streams(
     State(app): State<AppState>,
+    who: Principal,
     Query(p): Query<ListParams>,
 ) -> Result<Response> {
+    who.check_admin()?;
     let limit = page_limit(p.limit, 100)?;
     let rows = store::list_streams(&app.pool, &p.prefix, &p.after_name, limit).await?;
     let next = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.name.clone()));
@@ -160,10 +180,12 @@ pub fn parse_since(raw: &str) -> Result<DateTime<Utc>> {
 
 async fn read_events(
     State(app): State<AppState>,
+    who: Principal,
     Stream(stream): Stream,
     Query(p): Query<ReadParams>,
     headers: HeaderMap,
 ) -> Result<Response> {
+    who.check(Grant::Read, &stream)?;
     let limit = page_limit(p.limit, 100)?;
     let row = existing_stream(&app, &stream).await?;
     let after = match (p.after, p.since.as_deref()) {
@@ -174,7 +196,9 @@ async fn read_events(
         (None, Some(s)) => store::cursor_at_time(&app.pool, &row, parse_since(s)?).await?,
         (None, None) => 0,
         (Some(_), Some(_)) => {
-            return Err(Error::InvalidParameter("give either after or since, not both".into()));
+            return Err(Error::InvalidParameter(
+                "give either after or since, not both".into(),
+            ));
         }
     };
     if wants_ndjson(&headers) {
@@ -183,9 +207,14 @@ async fn read_events(
     let events = store::read_events(&app.pool, row.id, after, row.head, limit).await?;
     let next_after = events.last().map_or(after, |e| e.seq);
     // Envelopes are spliced in as encoded, so replay is byte-identical to live delivery.
-    let mut body = BytesMut::with_capacity(256 + events.iter().map(|e| e.data.len() + 128).sum::<usize>());
+    let mut body =
+        BytesMut::with_capacity(256 + events.iter().map(|e| e.data.len() + 128).sum::<usize>());
     body.put_slice(b"{\"stream\":");
-    body.put_slice(serde_json::to_string(stream.as_str()).unwrap_or_default().as_bytes());
+    body.put_slice(
+        serde_json::to_string(stream.as_str())
+            .unwrap_or_default()
+            .as_bytes(),
+    );
     body.put_slice(b",\"events\":[");
     for (i, ev) in events.iter().enumerate() {
         if i > 0 {
@@ -252,12 +281,21 @@ fn export(app: AppState, stream: StreamName, row: StreamRow, after: i64) -> Resp
     res
 }
 
-async fn snapshot(State(app): State<AppState>, Stream(stream): Stream) -> Result<Response> {
+async fn snapshot(
+    State(app): State<AppState>,
+    who: Principal,
+    Stream(stream): Stream,
+) -> Result<Response> {
+    who.check(Grant::Read, &stream)?;
     let row = existing_stream(&app, &stream).await?;
     let events = store::snapshot(&app.pool, row.id, row.head).await?;
     let mut body = BytesMut::new();
     body.put_slice(b"{\"stream\":");
-    body.put_slice(serde_json::to_string(stream.as_str()).unwrap_or_default().as_bytes());
+    body.put_slice(
+        serde_json::to_string(stream.as_str())
+            .unwrap_or_default()
+            .as_bytes(),
+    );
     body.put_slice(format!(",\"at\":{},\"events\":[", row.head).as_bytes());
     for (i, ev) in events.iter().enumerate() {
         if i > 0 {

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::extract::{Query, Stream};
 use super::rest::parse_since;
 use crate::app::{AppState, ConnectionGuard, Transport};
+use crate::auth::{Grant, Principal};
 use crate::error::{Error, Result};
 use crate::live::frame::put_sse_data;
 use crate::live::{Filter, Item, Start, Subscription};
@@ -45,7 +46,9 @@ pub fn parse_cursor(what: &str, raw: &str) -> Result<i64> {
         .filter(|c| *c >= 0)
         .ok_or_else(|| {
             let shown: String = raw.chars().take(32).collect();
-            Error::InvalidCursor(format!("{what} must be a non-negative integer seq, not {shown:?}"))
+            Error::InvalidCursor(format!(
+                "{what} must be a non-negative integer seq, not {shown:?}"
+            ))
         })
 }
 
@@ -93,15 +96,21 @@ fn parse_flag(name: &str, raw: Option<&str>) -> Result<bool> {
 
 /// `types=a,b` as a filter.
 pub fn parse_types(raw: Option<&str>) -> Filter {
-    Filter::types(raw.unwrap_or_default().split(',').map(|t| t.trim().to_owned()))
+    Filter::types(
+        raw.unwrap_or_default()
+            .split(',')
+            .map(|t| t.trim().to_owned()),
+    )
 }
 
 async fn sse(
     State(app): State<AppState>,
+    who: Principal,
     Stream(stream): Stream,
     Query(params): Query<SseParams>,
     headers: HeaderMap,
 ) -> Result<Response> {
+    who.check(Grant::Read, &stream)?;
     let start = sse_start(&params, &headers)?;
     let named = parse_flag("named", params.named.as_deref())?;
     let filter = parse_types(params.types.as_deref());
@@ -129,7 +138,10 @@ async fn sse(
     });
     let mut res = HttpBody::from_stream(body).into_response();
     let h = res.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(res)

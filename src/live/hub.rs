@@ -20,10 +20,7 @@ use crate::metrics as m;
 #[derive(Debug)]
 pub enum LiveMsg {
     /// Newly committed events, in seq order.
-    Events {
-        events: Vec<Arc<Frame>>,
-        head: i64,
-    },
+    Events { events: Vec<Arc<Frame>>, head: i64 },
     /// The stream's head moved to `head` but the events were not read here; subscribers
     /// behind it read them from the log.
     Advanced { head: i64 },

@@ -158,17 +158,35 @@ impl Subscription {
         Ok(match start {
             Start::Now => head,
             Start::After(c) if c > head => {
-                self.notice("reset", format!("cursor {c} is past the stream's head {head}; continuing from the head"), None, Some(head));
+                self.notice(
+                    "reset",
+                    format!(
+                        "cursor {c} is past the stream's head {head}; continuing from the head"
+                    ),
+                    None,
+                    Some(head),
+                );
                 head
             }
             Start::After(c) if c < trimmed => {
                 let oldest = trimmed + 1;
-                self.notice("gap", format!("events {}..{} were removed by retention; continuing from {oldest}", c + 1, trimmed), Some(oldest), None);
+                self.notice(
+                    "gap",
+                    format!(
+                        "events {}..{} were removed by retention; continuing from {oldest}",
+                        c + 1,
+                        trimmed
+                    ),
+                    Some(oldest),
+                    None,
+                );
                 trimmed
             }
             Start::After(c) => c,
             Start::Since(t) => match row {
-                Some(r) => store::cursor_at_time(&self.src.pool, r, t).await?.max(trimmed),
+                Some(r) => store::cursor_at_time(&self.src.pool, r, t)
+                    .await?
+                    .max(trimmed),
                 None => 0,
             },
             Start::Snapshot => {
@@ -188,7 +206,13 @@ impl Subscription {
         })
     }
 
-    fn notice(&mut self, kind: &'static str, detail: String, oldest: Option<i64>, head: Option<i64>) {
+    fn notice(
+        &mut self,
+        kind: &'static str,
+        detail: String,
+        oldest: Option<i64>,
+        head: Option<i64>,
+    ) {
         self.pending.push_back(Item::Notice(Notice {
             notice: kind,
             stream: self.stream.clone(),
@@ -251,7 +275,8 @@ impl Subscription {
             }
         }
         let id = self.stream_id.expect("set above");
-        let rows = store::read_events(&self.src.pool, id, self.upto, i64::MAX, self.src.page).await?;
+        let rows =
+            store::read_events(&self.src.pool, id, self.upto, i64::MAX, self.src.page).await?;
         metrics::counter!(m::CATCHUP_READS).increment(1);
         if (rows.len() as i64) < self.src.page {
             self.mode = Mode::Live;
@@ -260,7 +285,15 @@ impl Subscription {
             if first.seq > self.upto + 1 {
                 // The log is gap-free, so a hole means retention removed those events.
                 let (from, to) = (self.upto + 1, first.seq - 1);
-                self.notice("gap", format!("events {from}..{to} were removed by retention; continuing from {}", first.seq), Some(first.seq), None);
+                self.notice(
+                    "gap",
+                    format!(
+                        "events {from}..{to} were removed by retention; continuing from {}",
+                        first.seq
+                    ),
+                    Some(first.seq),
+                    None,
+                );
             }
         }
         for ev in &rows {

@@ -153,9 +153,11 @@ fn clone_error(e: &Error) -> Error {
     }
 }
 
-/// Per job: its result, and for each of its events the seq assigned (None: a duplicate).
+/// A job's result, and for each of its events the seq assigned (None: a duplicate).
+type Outcome = Result<(AppendResult, Vec<Option<i64>>), Error>;
+
 struct Plan {
-    outcomes: Vec<Result<(AppendResult, Vec<Option<i64>>), Error>>,
+    outcomes: Vec<Outcome>,
     heads: HashMap<StreamName, (i64, bool)>,
     time: chrono::DateTime<Utc>,
 }
@@ -265,7 +267,7 @@ fn plan_job<'a>(
     st: &mut StreamState,
     existing: &HashMap<(i64, String), i64>,
     out: &mut EventRows<'a>,
-) -> Result<(AppendResult, Vec<Option<i64>>), Error> {
+) -> Outcome {
     if spec.close && st.closed {
         let ack = EventAck {
             seq: st.head,

@@ -39,7 +39,8 @@ pub struct StreamName(Arc<str>);
 
 impl StreamName {
     pub fn parse(raw: &str) -> Result<Self, Error> {
-        let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '@' | '-');
+        let ok_char =
+            |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '@' | '-');
         if raw.is_empty() || raw.len() > MAX_STREAM_NAME || !raw.chars().all(ok_char) {
             return Err(Error::InvalidStreamName(raw.chars().take(64).collect()));
         }
@@ -184,7 +185,10 @@ mod tests {
         assert!(parse_event_type("").is_err());
         assert!(parse_event_type("a\nb").is_err());
         for reserved in RESERVED_TYPES {
-            assert!(matches!(parse_event_type(reserved), Err(Error::ReservedType(_))));
+            assert!(matches!(
+                parse_event_type(reserved),
+                Err(Error::ReservedType(_))
+            ));
         }
     }
 
@@ -201,7 +205,7 @@ mod tests {
         let env = encode_envelope("run:42", &ev);
         assert_eq!(
             std::str::from_utf8(&env).unwrap(),
-            r#"{"stream":"run:42","seq":17,"type":"token","data":{"b":1, "a":[1e400]},"key":"k\"1","time":"2026-11-18T07:06:40.123Z"}"#
+            r#"{"stream":"run:42","seq":17,"type":"token","data":{"b":1, "a":[1e400]},"key":"k\"1","time":"2026-11-18T11:06:40.123Z"}"#
         );
     }
 }

@@ -223,7 +223,10 @@ pub async fn lock_streams(
         .bind(&missing)
         .execute(&mut **tx)
         .await?;
-        let rows = sqlx::query(&sql).bind(&missing).fetch_all(&mut **tx).await?;
+        let rows = sqlx::query(&sql)
+            .bind(&missing)
+            .fetch_all(&mut **tx)
+            .await?;
         found.extend(
             rows.iter()
                 .map(StreamRow::from_row)
@@ -253,7 +256,12 @@ pub async fn existing_ids(
     .await?;
     Ok(rows
         .iter()
-        .map(|r| ((r.get::<i64, _>(0), r.get::<String, _>(1)), r.get::<i64, _>(2)))
+        .map(|r| {
+            (
+                (r.get::<i64, _>(0), r.get::<String, _>(1)),
+                r.get::<i64, _>(2),
+            )
+        })
         .collect())
 }
 

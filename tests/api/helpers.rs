@@ -1,0 +1,208 @@
+#![allow(dead_code)] // a helper library: not every test binary uses every helper
+//! `TestApp`: a real tailcast server on a real socket, on a fresh database per test, with
+//! helpers named after the API.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use eventsource_stream::{Event, Eventsource};
+use futures::{Stream, StreamExt};
+use reqwest::{Response, StatusCode};
+use serde_json::Value;
+use sqlx::PgPool;
+use tailcast::{App, Config};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Every wait in the tests is bounded by this.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub base: String,
+    pub client: reqwest::Client,
+    pub pool: PgPool,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApp {
+    pub async fn spawn(pool: PgPool) -> TestApp {
+        Self::spawn_with(pool, |_| {}).await
+    }
+
+    /// Starts a server whose configuration `tweak` may change.
+    pub async fn spawn_with(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        let mut config = Config::for_database("postgres://unused");
+        tweak(&mut config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let app = App::with_pool(config, pool.clone()).await.expect("start");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.serve(listener, async move {
+            let _ = stopped.await;
+        }));
+        TestApp {
+            addr,
+            base: format!("http://{addr}"),
+            client: reqwest::Client::builder().timeout(WAIT).build().unwrap(),
+            pool,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("shutdown in time")
+                .expect("server task")
+                .expect("server result");
+        }
+    }
+
+    /// `POST /v1/streams/{stream}/events` with a raw body.
+    pub async fn append_raw(
+        &self,
+        stream: &str,
+        query: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> Response {
+        self.client
+            .post(self.url(&format!("/v1/streams/{stream}/events{query}")))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("append request")
+    }
+
+    /// Appends and expects 201; returns the result.
+    pub async fn append(&self, stream: &str, body: Value) -> Value {
+        let res = self.append_raw(stream, "", body.to_string()).await;
+        let status = res.status();
+        let text = res.text().await.unwrap();
+        assert_eq!(status, StatusCode::CREATED, "append to {stream}: {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.client.get(self.url(path)).send().await.expect("GET")
+    }
+
+    pub async fn get_json(&self, path: &str) -> Value {
+        let res = self.get(path).await;
+        assert_eq!(res.status(), StatusCode::OK, "GET {path}");
+        res.json().await.unwrap()
+    }
+
+    /// Every event of a stream, read through the paged REST replay.
+    pub async fn read_all(&self, stream: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self
+                .get_json(&format!(
+                    "/v1/streams/{stream}/events?after={after}&limit=1000"
+                ))
+                .await;
+            let events = page["events"].as_array().unwrap().clone();
+            if events.is_empty() {
+                return out;
+            }
+            after = page["next_after"].as_i64().unwrap();
+            out.extend(events);
+        }
+    }
+
+    /// Opens an SSE response; `query` starts with `?` or is empty.
+    pub async fn sse(&self, stream: &str, query: &str, last_event_id: Option<&str>) -> Response {
+        let mut req = self
+            .client
+            .get(self.url(&format!("/v1/streams/{stream}/sse{query}")))
+            .timeout(Duration::from_secs(3600));
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        req.send().await.expect("SSE request")
+    }
+
+    /// Opens an SSE response and parses it with a real SSE parser.
+    pub async fn sse_events(
+        &self,
+        stream: &str,
+        query: &str,
+        last_event_id: Option<&str>,
+    ) -> SseClient {
+        let res = self.sse(stream, query, last_event_id).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        SseClient::new(res)
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+type EventStream = std::pin::Pin<Box<dyn Stream<Item = Result<Event, String>> + Send>>;
+
+/// A parsed SSE response.
+pub struct SseClient {
+    events: EventStream,
+}
+
+impl SseClient {
+    pub fn new(res: Response) -> Self {
+        let events = res
+            .bytes_stream()
+            .eventsource()
+            .map(|r| r.map_err(|e| e.to_string()));
+        SseClient {
+            events: Box::pin(events),
+        }
+    }
+
+    /// The next SSE event (keep-alive comments are not events), or None at the end.
+    pub async fn next(&mut self) -> Option<Event> {
+        tokio::time::timeout(WAIT, self.events.next())
+            .await
+            .expect("SSE event in time")
+            .map(|r| r.expect("well-formed SSE"))
+    }
+
+    /// The next event's envelope, asserting it is an ordinary event whose id is its seq.
+    pub async fn next_envelope(&mut self) -> Value {
+        let ev = self.next().await.expect("an event");
+        assert_eq!(ev.event, "message", "not an ordinary event: {ev:?}");
+        let env: Value = serde_json::from_str(&ev.data).expect("envelope JSON");
+        assert_eq!(ev.id, env["seq"].to_string());
+        env
+    }
+
+    /// Reads envelopes until one with `seq == last` (inclusive), checking there is no gap.
+    pub async fn envelopes_through(&mut self, first: i64, last: i64) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut expect = first;
+        while expect <= last {
+            let env = self.next_envelope().await;
+            assert_eq!(env["seq"].as_i64().unwrap(), expect, "seq out of order");
+            expect += 1;
+            out.push(env);
+        }
+        out
+    }
+}

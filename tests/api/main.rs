@@ -1,0 +1,5 @@
+//! Integration tests: a real server, real sockets, real PostgreSQL (one database per test).
+
+mod helpers;
+mod log;
+mod sse;
