@@ -343,7 +343,7 @@ impl Subscription {
             Err(RecvError::Lagged(missed)) => {
                 // Never skip: re-read what the channel dropped from the log.
                 tracing::debug!(stream = %self.stream, missed, "live buffer overflow; reading the log");
-                metrics::counter!(m::LAG_FALLBACKS).increment(1);
+                self.src.hub.note_lag_fallback();
                 self.mode = Mode::CatchUp;
             }
             Err(RecvError::Closed) => self.finished = true,

@@ -2,4 +2,6 @@
 
 mod helpers;
 mod log;
+mod replay;
 mod sse;
+mod wire;
