@@ -6,8 +6,10 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_io_timeout::TimeoutStream;
 
@@ -28,7 +30,67 @@ impl TimeoutListener {
 }
 
 /// A connection whose writes fail with `TimedOut` once blocked for the write timeout.
-pub type Conn = Pin<Box<TimeoutStream<TcpStream>>>;
+pub struct Conn {
+    inner: Pin<Box<TimeoutStream<TcpStream>>>,
+    /// Counted once: the first timed-out write is what disconnects the client.
+    timed_out: bool,
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.inner.as_mut().poll_read(cx, buf)
+    }
+}
+
+impl Conn {
+    fn check<T>(&mut self, r: io::Result<T>) -> io::Result<T> {
+        if let Err(e) = &r {
+            if e.kind() == io::ErrorKind::TimedOut && !self.timed_out {
+                self.timed_out = true;
+                tracing::info!("disconnecting a client that stopped reading (write timeout)");
+                metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS).increment(1);
+            }
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = ready!(self.inner.as_mut().poll_write(cx, buf));
+        Poll::Ready(self.check(r))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = ready!(self.inner.as_mut().poll_write_vectored(cx, bufs));
+        Poll::Ready(self.check(r))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = ready!(self.inner.as_mut().poll_flush(cx));
+        Poll::Ready(self.check(r))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.as_mut().poll_shutdown(cx)
+    }
+}
 
 impl axum::serve::Listener for TimeoutListener {
     type Io = Conn;
@@ -41,7 +103,11 @@ impl axum::serve::Listener for TimeoutListener {
                     let _ = stream.set_nodelay(true);
                     let mut stream = TimeoutStream::new(stream);
                     stream.set_write_timeout(Some(self.write_timeout));
-                    return (Box::pin(stream), addr);
+                    let conn = Conn {
+                        inner: Box::pin(stream),
+                        timed_out: false,
+                    };
+                    return (conn, addr);
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
