@@ -1,5 +1,7 @@
 //! Integration tests: a real server, real sockets, real PostgreSQL (one database per test).
 
+mod cluster;
 mod helpers;
 mod log;
+mod nodes;
 mod sse;
