@@ -147,8 +147,10 @@ impl Hub {
 
     /// Tells the stream's subscribers it was deleted.
     pub fn deleted(&self, stream: &StreamName) {
-        let map = self.streams.lock().expect("hub lock");
-        if let Some(ch) = map.get(stream) {
+        let mut map = self.streams.lock().expect("hub lock");
+        if let Some(ch) = map.get_mut(stream) {
+            // A stream re-created under the same name starts again from seq 1.
+            ch.published = 0;
             let _ = ch.tx.send(Arc::new(LiveMsg::Deleted));
         }
     }

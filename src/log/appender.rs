@@ -16,6 +16,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use super::health::DbHealth;
 use super::model::{wire_time, NewEvent, StoredEvent, StreamName};
 use super::store::{self, EventRows};
 use crate::error::{is_unavailable, Error};
@@ -74,6 +75,7 @@ struct Job {
 #[derive(Clone)]
 pub struct Appender {
     tx: mpsc::Sender<Job>,
+    health: Arc<DbHealth>,
 }
 
 impl Appender {
@@ -84,13 +86,25 @@ impl Appender {
         sink: Arc<dyn CommitSink>,
         node_id: Arc<str>,
         max_batch: usize,
+        health: Arc<DbHealth>,
     ) -> (Appender, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(max_batch.max(1) * 4);
-        let task = tokio::spawn(run(rx, pool, sink, node_id, max_batch.max(1)));
-        (Appender { tx }, task)
+        let task = tokio::spawn(run(
+            rx,
+            pool,
+            sink,
+            node_id,
+            max_batch.max(1),
+            health.clone(),
+        ));
+        (Appender { tx, health }, task)
     }
 
     pub async fn append(&self, spec: AppendSpec) -> Result<AppendResult, Error> {
+        if self.health.is_down() {
+            // Fail fast while the database is known to be unreachable; the probe clears this.
+            return Err(Error::Unavailable);
+        }
         let (reply, answer) = oneshot::channel();
         let job = Job {
             spec,
@@ -108,17 +122,31 @@ async fn run(
     sink: Arc<dyn CommitSink>,
     node_id: Arc<str>,
     max_batch: usize,
+    health: Arc<DbHealth>,
 ) {
     let mut jobs = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut jobs, max_batch).await > 0 {
-        commit_jobs(&pool, &*sink, &node_id, std::mem::take(&mut jobs)).await;
+        let jobs = std::mem::take(&mut jobs);
+        commit_jobs(&pool, &*sink, &node_id, &health, jobs).await;
     }
 }
 
-async fn commit_jobs(pool: &PgPool, sink: &dyn CommitSink, node: &str, jobs: Vec<Job>) {
+async fn commit_jobs(
+    pool: &PgPool,
+    sink: &dyn CommitSink,
+    node: &str,
+    health: &DbHealth,
+    jobs: Vec<Job>,
+) {
     let started = Instant::now();
     let specs: Vec<&AppendSpec> = jobs.iter().map(|j| &j.spec).collect();
-    match commit_with_retry(pool, node, &specs).await {
+    let result = commit_with_retry(pool, node, &specs).await;
+    match &result {
+        Ok(_) => health.mark_up(),
+        Err(e) if is_unavailable(e) => health.mark_down(),
+        Err(_) => {}
+    }
+    match result {
         Ok(plan) => {
             metrics::histogram!(m::APPEND_BATCH_SIZE).record(jobs.len() as f64);
             metrics::counter!(m::APPEND_BATCHES).increment(1);

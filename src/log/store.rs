@@ -398,3 +398,46 @@ pub fn notify_payloads(node: &str, heads: &[(&StreamName, i64)]) -> Vec<String> 
     }
     out
 }
+
+/// Succeeds if the database answers a trivial query.
+pub async fn ping(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("select 1").execute(pool).await.map(|_| ())
+}
+
+/// The current head of each named stream that exists.
+pub async fn stream_heads(
+    pool: &PgPool,
+    names: &[&str],
+) -> Result<HashMap<String, i64>, sqlx::Error> {
+    let rows = sqlx::query("select name, head from streams where name = any($1)")
+        .bind(names)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
+        .collect())
+}
+
+/// Like [`read_events`], for a stream known by name (what notifications carry).
+pub async fn read_events_by_name(
+    pool: &PgPool,
+    name: &str,
+    after: i64,
+    upto: i64,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    let rows = sqlx::query(
+        r#"select e.seq, e.type, e.data, e.event_id, e.key, e.time
+           from streams s join events e on e.stream_id = s.id
+           where s.name = $1 and e.seq > $2 and e.seq <= $3
+           order by e.seq limit $4"#,
+    )
+    .bind(name)
+    .bind(after)
+    .bind(upto)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.iter().map(event_from_row).collect())
+}
