@@ -2,4 +2,5 @@
 
 mod helpers;
 mod log;
+mod openapi;
 mod sse;
