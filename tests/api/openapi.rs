@@ -338,3 +338,16 @@ async fn every_spec_operation_reaches_a_handler(pool: PgPool) {
         "operations in openapi.yaml that the router does not serve: {fell_through:#?}"
     );
 }
+
+/// Found by schemathesis: a NUL in a query parameter reached PostgreSQL (whose text cannot
+/// hold NUL) and came back as a 500.
+#[sqlx::test]
+async fn a_nul_in_list_parameters_is_a_clear_400(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    for query in ["prefix=a%00b", "after_name=%00"] {
+        let res = app.get(&format!("/v1/streams?{query}")).await;
+        assert_eq!(res.status(), 400, "{query}");
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["code"], "invalid_parameter", "{query}");
+    }
+}
