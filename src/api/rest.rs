@@ -149,6 +149,14 @@ async fn list_streams(
 ) -> Result<Response> {
     who.check_admin()?;
     let limit = page_limit(p.limit, 100)?;
+    // PostgreSQL text cannot hold NUL; no stream name contains one anyway.
+    for (name, value) in [("prefix", &p.prefix), ("after_name", &p.after_name)] {
+        if value.contains('\0') {
+            return Err(Error::InvalidParameter(format!(
+                "{name} must not contain NUL characters"
+            )));
+        }
+    }
     let rows = store::list_streams(&app.pool, &p.prefix, &p.after_name, limit).await?;
     let next = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.name.clone()));
     let streams: Vec<_> = rows.iter().map(StreamRow::info).collect();

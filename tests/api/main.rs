@@ -5,5 +5,6 @@ mod helpers;
 mod log;
 mod replay;
 mod nodes;
+mod openapi;
 mod sse;
 mod wire;
