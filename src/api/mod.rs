@@ -1,5 +1,6 @@
 //! The HTTP surfaces, one file each, merged into one router here.
 
+pub mod console;
 pub mod events;
 pub mod extract;
 pub mod ops;
@@ -29,6 +30,7 @@ pub fn router(state: AppState) -> Router {
         .merge(sse::router())
         .merge(ops::router())
         .merge(retention::router())
+        .merge(console::router())
         .fallback(|| async { Error::NotFound })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .layer(middleware::from_fn(record_request))

@@ -1,0 +1,849 @@
+// tailcast.js: a dependency-free client for tailcast streams, for browsers (and any runtime
+// with fetch, WebSocket and EventSource globals, or ones passed in).
+//
+// It keeps one multiplexed WebSocket for every subscription and resumes each stream from the
+// cursor it holds after any disconnect, so a subscriber sees every event exactly once, in
+// order. Reconnects back off exponentially with jitter. When the WebSocket cannot be opened
+// while plain HTTP still works (a proxy that refuses upgrades), it falls back to one
+// EventSource per stream, with the same cursor and backoff rules.
+
+/**
+ * @typedef {object} Envelope An event as stored and delivered.
+ * @property {string} stream
+ * @property {number} seq
+ * @property {string} type
+ * @property {any} data
+ * @property {string} [id]
+ * @property {string} [key]
+ * @property {string} time
+ */
+
+/**
+ * @typedef {object} SubscribeOptions
+ * @property {number} [after] Cursor: deliver events with seq > after (default 0: everything).
+ * @property {"now"|"snapshot"} [from] Start at the head, or with the latest event per key.
+ * @property {string[]} [types] Only these event types.
+ * @property {(notice: object) => void} [onNotice] gap / reset / deleted notices.
+ * @property {(err: TailcastError) => void} [onError] The subscription was refused (it ends).
+ * @property {(reason: "closed"|"deleted"|"unsubscribed") => void} [onEnd] No more events will come.
+ */
+
+/**
+ * @typedef {object} BackoffOptions
+ * @property {number} [initialMs=250] First delay.
+ * @property {number} [maxMs=15000] Largest delay.
+ * @property {number} [factor=2] Growth per failed attempt.
+ */
+
+/**
+ * @typedef {object} ClientOptions
+ * @property {string} [url] Base URL of the server (default: the page's origin).
+ * @property {string} [wsUrl] WebSocket URL (default: derived from url + "/v1/ws").
+ * @property {string} [token] Bearer token.
+ * @property {"auto"|"ws"|"sse"} [transport="auto"] "auto": WebSocket, falling back to SSE.
+ * @property {BackoffOptions} [backoff]
+ * @property {number} [wsOpenTimeoutMs=5000] A WebSocket not open by then counts as failed.
+ * @property {number} [wsFailuresBeforeFallback=2] Consecutive failed WebSocket opens, while
+ *   HTTP answers, before falling back to SSE.
+ * @property {typeof fetch} [fetch]
+ * @property {typeof WebSocket} [WebSocket]
+ * @property {typeof EventSource} [EventSource]
+ */
+
+/** An error from the server (problem+json or WebSocket `error` op) or from the client. */
+export class TailcastError extends Error {
+  /**
+   * @param {string} code Stable machine-readable code (e.g. "unauthorized", "seq_conflict").
+   * @param {string} message
+   * @param {number} [status] HTTP status, when there was one.
+   * @param {object} [problem] The full problem document or error op.
+   */
+  constructor(code, message, status, problem) {
+    super(message);
+    this.name = "TailcastError";
+    this.code = code;
+    this.status = status;
+    this.problem = problem;
+  }
+}
+
+const RESERVED_END = "stream.closed";
+
+/**
+ * The delay before reconnect attempt `attempt` (0-based): exponential, capped, with "equal
+ * jitter" (half fixed, half random) so a crowd of clients dropped together does not come back
+ * in lockstep, yet none retries immediately.
+ * @param {number} attempt
+ * @param {BackoffOptions} [opts]
+ * @param {() => number} [random]
+ */
+export function backoffDelay(attempt, opts = {}, random = Math.random) {
+  const initial = opts.initialMs ?? 250;
+  const max = opts.maxMs ?? 15000;
+  const factor = opts.factor ?? 2;
+  const cap = Math.min(max, initial * Math.pow(factor, attempt));
+  return Math.round(cap / 2 + random() * (cap / 2));
+}
+
+class Subscription {
+  constructor(client, stream, opts, onEvent) {
+    this.client = client;
+    this.stream = stream;
+    this.opts = opts;
+    this.onEvent = onEvent;
+    /** @type {number|null} seq of the last event delivered (null until resolved). */
+    this.cursor = typeof opts.after === "number" ? opts.after : opts.from ? null : 0;
+    this.head = null;
+    this.ended = false;
+    this.es = null;
+    this.attempt = 0;
+    this.timer = null;
+    this.wsRef = null;
+  }
+}
+
+/** Client for one tailcast server. */
+export class TailcastClient {
+  /** @param {ClientOptions} [options] */
+  constructor(options = {}) {
+    const origin = typeof location !== "undefined" ? location.origin : undefined;
+    this.url = (options.url ?? origin ?? "").replace(/\/+$/, "");
+    if (!this.url) throw new TypeError("TailcastClient: url is required outside a browser");
+    this.wsUrl = options.wsUrl ?? this.url.replace(/^http/, "ws") + "/v1/ws";
+    this.token = options.token || null;
+    this.backoff = options.backoff ?? {};
+    this.wsOpenTimeoutMs = options.wsOpenTimeoutMs ?? 5000;
+    this.wsFailuresBeforeFallback = options.wsFailuresBeforeFallback ?? 2;
+    this._fetch = options.fetch ?? globalThis.fetch.bind(globalThis);
+    this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    this._EventSource = options.EventSource ?? globalThis.EventSource;
+    const want = options.transport ?? "auto";
+    /** "ws" or "sse": what subscriptions use now. */
+    this.transport = want === "sse" || !this._WebSocket ? "sse" : "ws";
+    this._fallback = want === "auto";
+    /** @type {Map<string, Subscription>} */
+    this._subs = new Map();
+    this._listeners = new Map();
+    this._pending = new Map();
+    this._nextRef = 1;
+    this._ws = null;
+    this._wsState = "idle"; // idle | connecting | open | waiting | stopped
+    this._wsAttempt = 0;
+    this._wsBlocked = 0;
+    this._wsTimer = null;
+    this._heartbeat = null;
+    this._lastFrameAt = 0;
+    this._closed = false;
+    this._stats = {
+      connectionId: null,
+      connects: 0,
+      reconnects: 0,
+      fallbacks: 0,
+      eventsReceived: 0,
+      duplicatesDropped: 0,
+      lastError: null,
+      lastEventAt: null,
+    };
+  }
+
+  // ---- subscriptions -------------------------------------------------------------------
+
+  /**
+   * Follows `stream`, calling `onEvent(envelope)` once per event, in seq order, across any
+   * number of reconnects.
+   * @param {string} stream
+   * @param {SubscribeOptions} [opts]
+   * @param {(event: Envelope) => void} onEvent
+   */
+  subscribe(stream, opts, onEvent) {
+    if (typeof opts === "function") [opts, onEvent] = [{}, opts];
+    opts = opts ?? {};
+    if (this._closed) throw new TailcastError("client_closed", "this client was closed");
+    if (this._subs.has(stream)) {
+      throw new TailcastError("already_subscribed", `already subscribed to ${stream}`);
+    }
+    const sub = new Subscription(this, stream, opts, onEvent);
+    this._subs.set(stream, sub);
+    this._start(sub);
+    const client = this;
+    return {
+      stream,
+      /** seq of the last event delivered to onEvent. */
+      get cursor() {
+        return sub.cursor;
+      },
+      get ended() {
+        return sub.ended;
+      },
+      unsubscribe() {
+        client._unsubscribe(sub, "unsubscribed");
+      },
+    };
+  }
+
+  /** The cursor of every stream this client follows: `{stream: seq}`. */
+  cursors() {
+    const out = {};
+    for (const [name, sub] of this._subs) out[name] = sub.cursor;
+    return out;
+  }
+
+  /** Connection statistics for display. */
+  stats() {
+    return {
+      transport: this.transport,
+      state: this.transport === "ws" ? this._wsState : this._sseState(),
+      subscriptions: this._subs.size,
+      ...this._stats,
+    };
+  }
+
+  /**
+   * Listens to client happenings: "status" (connection state changed: {transport, state,
+   * attempt?, delayMs?}), "fallback" (now using SSE), "error" (TailcastError).
+   */
+  on(name, fn) {
+    if (!this._listeners.has(name)) this._listeners.set(name, new Set());
+    this._listeners.get(name).add(fn);
+    return () => this._listeners.get(name).delete(fn);
+  }
+
+  /** Uses another token from now on: every connection is re-made with it. */
+  setToken(token) {
+    this.token = token || null;
+    this._wsBlocked = 0;
+    if (this.transport === "ws") {
+      if (this._ws) this._dropWs("token changed");
+      this._wsAttempt = 0;
+      this._ensureWs();
+    }
+    for (const sub of this._subs.values()) {
+      if (this.transport === "sse" && !sub.ended) {
+        this._closeEs(sub);
+        sub.attempt = 0;
+        this._openEs(sub);
+      }
+    }
+  }
+
+  /** Closes every connection and ends every subscription. */
+  close() {
+    this._closed = true;
+    for (const sub of [...this._subs.values()]) this._unsubscribe(sub, "unsubscribed");
+    clearTimeout(this._wsTimer);
+    if (this._ws) this._dropWs("client closed");
+    this._wsState = "stopped";
+  }
+
+  // ---- producer and interactive operations ---------------------------------------------
+
+  /**
+   * Appends events (one object or an array). Over the WebSocket when it is open, else REST.
+   * @returns {Promise<{stream:string, first_seq:number, last_seq:number, events:object[]}>}
+   */
+  async publish(stream, events, { expectedSeq } = {}) {
+    const list = Array.isArray(events) ? events : [events];
+    if (this._wsOpen()) {
+      const op = { op: "publish", stream, events: list };
+      if (expectedSeq !== undefined) op.expected_seq = expectedSeq;
+      return this._wsCall(op);
+    }
+    const q = expectedSeq !== undefined ? `?expected_seq=${expectedSeq}` : "";
+    return this.request("POST", `/v1/streams/${enc(stream)}/events${q}`, list);
+  }
+
+  /** Answers an open input request. */
+  async answer(stream, requestId, data) {
+    if (this._wsOpen()) {
+      return this._wsCall({ op: "input", stream, request_id: requestId, data });
+    }
+    return this.request(
+      "POST",
+      `/v1/streams/${enc(stream)}/inputs/${enc(requestId)}`,
+      { data },
+    );
+  }
+
+  /**
+   * Asks the producer to stop (appends control.stop). The wire contract offers this as a
+   * WebSocket op only, so without a working WebSocket it opens one just for this call.
+   */
+  async stop(stream, reason) {
+    const op = { op: "stop", stream };
+    if (reason !== undefined && reason !== "") op.reason = reason;
+    if (this._wsOpen()) return this._wsCall(op);
+    return this._oneShotWs(op);
+  }
+
+  // ---- REST ------------------------------------------------------------------------------
+
+  /** Lists streams: `{streams, next_after_name}`. */
+  listStreams({ prefix, limit, afterName } = {}) {
+    return this.request("GET", "/v1/streams" + query({ prefix, limit, after_name: afterName }));
+  }
+  getStream(stream) {
+    return this.request("GET", `/v1/streams/${enc(stream)}`);
+  }
+  /** One page of history: `{events, next_after, head, closed}`. */
+  readEvents(stream, { after = 0, limit, since } = {}) {
+    return this.request("GET", `/v1/streams/${enc(stream)}/events` + query({ after, limit, since }));
+  }
+  snapshot(stream) {
+    return this.request("GET", `/v1/streams/${enc(stream)}/snapshot`);
+  }
+  closeStream(stream, reason) {
+    return this.request("POST", `/v1/streams/${enc(stream)}/close`, reason === undefined ? undefined : { reason });
+  }
+  /** Input requests still waiting for an answer: `{inputs: [...]}`. */
+  openInputs(stream) {
+    return this.request("GET", `/v1/streams/${enc(stream)}/inputs?status=open`);
+  }
+  /** Creates an input request (producer side). */
+  requestInput(stream, request) {
+    return this.request("POST", `/v1/streams/${enc(stream)}/inputs`, request);
+  }
+  /** Server statistics (admin): `{node_id, uptime_s, connections, subscriptions, live_streams}`. */
+  serverStats() {
+    return this.request("GET", "/v1/stats");
+  }
+
+  /** One REST call with this client's token; problem+json becomes a TailcastError. */
+  async request(method, path, body) {
+    const headers = { accept: "application/json" };
+    if (this.token) headers.authorization = `Bearer ${this.token}`;
+    if (body !== undefined) headers["content-type"] = "application/json";
+    let res;
+    try {
+      res = await this._fetch(this.url + path, {
+        method,
+        headers,
+        body: body === undefined ? undefined : JSON.stringify(body),
+      });
+    } catch (e) {
+      throw new TailcastError("network", `cannot reach ${this.url}: ${e.message}`);
+    }
+    if (res.status === 204) return null;
+    const text = await res.text();
+    let doc = null;
+    try {
+      doc = text ? JSON.parse(text) : null;
+    } catch {
+      // Not JSON (a proxy's error page): reported below by status.
+    }
+    if (!res.ok) {
+      const code = doc?.code ?? `http_${res.status}`;
+      const msg = doc?.detail || doc?.title || `${method} ${path}: HTTP ${res.status}`;
+      throw new TailcastError(code, msg, res.status, doc ?? undefined);
+    }
+    return doc;
+  }
+
+  // ---- internals: shared ----------------------------------------------------------------
+
+  _emit(name, value) {
+    for (const fn of this._listeners.get(name) ?? []) {
+      try {
+        fn(value);
+      } catch (e) {
+        console.error("tailcast listener failed", e);
+      }
+    }
+  }
+
+  async _start(sub) {
+    if (sub.cursor === null) {
+      try {
+        await this._resolveStart(sub);
+      } catch (e) {
+        if (e.code === "network") {
+          // The server is away: try again later, as a reconnect would.
+          sub.timer = setTimeout(() => this._start(sub), backoffDelay(sub.attempt++, this.backoff));
+          return;
+        }
+        this._fail(sub, e);
+        return;
+      }
+    }
+    if (sub.ended) return;
+    if (this.transport === "ws") {
+      if (this._wsState === "open") this._wsSubscribe(sub);
+      else this._ensureWs();
+    } else {
+      this._openEs(sub);
+    }
+  }
+
+  /**
+   * Turns `from` into an exact cursor before the first subscription, so that every later
+   * (re)subscription, on either transport, is a plain `after=cursor` and nothing appended
+   * while disconnected is skipped.
+   */
+  async _resolveStart(sub) {
+    if (sub.opts.from === "snapshot") {
+      const snap = await this.request("GET", `/v1/streams/${enc(sub.stream)}/snapshot`);
+      if (sub.ended) return;
+      sub.cursor = snap.at ?? 0;
+      for (const ev of snap.events ?? []) this._deliverUnordered(sub, ev);
+    } else {
+      try {
+        const info = await this.getStream(sub.stream);
+        sub.cursor = info.head;
+      } catch (e) {
+        if (e.code !== "stream_not_found") throw e;
+        sub.cursor = 0;
+      }
+    }
+  }
+
+  /** Delivers an event if it is new for this subscription; the single place cursors move. */
+  _deliver(sub, ev) {
+    if (sub.ended) return;
+    if (typeof ev.seq !== "number" || ev.seq <= sub.cursor) {
+      this._stats.duplicatesDropped++;
+      return;
+    }
+    sub.cursor = ev.seq;
+    if (sub.head === null || ev.seq > sub.head) sub.head = ev.seq;
+    this._stats.eventsReceived++;
+    this._stats.lastEventAt = Date.now();
+    this._callOnEvent(sub, ev);
+    if (ev.type === RESERVED_END) this._unsubscribe(sub, "closed");
+  }
+
+  /** Snapshot events come by key, not by seq; the cursor is already the snapshot's `at`. */
+  _deliverUnordered(sub, ev) {
+    this._stats.eventsReceived++;
+    this._callOnEvent(sub, ev);
+  }
+
+  _callOnEvent(sub, ev) {
+    try {
+      sub.onEvent?.(ev);
+    } catch (e) {
+      console.error("tailcast onEvent failed", e);
+    }
+  }
+
+  _notice(sub, notice) {
+    if (notice.notice === "reset" && typeof notice.head === "number") {
+      // The stream is shorter than our cursor (it was deleted and re-created): follow it anew.
+      sub.cursor = notice.head;
+    }
+    try {
+      sub.opts.onNotice?.(notice);
+    } catch (e) {
+      console.error("tailcast onNotice failed", e);
+    }
+    if (notice.notice === "deleted") this._unsubscribe(sub, "deleted");
+  }
+
+  _fail(sub, err) {
+    this._stats.lastError = err.message;
+    this._emit("error", err);
+    try {
+      sub.opts.onError?.(err);
+    } catch (e) {
+      console.error("tailcast onError failed", e);
+    }
+    this._unsubscribe(sub, null);
+  }
+
+  _unsubscribe(sub, reason) {
+    if (sub.ended) return;
+    sub.ended = true;
+    clearTimeout(sub.timer);
+    this._subs.delete(sub.stream);
+    this._closeEs(sub);
+    if (this._wsOpen()) {
+      // The server may already have ended it (after stream.closed): an error then is moot.
+      this._wsCall({ op: "unsubscribe", stream: sub.stream }).catch(() => {});
+    }
+    if (reason) {
+      try {
+        sub.opts.onEnd?.(reason);
+      } catch (e) {
+        console.error("tailcast onEnd failed", e);
+      }
+    }
+  }
+
+  /**
+   * After a failed connection: is the server down (retry), refusing us (stop), or up while
+   * the connection failed anyway (the WebSocket is blocked on the way)? Probes with the
+   * same credentials, on a stream we follow when there is one.
+   * @returns {Promise<{state: "down"|"up"|"refused", error?: TailcastError, info?: object}>}
+   */
+  async _probe(stream) {
+    try {
+      const info = stream
+        ? await this.getStream(stream)
+        : await this.request("GET", "/healthz");
+      return { state: "up", info };
+    } catch (e) {
+      if (e.code === "network" || e.status >= 500) return { state: "down" };
+      if (e.status === 401 || e.status === 403) return { state: "refused", error: e };
+      return { state: "up" };
+    }
+  }
+
+  // ---- internals: WebSocket -------------------------------------------------------------
+
+  _wsOpen() {
+    return this.transport === "ws" && this._wsState === "open" && this._ws?.readyState === 1;
+  }
+
+  _setWsState(state, extra = {}) {
+    this._wsState = state;
+    this._emit("status", { transport: "ws", state, ...extra });
+  }
+
+  _ensureWs() {
+    if (this._closed || this.transport !== "ws") return;
+    if (this._wsState === "connecting" || this._wsState === "open" || this._wsState === "waiting") return;
+    this._connectWs();
+  }
+
+  _connectWs() {
+    this._setWsState("connecting", { attempt: this._wsAttempt });
+    let ws;
+    try {
+      ws = new this._WebSocket(this._withToken(this.wsUrl));
+    } catch (e) {
+      this._wsFailed(false, e.message);
+      return;
+    }
+    this._ws = ws;
+    let opened = false;
+    const openTimer = setTimeout(() => {
+      if (!opened && this._ws === ws) {
+        ws.close();
+        this._wsFailed(false, "WebSocket did not open in time");
+      }
+    }, this.wsOpenTimeoutMs);
+    ws.onopen = () => {
+      opened = true;
+      clearTimeout(openTimer);
+      this._lastFrameAt = Date.now();
+    };
+    ws.onmessage = (m) => {
+      if (this._ws !== ws) return;
+      this._lastFrameAt = Date.now();
+      let msg;
+      try {
+        msg = JSON.parse(m.data);
+      } catch {
+        return;
+      }
+      this._onWsMessage(msg);
+    };
+    ws.onclose = (e) => {
+      clearTimeout(openTimer);
+      if (this._ws !== ws) return;
+      this._wsFailed(opened, `WebSocket closed (${e.code}${e.reason ? ": " + e.reason : ""})`);
+    };
+    // onerror is always followed by onclose, where the failure is handled once.
+    ws.onerror = () => {};
+  }
+
+  _onWsMessage(msg) {
+    switch (msg.op) {
+      case "welcome": {
+        const reconnect = this._stats.connects > 0;
+        this._stats.connects++;
+        if (reconnect) this._stats.reconnects++;
+        this._stats.connectionId = msg.connection_id ?? null;
+        this._wsAttempt = 0;
+        this._wsBlocked = 0;
+        this._setWsState("open", { connectionId: msg.connection_id, reconnect });
+        this._startHeartbeat(msg.heartbeat_ms);
+        for (const sub of this._subs.values()) {
+          if (sub.cursor !== null && !sub.ended) this._wsSubscribe(sub);
+        }
+        break;
+      }
+      case "event": {
+        const sub = this._subs.get(msg.stream);
+        if (!sub) return;
+        const { op: _op, ...ev } = msg;
+        this._deliver(sub, ev);
+        break;
+      }
+      case "subscribed": {
+        const sub = this._subs.get(msg.stream);
+        if (sub && typeof msg.head === "number") sub.head = Math.max(sub.head ?? 0, msg.head);
+        this._settle(msg.ref, msg);
+        break;
+      }
+      case "notice": {
+        const sub = this._subs.get(msg.stream);
+        if (sub) {
+          const { op: _op, ...notice } = msg;
+          this._notice(sub, notice);
+        }
+        break;
+      }
+      case "error": {
+        const err = new TailcastError(msg.code ?? "error", msg.message ?? "error", undefined, msg);
+        if (msg.ref !== undefined && this._pending.has(msg.ref)) {
+          this._settle(msg.ref, null, err);
+          return;
+        }
+        this._stats.lastError = err.message;
+        this._emit("error", err);
+        break;
+      }
+      default:
+        this._settle(msg.ref, msg);
+    }
+  }
+
+  _wsSubscribe(sub) {
+    const op = { op: "subscribe", stream: sub.stream, after: sub.cursor };
+    if (sub.opts.types?.length) op.types = sub.opts.types;
+    this._wsCall(op).catch((err) => {
+      // A refused subscription ends it; a dropped connection resubscribes on reconnect.
+      if (err.code !== "disconnected" && err.code !== "already_subscribed") this._fail(sub, err);
+    });
+  }
+
+  _wsSend(op) {
+    try {
+      this._ws.send(JSON.stringify(op));
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  _wsCall(op) {
+    return new Promise((resolve, reject) => {
+      const ref = `c${this._nextRef++}`;
+      this._pending.set(ref, { resolve, reject });
+      if (!this._wsSend({ ...op, ref })) {
+        this._pending.delete(ref);
+        reject(new TailcastError("disconnected", "the WebSocket is not connected"));
+      }
+    });
+  }
+
+  _settle(ref, value, err) {
+    const p = ref === undefined ? undefined : this._pending.get(ref);
+    if (!p) return;
+    this._pending.delete(ref);
+    if (err) p.reject(err);
+    else p.resolve(value);
+  }
+
+  _startHeartbeat(ms) {
+    clearInterval(this._heartbeat);
+    const every = Math.max(1000, Number(ms) || 30000);
+    const ws = this._ws;
+    // Browsers answer the server's Ping frames without telling us, so liveness is checked
+    // with our own ping op: a connection silent for two periods is half-open; drop it.
+    this._heartbeat = setInterval(() => {
+      if (this._ws !== ws) return clearInterval(this._heartbeat);
+      if (Date.now() - this._lastFrameAt > 2 * every) {
+        this._dropWs("no answer to heartbeats");
+        this._wsFailed(true, "heartbeat timeout");
+        return;
+      }
+      this._wsSend({ op: "ping" });
+    }, every);
+  }
+
+  _dropWs(reason) {
+    const ws = this._ws;
+    this._ws = null;
+    clearInterval(this._heartbeat);
+    if (ws) {
+      ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+      try {
+        ws.close(1000, reason);
+      } catch {
+        // Already closing.
+      }
+    }
+    this._wsState = "idle";
+    for (const [ref, p] of this._pending) {
+      this._pending.delete(ref);
+      p.reject(new TailcastError("disconnected", `the WebSocket closed: ${reason}`));
+    }
+  }
+
+  /** The connection failed or dropped: decide between retrying, falling back, or stopping. */
+  async _wsFailed(wasOpen, reason) {
+    this._dropWs(reason);
+    this._stats.lastError = reason;
+    if (this._closed) return;
+    this._setWsState("waiting", { reason });
+    if (!wasOpen) {
+      const probe = await this._probe(this._subs.keys().next().value);
+      if (this._closed || this.transport !== "ws") return;
+      if (probe.state === "refused") {
+        this._wsState = "stopped";
+        for (const sub of [...this._subs.values()]) this._fail(sub, probe.error);
+        this._setWsState("stopped", { reason: probe.error.message });
+        return;
+      }
+      if (probe.state === "up" && this._fallback) {
+        this._wsBlocked++;
+        if (this._wsBlocked >= this.wsFailuresBeforeFallback) {
+          this._fallBackToSse(reason);
+          return;
+        }
+      }
+    }
+    const delayMs = backoffDelay(this._wsAttempt++, this.backoff);
+    this._emit("status", { transport: "ws", state: "waiting", attempt: this._wsAttempt, delayMs });
+    this._wsTimer = setTimeout(() => {
+      this._wsState = "idle";
+      if (this._subs.size || this._stats.connects) this._ensureWs();
+    }, delayMs);
+  }
+
+  _fallBackToSse(reason) {
+    this.transport = "sse";
+    this._wsState = "stopped";
+    this._stats.fallbacks++;
+    this._emit("fallback", { reason });
+    this._emit("status", { transport: "sse", state: this._sseState() });
+    for (const sub of this._subs.values()) {
+      if (!sub.ended && sub.cursor !== null) this._openEs(sub);
+    }
+  }
+
+  /** A short-lived WebSocket for one operation (stop while following over SSE). */
+  _oneShotWs(op) {
+    return new Promise((resolve, reject) => {
+      if (!this._WebSocket) {
+        reject(new TailcastError("ws_unavailable", "stop needs a WebSocket, and none is available"));
+        return;
+      }
+      let ws;
+      try {
+        ws = new this._WebSocket(this._withToken(this.wsUrl));
+      } catch (e) {
+        reject(new TailcastError("ws_unavailable", `cannot open a WebSocket: ${e.message}`));
+        return;
+      }
+      const timer = setTimeout(() => finish(new TailcastError("timeout", "no answer over the WebSocket")), this.wsOpenTimeoutMs);
+      const finish = (err, value) => {
+        clearTimeout(timer);
+        ws.onclose = ws.onmessage = null;
+        try {
+          ws.close();
+        } catch {
+          // Already closing.
+        }
+        if (err) reject(err);
+        else resolve(value);
+      };
+      ws.onopen = () => ws.send(JSON.stringify({ ...op, ref: "once" }));
+      ws.onmessage = (m) => {
+        let msg;
+        try {
+          msg = JSON.parse(m.data);
+        } catch {
+          return;
+        }
+        if (msg.ref !== "once") return;
+        if (msg.op === "error") finish(new TailcastError(msg.code, msg.message, undefined, msg));
+        else finish(null, msg);
+      };
+      ws.onclose = () =>
+        finish(new TailcastError("ws_unavailable", "the WebSocket closed before answering (is it blocked?)"));
+    });
+  }
+
+  _withToken(url) {
+    if (!this.token) return url;
+    return url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(this.token);
+  }
+
+  // ---- internals: SSE -------------------------------------------------------------------
+
+  _sseState() {
+    const subs = [...this._subs.values()];
+    if (!subs.length) return "idle";
+    return subs.every((s) => s.es?.readyState === 1) ? "open" : "connecting";
+  }
+
+  _openEs(sub) {
+    if (sub.ended || this._closed) return;
+    if (!this._EventSource) {
+      this._fail(sub, new TailcastError("sse_unavailable", "no EventSource in this runtime"));
+      return;
+    }
+    const params = { after: sub.cursor, token: this.token ?? undefined };
+    if (sub.opts.types?.length) params.types = sub.opts.types.join(",");
+    const es = new this._EventSource(`${this.url}/v1/streams/${enc(sub.stream)}/sse${query(params)}`);
+    sub.es = es;
+    es.onopen = () => {
+      sub.attempt = 0;
+      this._emit("status", { transport: "sse", state: this._sseState(), stream: sub.stream });
+    };
+    es.onmessage = (m) => {
+      let ev;
+      try {
+        ev = JSON.parse(m.data);
+      } catch {
+        return;
+      }
+      this._deliver(sub, ev);
+    };
+    es.addEventListener("notice", (m) => {
+      try {
+        this._notice(sub, JSON.parse(m.data));
+      } catch {
+        // A notice we cannot read changes nothing.
+      }
+    });
+    // EventSource would reconnect on its own at a fixed interval and give up for good on any
+    // non-200 answer; we close it and reconnect from our cursor with backoff instead.
+    es.onerror = () => {
+      if (sub.es !== es) return;
+      this._closeEs(sub);
+      this._sseFailed(sub);
+    };
+  }
+
+  _closeEs(sub) {
+    if (!sub.es) return;
+    sub.es.onopen = sub.es.onmessage = sub.es.onerror = null;
+    sub.es.close();
+    sub.es = null;
+  }
+
+  async _sseFailed(sub) {
+    if (sub.ended) return;
+    this._emit("status", { transport: "sse", state: "connecting", stream: sub.stream });
+    const probe = await this._probe(sub.stream);
+    if (sub.ended) return;
+    if (probe.state === "refused") {
+      this._fail(sub, probe.error);
+      return;
+    }
+    if (probe.state === "up" && probe.info?.closed && probe.info.head <= sub.cursor) {
+      // The server answers 204 to a cursor at a closed stream's head: it is finished.
+      this._unsubscribe(sub, "closed");
+      return;
+    }
+    const delayMs = backoffDelay(sub.attempt++, this.backoff);
+    this._stats.reconnects++;
+    this._emit("status", { transport: "sse", state: "waiting", stream: sub.stream, attempt: sub.attempt, delayMs });
+    sub.timer = setTimeout(() => this._openEs(sub), delayMs);
+  }
+}
+
+function enc(s) {
+  return encodeURIComponent(s);
+}
+
+function query(params) {
+  const parts = [];
+  for (const [k, v] of Object.entries(params)) {
+    if (v === undefined || v === null || v === "") continue;
+    parts.push(`${k}=${encodeURIComponent(v)}`);
+  }
+  return parts.length ? "?" + parts.join("&") : "";
+}

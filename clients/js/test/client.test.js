@@ -1,0 +1,254 @@
+// The JavaScript client, run where it is meant to run: inside Chromium, against real tailcast
+// processes that the tests kill and restart.
+
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import http from "node:http";
+import { Server, freePort, launchBrowser, waitFor } from "./helpers.js";
+
+let browser;
+before(async () => {
+  browser = await launchBrowser();
+});
+after(async () => {
+  await browser?.close();
+});
+
+/** A page on the server's origin with the client module loaded as `window.tc`. */
+async function clientPage(origin) {
+  const page = await browser.context.newPage();
+  page.on("pageerror", (e) => console.error("page error:", e));
+  await page.goto(`${origin}/healthz`);
+  await page.evaluate(async () => {
+    window.tc = await import("/console/tailcast.js");
+  });
+  return page;
+}
+
+const range = (from, to) => Array.from({ length: to - from + 1 }, (_, i) => from + i);
+
+/** Appends events n = from..to one request at a time (each with id e<n>); returns the last acknowledged n. */
+async function produce(server, stream, from, to, progress) {
+  for (let n = from; n <= to; n++) {
+    await server.append(stream, { type: "token", data: { n }, id: `e${n}` });
+    progress.acked = n;
+  }
+}
+
+/** Checks every reconnect delay against the backoff rule: within [cap/2, cap] of its attempt. */
+function assertBackoff(statuses, { initialMs, maxMs }) {
+  const waits = statuses.filter((s) => s.state === "waiting" && typeof s.delayMs === "number");
+  assert.ok(waits.length >= 3, `expected at least 3 reconnect delays, got ${JSON.stringify(waits)}`);
+  for (const w of waits) {
+    const cap = Math.min(maxMs, initialMs * 2 ** (w.attempt - 1));
+    assert.ok(w.delayMs >= cap / 2 - 1 && w.delayMs <= cap + 1, `delay ${w.delayMs} for attempt ${w.attempt} outside [${cap / 2}, ${cap}]`);
+  }
+  assert.ok(waits.some((w) => w.attempt >= 3), "the delays never grew past the second attempt");
+}
+
+describe("reconnect across a server restart", () => {
+  for (const [transport, signal] of [
+    ["ws", "SIGKILL"],
+    ["sse", "SIGTERM"],
+  ]) {
+    test(`${transport}: every event exactly once, in order, after ${signal}`, async () => {
+      const server = await Server.spawn();
+      const page = await clientPage(server.url);
+      const stream = `restart:${transport}`;
+      const backoff = { initialMs: 100, maxMs: 1600 };
+      await page.evaluate(
+        ({ stream, transport, backoff }) => {
+          window.seen = [];
+          window.statuses = [];
+          const c = new window.tc.TailcastClient({ transport: transport === "ws" ? "auto" : "sse", backoff });
+          c.on("status", (s) => window.statuses.push(s));
+          c.subscribe(stream, { after: 0 }, (ev) => window.seen.push(ev.seq));
+          window.client = c;
+        },
+        { stream, transport, backoff },
+      );
+      const progress = { acked: 0 };
+      const N1 = 400;
+      const N = 700;
+      // Its failure at the kill is expected; the handler is attached now so it is never unhandled.
+      const producer = produce(server, stream, 1, N1, progress).catch((e) => e);
+      await waitFor(() => page.evaluate(() => window.seen.length >= 30), "the first 30 events");
+      assert.equal(await page.evaluate(() => window.client.stats().transport), transport);
+
+      await server.kill(signal);
+      // The append in flight at the kill has an unknown outcome; it is retried below by id.
+      await producer;
+      assert.ok(progress.acked < N1, "the server was killed mid-stream");
+      await waitFor(
+        () => page.evaluate(() => window.statuses.filter((s) => s.state === "waiting" && s.delayMs && s.attempt >= 3).length),
+        "three failed reconnect attempts while the server is down",
+      );
+      await server.start();
+      await produce(server, stream, progress.acked + 1, N, progress);
+
+      const stored = await server.readAll(stream);
+      assert.deepEqual(stored.map((e) => e.data.n), range(1, N), "the log holds each n once, at seq n");
+      await waitFor(() => page.evaluate((N) => window.seen.length >= N, N), `all ${N} events`);
+      const seen = await page.evaluate(() => window.seen);
+      assert.deepEqual(seen, range(1, N));
+      const stats = await page.evaluate(() => window.client.stats());
+      assert.equal(stats.transport, transport, "no fallback: HTTP was down too, the WebSocket was not blocked");
+      assert.ok(stats.reconnects >= 1, `reconnects: ${stats.reconnects}`);
+      assertBackoff(await page.evaluate(() => window.statuses), backoff);
+      await page.evaluate(() => window.client.close());
+      await page.close();
+      await server.stop();
+    });
+  }
+});
+
+describe("WebSocket blocked: fallback to SSE", () => {
+  test("a proxy that refuses the upgrade", async () => {
+    const server = await Server.spawn();
+    let refused = 0;
+    // Forwards plain HTTP (SSE included, chunk by chunk) and refuses every WebSocket upgrade,
+    // like a corporate proxy that does not know WebSockets.
+    const proxy = http.createServer((req, res) => {
+      const up = http.request(
+        { host: "127.0.0.1", port: server.port, path: req.url, method: req.method, headers: req.headers },
+        (r) => {
+          res.writeHead(r.statusCode, r.headers);
+          r.pipe(res);
+        },
+      );
+      up.on("error", () => res.destroy());
+      res.on("close", () => up.destroy());
+      req.pipe(up);
+    });
+    proxy.on("upgrade", (_req, socket) => {
+      refused++;
+      socket.end("HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    });
+    const port = await freePort();
+    await new Promise((r) => proxy.listen(port, "127.0.0.1", r));
+    const page = await clientPage(`http://127.0.0.1:${port}`);
+    await page.evaluate(() => {
+      window.seen = { a: [], b: [] };
+      window.fallbacks = [];
+      const c = new window.tc.TailcastClient({ backoff: { initialMs: 50, maxMs: 400 } });
+      c.on("fallback", (f) => window.fallbacks.push(f));
+      c.subscribe("blocked:a", { after: 0 }, (ev) => window.seen.a.push(ev.seq));
+      c.subscribe("blocked:b", { after: 0 }, (ev) => window.seen.b.push(ev.data));
+      window.client = c;
+    });
+    await server.append("blocked:a", range(1, 20).map((n) => ({ type: "t", data: n })));
+    await waitFor(() => page.evaluate(() => window.seen.a.length === 20), "20 events over SSE");
+    const stats = await page.evaluate(() => window.client.stats());
+    assert.equal(stats.transport, "sse");
+    assert.equal(stats.fallbacks, 1);
+    assert.ok(refused >= 2, `the client tried the WebSocket (${refused} upgrades refused) before falling back`);
+    assert.match((await page.evaluate(() => window.fallbacks))[0].reason, /WebSocket/);
+
+    // Publishing works without the WebSocket (REST), and arrives on the SSE subscription.
+    const ack = await page.evaluate(() => window.client.publish("blocked:b", [{ type: "t", data: "x" }, { type: "t", data: "y" }]));
+    assert.equal(ack.first_seq, 1);
+    assert.equal(ack.last_seq, 2);
+    await waitFor(() => page.evaluate(() => window.seen.b.length === 2), "published events back over SSE");
+    assert.deepEqual(await page.evaluate(() => window.seen.b), ["x", "y"]);
+    await server.append("blocked:a", range(21, 30).map((n) => ({ type: "t", data: n })));
+    await waitFor(() => page.evaluate(() => window.seen.a.length === 30), "later events");
+    assert.deepEqual(await page.evaluate(() => window.seen.a), range(1, 30));
+    await page.evaluate(() => window.client.close());
+    await page.close();
+    proxy.close();
+    proxy.closeAllConnections();
+    await server.stop();
+  });
+
+  test("a WebSocket URL nobody answers", async () => {
+    const server = await Server.spawn();
+    const closed = await freePort();
+    const page = await clientPage(server.url);
+    await page.evaluate((closed) => {
+      window.seen = [];
+      const c = new window.tc.TailcastClient({
+        wsUrl: `ws://127.0.0.1:${closed}/v1/ws`,
+        backoff: { initialMs: 50, maxMs: 400 },
+      });
+      c.subscribe("closedport", { after: 0 }, (ev) => window.seen.push(ev.seq));
+      window.client = c;
+    }, closed);
+    await server.append("closedport", range(1, 10).map((n) => ({ type: "t", data: n })));
+    await waitFor(() => page.evaluate(() => window.seen.length === 10), "10 events over SSE");
+    assert.deepEqual(await page.evaluate(() => window.seen), range(1, 10));
+    assert.equal(await page.evaluate(() => window.client.stats().transport), "sse");
+    await page.evaluate(() => window.client.close());
+    await page.close();
+    await server.stop();
+  });
+});
+
+describe("cursor tracking", () => {
+  test("40 streams on one client, through a restart, each from its own start", async () => {
+    const server = await Server.spawn();
+    const page = await clientPage(server.url);
+    const streams = range(0, 39).map((i) => `many:${i}`);
+    // Streams i%4: 0 from the beginning; 1 after 3 of 5 existing; 2 from now (2 existing);
+    // 3 only type "a".
+    for (const [i, s] of streams.entries()) {
+      if (i % 4 === 1) await server.append(s, range(1, 5).map((n) => ({ type: "a", data: n })));
+      if (i % 4 === 2) await server.append(s, range(1, 2).map((n) => ({ type: "a", data: n })));
+    }
+    await page.evaluate((streams) => {
+      window.got = {};
+      const c = new window.tc.TailcastClient({ backoff: { initialMs: 50, maxMs: 800 } });
+      streams.forEach((s, i) => {
+        window.got[s] = [];
+        const opts = [{ after: 0 }, { after: 3 }, { from: "now" }, { after: 0, types: ["a"] }][i % 4];
+        c.subscribe(s, opts, (ev) => window.got[s].push(ev.seq));
+      });
+      window.client = c;
+    }, streams);
+    // from=now is resolved to the head before subscribing: wait until it is, or the first
+    // appends below could land before the start.
+    await waitFor(
+      () => page.evaluate(() => Object.values(window.client.cursors()).every((c) => c !== null)),
+      "every cursor resolved",
+    );
+    let rnd = 7;
+    const next = () => (rnd = (rnd * 1103515245 + 12345) % 2 ** 31);
+    const round = async () => {
+      for (let k = 0; k < 120; k++) {
+        const s = streams[next() % streams.length];
+        const n = 1 + (next() % 4);
+        await server.append(s, range(1, n).map(() => ({ type: next() % 2 ? "a" : "b", data: k })));
+      }
+    };
+    await round();
+    await server.kill("SIGTERM");
+    await server.start();
+    await round();
+
+    const expected = {};
+    for (const [i, s] of streams.entries()) {
+      const all = await server.readAll(s);
+      let want = all.map((e) => e.seq);
+      if (i % 4 === 1) want = want.filter((q) => q > 3);
+      if (i % 4 === 2) want = want.filter((q) => q > 2);
+      if (i % 4 === 3) want = all.filter((e) => e.type === "a").map((e) => e.seq);
+      expected[s] = want;
+    }
+    await waitFor(
+      () => page.evaluate((expected) => Object.entries(expected).every(([s, w]) => window.got[s].length >= w.length), expected),
+      "every stream caught up",
+    );
+    const got = await page.evaluate(() => window.got);
+    const cursors = await page.evaluate(() => window.client.cursors());
+    for (const [i, s] of streams.entries()) {
+      assert.deepEqual(got[s], expected[s], `events of ${s}`);
+      const fallbackCursor = i % 4 === 1 ? 3 : i % 4 === 2 ? 2 : 0;
+      assert.equal(cursors[s], expected[s].at(-1) ?? fallbackCursor, `cursor of ${s}`);
+    }
+    const stats = await page.evaluate(() => window.client.stats());
+    assert.equal(stats.transport, "ws");
+    assert.ok(stats.reconnects >= 1);
+    await page.evaluate(() => window.client.close());
+    await page.close();
+    await server.stop();
+  });
+});

@@ -1,0 +1,392 @@
+// The tailcast console: lists streams, follows one live through the JavaScript client,
+// replays from any seq, answers input requests and sends stop. Public API only.
+
+import { TailcastClient } from "/console/tailcast.js";
+import { StreamView } from "/console/render.js";
+import { buildForm } from "/console/schema-form.js";
+
+const $ = (id) => document.getElementById(id);
+const TOKEN_KEY = "tailcast.console.token";
+
+const state = {
+  client: null,
+  stream: null,
+  sub: null,
+  nextAfterName: null,
+  inputs: new Map(), // request_id -> card element
+};
+
+const view = new StreamView({
+  text: $("output-text"),
+  progress: $("progress"),
+  events: $("events"),
+  count: $("events-count"),
+});
+
+// ---- messages ----------------------------------------------------------------------------
+
+function showBanner(text, kind = "error") {
+  const b = $("banner");
+  b.textContent = text;
+  b.className = `banner ${kind}`;
+  b.hidden = false;
+}
+
+function clearBanner() {
+  $("banner").hidden = true;
+}
+
+/** Turns an API error into words a person can act on. */
+function explain(err, what) {
+  if (err?.status === 401 || err?.code === "unauthorized") {
+    return `Unauthorized (401) while ${what}: this server needs a valid token. Enter one at the top right.`;
+  }
+  if (err?.status === 403 || err?.code === "forbidden") {
+    return `Forbidden (403) while ${what}: the token has no grant for this. ${err.message ?? ""}`;
+  }
+  if (err?.code === "network") return `Cannot reach the server while ${what}: ${err.message}`;
+  return `${what}: ${err?.code ? err.code + ": " : ""}${err?.message ?? err}`;
+}
+
+function report(err, what) {
+  showBanner(explain(err, what));
+}
+
+// ---- token -------------------------------------------------------------------------------
+
+function storedToken() {
+  try {
+    return sessionStorage.getItem(TOKEN_KEY) || "";
+  } catch {
+    return "";
+  }
+}
+
+function storeToken(token) {
+  try {
+    if (token) sessionStorage.setItem(TOKEN_KEY, token);
+    else sessionStorage.removeItem(TOKEN_KEY);
+  } catch {
+    // Private mode without storage: the token lasts as long as the page.
+  }
+}
+
+function showTokenState() {
+  $("token-state").textContent = state.client.token ? "token set" : "no token";
+}
+
+function useToken(token) {
+  storeToken(token);
+  state.client.setToken(token);
+  showTokenState();
+  clearBanner();
+  refreshStreams();
+  refreshServerStats();
+  if (state.stream) watch(state.stream, { after: state.sub?.cursor ?? 0, keep: true });
+}
+
+// ---- stream list -------------------------------------------------------------------------
+
+function streamItem(s) {
+  const li = document.createElement("li");
+  li.dataset.stream = s.name;
+  if (s.name === state.stream) li.classList.add("selected");
+  const a = document.createElement("a");
+  a.href = `#${encodeURIComponent(s.name)}`;
+  const name = document.createElement("span");
+  name.className = "name";
+  name.textContent = s.name;
+  const meta = document.createElement("span");
+  meta.className = "meta";
+  meta.textContent = `${s.head}`;
+  meta.title = `head seq ${s.head}, updated ${s.updated_at}`;
+  a.append(name, meta);
+  if (s.closed) {
+    const c = document.createElement("span");
+    c.className = "pill closed";
+    c.textContent = "closed";
+    a.append(c);
+  }
+  li.append(a);
+  return li;
+}
+
+async function refreshStreams({ append = false } = {}) {
+  const prefix = $("filter").value.trim();
+  try {
+    const page = await state.client.listStreams({
+      prefix: prefix || undefined,
+      limit: 100,
+      afterName: append ? state.nextAfterName : undefined,
+    });
+    const hideClosed = $("hide-closed").checked;
+    const items = page.streams.filter((s) => !(hideClosed && s.closed)).map(streamItem);
+    if (append) $("streams").append(...items);
+    else $("streams").replaceChildren(...items);
+    if (!append && items.length === 0) {
+      const li = document.createElement("li");
+      li.className = "muted none";
+      li.textContent = prefix ? `No stream starts with “${prefix}”.` : "No streams yet.";
+      $("streams").append(li);
+    }
+    state.nextAfterName = page.next_after_name ?? null;
+    $("more").hidden = !state.nextAfterName;
+  } catch (err) {
+    report(err, "listing streams");
+  }
+}
+
+// ---- watching one stream -----------------------------------------------------------------
+
+function setStreamStatus(text, cls) {
+  const s = $("stream-status");
+  s.textContent = text;
+  s.className = `pill ${cls ?? ""}`;
+}
+
+/**
+ * Follows `stream` from `after` (or from now), replacing whatever was shown. `keep` keeps
+ * the rendered events (a reconnect with a new token continues where it was).
+ */
+function watch(stream, { after = 0, from, keep = false } = {}) {
+  state.sub?.unsubscribe();
+  state.sub = null;
+  if (state.stream !== stream || !keep) {
+    view.reset();
+    clearInputs();
+  }
+  state.stream = stream;
+  $("empty").hidden = true;
+  $("stream-view").hidden = false;
+  $("stream-name").textContent = stream;
+  document.title = `${stream} · tailcast`;
+  for (const li of $("streams").children) li.classList.toggle("selected", li.dataset.stream === stream);
+  setStreamStatus(from === "now" ? "live from now" : after > 0 ? `replay from ${after + 1}` : "live", "live");
+  const opts = from ? { from } : { after };
+  opts.onNotice = (n) => {
+    const row = { stream, seq: "·", type: `notice.${n.notice}`, data: n, time: new Date().toISOString() };
+    view.addRow(row);
+    if (n.notice === "deleted") setStreamStatus("deleted", "closed");
+  };
+  opts.onEnd = (reason) => {
+    if (reason === "closed") setStreamStatus("closed", "closed");
+    if (reason === "deleted") setStreamStatus("deleted", "closed");
+  };
+  opts.onError = (err) => {
+    setStreamStatus("error", "closed");
+    report(err, `following ${stream}`);
+  };
+  try {
+    state.sub = state.client.subscribe(stream, opts, (ev) => onEvent(stream, ev));
+  } catch (err) {
+    report(err, `following ${stream}`);
+    return;
+  }
+  loadInputs(stream);
+  showCursor();
+}
+
+function onEvent(stream, ev) {
+  if (stream !== state.stream) return;
+  view.add(ev);
+  if (ev.type === "input.requested") addInput(stream, { ...ev.data, seq: ev.seq });
+  if (ev.type === "input.answered" || ev.type === "input.expired") removeInput(ev.data?.request_id, ev.type);
+  showCursor();
+}
+
+function showCursor() {
+  const sub = state.sub;
+  $("stream-cursor").textContent = sub?.cursor ?? "–";
+  const head = Number($("stream-head").textContent) || 0;
+  if (sub?.cursor > head) $("stream-head").textContent = sub.cursor;
+}
+
+async function refreshHead() {
+  if (!state.stream) return;
+  try {
+    const info = await state.client.getStream(state.stream);
+    $("stream-head").textContent = info.head;
+  } catch (err) {
+    if (err.code === "stream_not_found") $("stream-head").textContent = "0";
+  }
+}
+
+// ---- input requests ----------------------------------------------------------------------
+
+function clearInputs() {
+  state.inputs.clear();
+  $("input-cards").replaceChildren();
+  $("inputs").hidden = true;
+}
+
+async function loadInputs(stream) {
+  try {
+    const res = await state.client.openInputs(stream);
+    if (stream !== state.stream) return;
+    for (const req of res.inputs ?? []) addInput(stream, req);
+  } catch (err) {
+    // Requests also arrive as input.requested events; a listing we may not read is no reason
+    // to interrupt the person, unless it is about the token.
+    if (err.status === 401) report(err, "listing input requests");
+  }
+}
+
+function addInput(stream, req) {
+  if (!req?.request_id || state.inputs.has(req.request_id)) return;
+  if (req.status && req.status !== "open") return;
+  const card = document.createElement("article");
+  card.className = "input-card";
+  card.dataset.requestId = req.request_id;
+  const head = document.createElement("header");
+  const prompt = document.createElement("strong");
+  prompt.textContent = typeof req.prompt === "string" ? req.prompt : JSON.stringify(req.prompt ?? "Input requested");
+  const meta = document.createElement("span");
+  meta.className = "muted";
+  meta.textContent = `${req.request_id}${req.expires_at ? " · expires " + new Date(req.expires_at).toLocaleTimeString() : ""}`;
+  head.append(prompt, meta);
+  const form = buildForm(req.schema, async (value) => {
+    await state.client.answer(stream, req.request_id, value);
+    card.classList.add("sent");
+  });
+  card.append(head, form);
+  state.inputs.set(req.request_id, card);
+  $("input-cards").append(card);
+  $("inputs").hidden = false;
+}
+
+function removeInput(requestId, why) {
+  const card = state.inputs.get(requestId);
+  if (!card) return;
+  state.inputs.delete(requestId);
+  card.remove();
+  if (state.inputs.size === 0) $("inputs").hidden = true;
+  if (why === "input.expired") showBanner(`Input request ${requestId} expired.`, "info");
+}
+
+// ---- connection and server stats ---------------------------------------------------------
+
+function showConnection() {
+  const s = state.client.stats();
+  $("conn-transport").textContent = s.transport === "ws" ? "WebSocket" : "SSE";
+  $("conn-state").textContent = s.state;
+  $("conn-reconnects").textContent = s.reconnects;
+  $("conn-events").textContent = s.eventsReceived;
+  $("conn-dot").className = `dot ${s.state}`;
+  $("conn").title = `connection ${s.connectionId ?? "–"}; fallbacks to SSE: ${s.fallbacks}; last error: ${s.lastError ?? "none"}`;
+}
+
+async function refreshServerStats() {
+  const dl = $("server-stats");
+  const row = (k, v) => {
+    const dt = document.createElement("dt");
+    dt.textContent = k;
+    const dd = document.createElement("dd");
+    dd.textContent = v;
+    return [dt, dd];
+  };
+  try {
+    const s = await state.client.serverStats();
+    dl.replaceChildren(
+      ...row("node", s.node_id),
+      ...row("uptime", `${s.uptime_s} s`),
+      ...row("SSE conns", s.connections?.sse ?? 0),
+      ...row("WS conns", s.connections?.ws ?? 0),
+      ...row("subscriptions", s.subscriptions),
+      ...row("live streams", s.live_streams),
+    );
+  } catch (err) {
+    const text = err.status === 401 || err.status === 403 ? "needs an admin token" : err.message;
+    dl.replaceChildren(...row("stats", text));
+  }
+}
+
+// ---- wiring ------------------------------------------------------------------------------
+
+function streamFromHash() {
+  const h = location.hash.slice(1);
+  if (!h) return null;
+  try {
+    return decodeURIComponent(h);
+  } catch {
+    return null;
+  }
+}
+
+function start() {
+  const token = storedToken();
+  state.client = new TailcastClient({ url: location.origin, token });
+  $("token").value = token;
+  showTokenState();
+  state.client.on("status", showConnection);
+  state.client.on("fallback", (f) => {
+    showBanner(`WebSocket unavailable (${f.reason}); following over Server-Sent Events.`, "info");
+  });
+  state.client.on("error", (err) => {
+    if (err.status === 401 || err.code === "unauthorized") report(err, "connecting");
+  });
+
+  $("token-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    useToken($("token").value.trim());
+  });
+  $("token-clear").addEventListener("click", () => {
+    $("token").value = "";
+    useToken("");
+  });
+
+  let filterTimer;
+  $("filter").addEventListener("input", () => {
+    clearTimeout(filterTimer);
+    filterTimer = setTimeout(() => refreshStreams(), 200);
+  });
+  $("hide-closed").addEventListener("change", () => refreshStreams());
+  $("refresh").addEventListener("click", () => refreshStreams());
+  $("more").addEventListener("click", () => refreshStreams({ append: true }));
+
+  $("replay-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const from = Number($("replay-seq").value);
+    if (!Number.isInteger(from) || from < 1) {
+      showBanner("Replay needs a seq of 1 or more.");
+      return;
+    }
+    clearBanner();
+    watch(state.stream, { after: from - 1 });
+  });
+  $("tail-btn").addEventListener("click", () => watch(state.stream, { from: "now" }));
+
+  $("stop-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const btn = $("stop-btn");
+    btn.disabled = true;
+    try {
+      const ack = await state.client.stop(state.stream, $("stop-reason").value.trim() || undefined);
+      showBanner(`Stop sent to ${state.stream}${ack?.first_seq ? ` (seq ${ack.first_seq})` : ""}.`, "info");
+    } catch (err) {
+      report(err, `sending stop to ${state.stream}`);
+    } finally {
+      btn.disabled = false;
+    }
+  });
+
+  window.addEventListener("hashchange", () => {
+    const s = streamFromHash();
+    if (s && s !== state.stream) watch(s);
+  });
+
+  refreshStreams();
+  refreshServerStats();
+  const s = streamFromHash();
+  if (s) watch(s);
+  showConnection();
+  setInterval(showConnection, 1000);
+  setInterval(refreshServerStats, 5000);
+  setInterval(() => {
+    refreshHead();
+    if (!document.hidden) refreshStreams();
+  }, 5000);
+  refreshHead();
+  document.body.dataset.ready = "1";
+}
+
+start();
