@@ -4,4 +4,5 @@ mod cluster;
 mod helpers;
 mod log;
 mod nodes;
+mod outage;
 mod sse;
