@@ -5,4 +5,5 @@ mod helpers;
 mod log;
 mod nodes;
 mod outage;
+mod retention;
 mod sse;
