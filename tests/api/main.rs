@@ -4,6 +4,7 @@ mod cluster;
 mod helpers;
 mod log;
 mod nodes;
+mod ops;
 mod outage;
 mod retention;
 mod sse;
