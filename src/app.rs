@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::postgres::PgPoolOptions;
@@ -203,6 +203,7 @@ impl App {
         } = self;
         let token = state.shutdown.clone();
         let deadline = state.config.shutdown_timeout();
+        let flush_grace = state.config.db_acquire_timeout() + Duration::from_secs(1);
         let listener = TimeoutListener::new(listener, state.config.write_timeout());
         let router = api::router(state.clone());
         drop(state);
@@ -219,20 +220,31 @@ impl App {
             router.into_make_service_with_connect_info::<crate::net::PeerAddr>(),
         )
         .with_graceful_shutdown(signal);
-        let server = tokio::spawn(async move { server.await });
+        let mut server = tokio::spawn(async move { server.await });
         token.cancelled().await;
-        if tokio::time::timeout(deadline, server).await.is_err() {
+        let end = tokio::time::Instant::now() + deadline;
+        if tokio::time::timeout_at(end, &mut server).await.is_err() {
+            // Dropping what is left releases the router's appender handles, so the flush
+            // below can finish; those clients resume by cursor or retry by event id.
             tracing::warn!(?deadline, "connections still open at the shutdown deadline");
+            server.abort();
         }
         // Every handle to the appender is gone once the router is: the task drains what is
-        // queued, commits it, and ends.
-        if tokio::time::timeout(deadline, appender_task).await.is_err() {
+        // queued, commits it, and ends. That final commit may wait for a connection.
+        let flush_end = end.max(tokio::time::Instant::now() + flush_grace);
+        if tokio::time::timeout_at(flush_end, appender_task)
+            .await
+            .is_err()
+        {
             tracing::warn!("appender did not finish before the deadline");
         }
         // They watch the token, so they are already winding down.
         let rest = futures::future::join_all(background);
-        if tokio::time::timeout(deadline, rest).await.is_err() {
-            tracing::warn!("background tasks did not finish before the deadline");
+        if tokio::time::timeout(Duration::from_secs(1), rest)
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks did not finish in time");
         }
         Ok(())
     }

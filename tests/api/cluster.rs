@@ -85,7 +85,7 @@ async fn events_appended_on_one_node_reach_subscribers_on_the_others(pool: PgPoo
     let b = spawn_node(&pool, "b").await;
     let c = spawn_node(&pool, "c").await;
     // Subscribers only where nothing is appended: only NOTIFY can wake them.
-    let mut subs = vec![
+    let mut subs = [
         b.sse_events("s1", "", None).await,
         b.sse_events("s2", "", None).await,
         c.sse_events("s1", "", None).await,
@@ -139,7 +139,7 @@ async fn killing_a_nodes_listen_connection_mid_stream_loses_nothing(pool: PgPool
     // only the re-check after reconnecting can then deliver them.
     let b = spawn_node_with(&pool, "b", |c| c.reconnect_delay_ms = 1500).await;
     wait_until("B listening", || listening(&b)).await;
-    let mut subs = vec![
+    let mut subs = [
         b.sse_events("s", "", None).await,
         b.sse_events("s", "", None).await,
     ];

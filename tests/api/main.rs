@@ -7,4 +7,5 @@ mod nodes;
 mod ops;
 mod outage;
 mod retention;
+mod shutdown;
 mod sse;
