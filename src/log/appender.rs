@@ -140,7 +140,7 @@ async fn commit_jobs(
 ) {
     let started = Instant::now();
     let specs: Vec<&AppendSpec> = jobs.iter().map(|j| &j.spec).collect();
-    let result = commit_with_retry(pool, node, &specs).await;
+    let result = commit_with_retry(pool, node, &specs, health).await;
     match &result {
         Ok(_) => health.mark_up(),
         Err(e) if is_unavailable(e) => health.mark_down(),
@@ -157,7 +157,7 @@ async fn commit_jobs(
             tracing::warn!(error = %e, jobs = jobs.len(), "batch failed; retrying appends one by one");
             for job in jobs {
                 let started = Instant::now();
-                match commit_with_retry(pool, node, &[&job.spec]).await {
+                match commit_with_retry(pool, node, &[&job.spec], health).await {
                     Ok(plan) => deliver(sink, vec![job], plan, started),
                     Err(e) => {
                         let _ = job.reply.send(Err(e.into()));
@@ -194,10 +194,11 @@ async fn commit_with_retry(
     pool: &PgPool,
     node: &str,
     specs: &[&AppendSpec],
+    health: &DbHealth,
 ) -> Result<Plan, sqlx::Error> {
     let mut attempt = 0;
     loop {
-        match commit(pool, node, specs).await {
+        match commit(pool, node, specs, health).await {
             // 40P01 deadlock (streams created by two nodes at once), 40001 serialization.
             Err(sqlx::Error::Database(db))
                 if attempt < 5 && matches!(db.code().as_deref(), Some("40P01" | "40001")) =>
@@ -219,7 +220,39 @@ struct StreamState {
     new_ids: HashMap<String, i64>,
 }
 
-async fn commit(pool: &PgPool, node: &str, specs: &[&AppendSpec]) -> Result<Plan, sqlx::Error> {
+/// The connection died during COMMIT, so the transaction may or may not have committed.
+/// Asks the database (on another connection) which, so that callers hear the truth: success
+/// only if it is durable, failure only if nothing was written. Gives up (failing, and
+/// logging the transaction id) only if the database stays unreachable.
+async fn resolve_in_doubt(pool: &PgPool, xid: i64, err: sqlx::Error) -> Result<(), sqlx::Error> {
+    const LIMIT: Duration = Duration::from_secs(15);
+    let deadline = Instant::now() + LIMIT;
+    let mut delay = Duration::from_millis(20);
+    loop {
+        match store::transaction_status(pool, xid).await {
+            Ok(Some(s)) if s == "committed" => {
+                tracing::info!(xid, "commit confirmed after its connection was lost");
+                return Ok(());
+            }
+            Ok(Some(s)) if s == "aborted" => return Err(err),
+            // `in progress`: the dying backend has not rolled back yet.
+            Ok(_) | Err(_) => {}
+        }
+        if Instant::now() >= deadline {
+            tracing::error!(xid, error = %err, "outcome of a commit is unknown; failing its appends");
+            return Err(err);
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
+}
+
+async fn commit(
+    pool: &PgPool,
+    node: &str,
+    specs: &[&AppendSpec],
+    health: &DbHealth,
+) -> Result<Plan, sqlx::Error> {
     let time = wire_time(Utc::now());
     let names: BTreeSet<&str> = specs.iter().map(|s| s.stream.as_str()).collect();
     let names: Vec<&str> = names.into_iter().collect();
@@ -279,8 +312,16 @@ async fn commit(pool: &PgPool, node: &str, specs: &[&AppendSpec]) -> Result<Plan
     for (name, (head, _)) in &heads {
         announced.push((name, *head));
     }
-    store::notify(&mut tx, &store::notify_payloads(node, &announced)).await?;
-    tx.commit().await?;
+    let payloads = store::notify_payloads(node, &announced);
+    let xid = store::notify_returning_xid(&mut tx, &payloads).await?;
+    match (tx.commit().await, xid) {
+        (Ok(()), _) => {}
+        (Err(e), Some(xid)) if is_unavailable(&e) => {
+            health.mark_down();
+            resolve_in_doubt(pool, xid, e).await?;
+        }
+        (Err(e), _) => return Err(e),
+    }
     Ok(Plan {
         outcomes,
         heads,

@@ -120,6 +120,13 @@ async fn produce_with_retries(
             match res {
                 Ok(r) if r.status() == 201 => {
                     let r: Value = r.json().await.unwrap();
+                    // A failed append left nothing behind (a commit cut off mid-way is looked
+                    // up, not guessed), so a retry is never answered as a duplicate.
+                    assert_eq!(
+                        r["events"][0].get("duplicate"),
+                        None,
+                        "{id} failed yet stored"
+                    );
                     let seq = r["first_seq"].as_i64().unwrap();
                     seqs.lock().unwrap().insert(id.clone(), seq);
                     acked.fetch_add(1, Ordering::SeqCst);
@@ -213,4 +220,39 @@ async fn terminating_every_backend_during_appends_and_subscriptions_loses_and_du
     }
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[sqlx::test]
+async fn a_commit_cut_off_mid_way_can_be_looked_up_by_transaction_id(pool: PgPool) {
+    use tailcast::log::store;
+    let payloads = vec!["node\ns 1".to_owned()];
+    let mut tx = pool.begin().await.unwrap();
+    let committed = store::notify_returning_xid(&mut tx, &payloads)
+        .await
+        .unwrap()
+        .unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let aborted = store::notify_returning_xid(&mut tx, &payloads)
+        .await
+        .unwrap()
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let open = store::notify_returning_xid(&mut tx, &payloads)
+        .await
+        .unwrap()
+        .unwrap();
+    let status = |xid| store::transaction_status(&pool, xid);
+    assert_eq!(
+        status(committed).await.unwrap().as_deref(),
+        Some("committed")
+    );
+    assert_eq!(status(aborted).await.unwrap().as_deref(), Some("aborted"));
+    assert_eq!(status(open).await.unwrap().as_deref(), Some("in progress"));
+    assert!(store::notify_returning_xid(&mut tx, &[])
+        .await
+        .unwrap()
+        .is_none());
+    tx.rollback().await.unwrap();
 }
