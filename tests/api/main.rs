@@ -2,6 +2,7 @@
 
 mod helpers;
 mod log;
+mod log_stress;
 mod replay;
 mod sse;
 mod wire;

@@ -99,6 +99,21 @@ impl Http {
         }))
     }
 
+    /// The whole body as text (for short responses).
+    pub async fn text(self) -> String {
+        let mut chunks = self.chunks();
+        let mut out = Vec::new();
+        let read = async {
+            while let Some(c) = chunks.next().await {
+                out.extend_from_slice(&c.expect("body"));
+            }
+        };
+        tokio::time::timeout(WAIT, read)
+            .await
+            .expect("body in time");
+        String::from_utf8(out).expect("UTF-8 body")
+    }
+
     /// Parses the body as SSE with a real parser.
     pub fn sse(self) -> Sse {
         Sse::new(self.chunks())
