@@ -5,4 +5,5 @@ mod log;
 mod log_stress;
 mod replay;
 mod sse;
+mod sse_stress;
 mod wire;

@@ -132,12 +132,22 @@ pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>
 
 /// Opens `GET /v1/streams/{stream}/sse{query}` and expects 200.
 pub async fn open_sse(app: &TestApp, stream: &str, query: &str, last_id: Option<&str>) -> Http {
+    open_sse_at(app.addr, stream, query, last_id).await
+}
+
+/// `open_sse` for tasks that hold only the server's address.
+pub async fn open_sse_at(
+    addr: SocketAddr,
+    stream: &str,
+    query: &str,
+    last_id: Option<&str>,
+) -> Http {
     let path = format!("/v1/streams/{stream}/sse{query}");
     let headers: Vec<(&str, &str)> = last_id
         .map(|id| ("last-event-id", id))
         .into_iter()
         .collect();
-    let res = get(app.addr, &path, &headers, None).await;
+    let res = get(addr, &path, &headers, None).await;
     assert_eq!(res.status, StatusCode::OK, "GET {path}");
     res
 }
