@@ -258,7 +258,7 @@ async fn commit(
     let names: Vec<&str> = names.into_iter().collect();
 
     let mut tx = pool.begin().await?;
-    let rows = store::lock_streams(&mut tx, &names).await?;
+    let rows = store::lock_streams(&mut tx, &names, time).await?;
 
     let mut id_streams = Vec::new();
     let mut id_values = Vec::new();
@@ -345,9 +345,6 @@ fn plan_job<'a>(
         };
         return Ok((result(&spec.stream, vec![ack]), vec![None]));
     }
-    if st.closed {
-        return Err(Error::StreamClosed { head: st.head });
-    }
     // First pass: which events are duplicates (of the log, of this batch, of this request)?
     let mut dup_of: Vec<Option<i64>> = Vec::with_capacity(spec.events.len());
     let mut in_request: HashMap<&str, usize> = HashMap::new();
@@ -369,8 +366,11 @@ fn plan_job<'a>(
         dup_of.push(prior);
     }
     // A retry of an append that already succeeded is all duplicates: answer it as such even
-    // though the head has moved past `expected_seq`.
+    // though the head has moved past `expected_seq`, or the stream was closed since.
     if fresh > 0 {
+        if st.closed {
+            return Err(Error::StreamClosed { head: st.head });
+        }
         if let Some(expected) = spec.expected_seq {
             if expected != st.head {
                 return Err(Error::SeqConflict {

@@ -195,9 +195,12 @@ pub async fn delete_stream(pool: &PgPool, name: &str, node: &str) -> Result<bool
 /// Rows are locked in name order so that two appenders (on any nodes) whose batches share
 /// streams cannot deadlock; the locks are held until the caller's transaction commits, which
 /// is what keeps per-stream commit order equal to seq order.
+/// Rows it creates get `time` (the batch's commit time) as their creation time, so that a
+/// stream's `created_at` never comes after the `time` of its first event.
 pub async fn lock_streams(
     tx: &mut Transaction<'_, Postgres>,
     names: &[&str],
+    time: DateTime<Utc>,
 ) -> Result<HashMap<String, StreamRow>, sqlx::Error> {
     let sql = format!(
         "select {STREAM_COLUMNS} from streams where name = any($1) order by name for update"
@@ -217,10 +220,12 @@ pub async fn lock_streams(
         // A concurrent creator may win the insert; `do nothing` then leaves its row, which the
         // select below locks (waiting for that creator to commit).
         sqlx::query(
-            "insert into streams (name) select n from unnest($1::text[]) as t(n) order by n
+            "insert into streams (name, created_at, updated_at)
+             select n, $2, $2 from unnest($1::text[]) as t(n) order by n
              on conflict (name) do nothing",
         )
         .bind(&missing)
+        .bind(time)
         .execute(&mut **tx)
         .await?;
         let rows = sqlx::query(&sql)

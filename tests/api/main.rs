@@ -3,9 +3,13 @@
 mod cluster;
 mod helpers;
 mod log;
+mod log_stress;
 mod nodes;
 mod ops;
 mod outage;
+mod replay;
 mod retention;
 mod shutdown;
 mod sse;
+mod sse_stress;
+mod wire;
