@@ -262,6 +262,7 @@ fn start_background(state: &AppState) -> Vec<JoinHandle<()>> {
         page: config.read_page.max(1),
         reconnect_delay: config.reconnect_delay(),
         status: state.listener.clone(),
+        health: state.health.clone(),
         shutdown: state.shutdown.clone(),
     });
     let retention = retention::spawn(

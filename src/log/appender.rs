@@ -143,6 +143,9 @@ async fn commit_jobs(
     let result = commit_with_retry(pool, node, &specs, health).await;
     match &result {
         Ok(_) => health.mark_up(),
+        // A pool timeout may only mean every connection is busy: the LISTEN connection's
+        // failures to reconnect are what mark an unreachable database as down then.
+        Err(sqlx::Error::PoolTimedOut) => {}
         Err(e) if is_unavailable(e) => health.mark_down(),
         Err(_) => {}
     }
