@@ -183,6 +183,7 @@ impl App {
             listener,
         };
         let background = start_background(&state);
+        tracing::info!(node_id = %state.node_id, "node started");
         Ok(App {
             state,
             appender_task,
