@@ -207,6 +207,7 @@ impl App {
         let flush_grace = state.config.db_acquire_timeout() + Duration::from_secs(1);
         let listener = TimeoutListener::new(listener, state.config.write_timeout());
         let router = api::router(state.clone());
+        let appender = state.appender.clone();
         drop(state);
         let signal = {
             let token = token.clone();
@@ -230,8 +231,10 @@ impl App {
             tracing::warn!(?deadline, "connections still open at the shutdown deadline");
             server.abort();
         }
-        // Every handle to the appender is gone once the router is: the task drains what is
-        // queued, commits it, and ends. That final commit may wait for a connection.
+        // The task commits what is queued and ends (requests still running past the
+        // deadline get 503 `shutting_down`). That final commit may wait for a connection.
+        appender.close();
+        drop(appender);
         let flush_end = end.max(tokio::time::Instant::now() + flush_grace);
         if tokio::time::timeout_at(flush_end, appender_task)
             .await

@@ -15,6 +15,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use super::health::DbHealth;
 use super::model::{wire_time, NewEvent, StoredEvent, StreamName};
@@ -76,11 +77,13 @@ struct Job {
 pub struct Appender {
     tx: mpsc::Sender<Job>,
     health: Arc<DbHealth>,
+    closing: CancellationToken,
 }
 
 impl Appender {
-    /// Starts the appender task. It ends once every `Appender` handle is dropped and the
-    /// queue is drained, so awaiting the returned handle flushes every accepted append.
+    /// Starts the appender task. It ends once every `Appender` handle is dropped (or
+    /// [`Appender::close`] is called) and the queue is drained, so awaiting the returned
+    /// handle flushes every accepted append.
     pub fn spawn(
         pool: PgPool,
         sink: Arc<dyn CommitSink>,
@@ -89,6 +92,7 @@ impl Appender {
         health: Arc<DbHealth>,
     ) -> (Appender, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(max_batch.max(1) * 4);
+        let closing = CancellationToken::new();
         let task = tokio::spawn(run(
             rx,
             pool,
@@ -96,8 +100,20 @@ impl Appender {
             node_id,
             max_batch.max(1),
             health.clone(),
+            closing.clone(),
         ));
-        (Appender { tx, health }, task)
+        let appender = Appender {
+            tx,
+            health,
+            closing,
+        };
+        (appender, task)
+    }
+
+    /// Refuses new appends (503 `shutting_down`) and lets the task commit what is queued and
+    /// end, even while handles remain (held by connections still open at shutdown).
+    pub fn close(&self) {
+        self.closing.cancel();
     }
 
     pub async fn append(&self, spec: AppendSpec) -> Result<AppendResult, Error> {
@@ -123,9 +139,24 @@ async fn run(
     node_id: Arc<str>,
     max_batch: usize,
     health: Arc<DbHealth>,
+    closing: CancellationToken,
 ) {
     let mut jobs = Vec::with_capacity(max_batch);
-    while rx.recv_many(&mut jobs, max_batch).await > 0 {
+    let mut closed = false;
+    loop {
+        let n = tokio::select! {
+            // `recv_many` is cancel-safe: nothing received is lost when closing wins.
+            n = rx.recv_many(&mut jobs, max_batch) => n,
+            _ = closing.cancelled(), if !closed => {
+                // Senders now fail; what is already queued is still received and committed.
+                rx.close();
+                closed = true;
+                continue;
+            }
+        };
+        if n == 0 {
+            return;
+        }
         let jobs = std::mem::take(&mut jobs);
         commit_jobs(&pool, &*sink, &node_id, &health, jobs).await;
     }

@@ -212,3 +212,34 @@ async fn the_binary_shuts_down_gracefully_on_sigterm_and_never_logs_tokens(pool:
         assert!(!line.contains("supersecret"), "a token was logged: {line}");
     }
 }
+
+#[sqlx::test]
+async fn a_request_that_never_finishes_does_not_hold_shutdown_past_its_deadline(pool: PgPool) {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::spawn_with(pool.clone(), |c| c.shutdown_timeout_s = 1).await;
+    // Headers promise a body that never fully arrives: the handler waits on it.
+    let mut stuck = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    stuck
+        .write_all(
+            b"POST /v1/streams/s/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"data\":",
+        )
+        .await
+        .unwrap();
+    let mut sse = app.sse_events("s", "", None).await;
+    app.append("s", json!({"data":1})).await;
+    sse.envelopes_through(1, 1).await;
+
+    let started = std::time::Instant::now();
+    app.shutdown().await;
+    let took = started.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(900),
+        "{took:?}: it waited for nothing"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "{took:?}: past the deadline"
+    );
+    assert!(sse.next().await.is_none(), "the SSE response ended");
+    drop(stuck);
+}
