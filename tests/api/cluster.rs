@@ -172,8 +172,15 @@ async fn killing_a_nodes_listen_connection_mid_stream_loses_nothing(pool: PgPool
     // Quiet stream, then: kill, append while B is certainly not listening, nothing else
     // follows. Only the re-check can deliver these.
     wait_until("B listening again", || listening(&b)).await;
+    let before = stats(&b).await["listener"]["reconnects"].as_u64().unwrap();
     assert_eq!(terminate_backends(&pool, "tailcast-listen:b").await, 1);
-    wait_until("B notices", || async { !listening(&b).await }).await;
+    // Deaf for the 1.5 s reconnect delay (had we polled too slowly to see it, the appends
+    // below would come after the reconnection: still correct, only a weaker test).
+    wait_until("B notices", || async {
+        let l = &stats(&b).await["listener"];
+        l["connected"] == json!(false) || l["reconnects"].as_u64().unwrap() > before
+    })
+    .await;
     a.append("s", json!([{"data":"x"},{"data":"y"}])).await;
     let tail = [
         subs[0]
