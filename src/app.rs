@@ -226,8 +226,8 @@ impl App {
         token.cancelled().await;
         let end = tokio::time::Instant::now() + deadline;
         if tokio::time::timeout_at(end, &mut server).await.is_err() {
-            // Dropping what is left releases the router's appender handles, so the flush
-            // below can finish; those clients resume by cursor or retry by event id.
+            // Connections still open end with the process; their clients resume by cursor
+            // or retry by event id. They may still hold appender handles, hence `close`.
             tracing::warn!(?deadline, "connections still open at the shutdown deadline");
             server.abort();
         }
