@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -152,6 +152,12 @@ impl App {
 
     /// Starts on an existing pool (tests use a fresh database per test).
     pub async fn with_pool(config: Config, pool: PgPool) -> anyhow::Result<App> {
+        let listen = match &config.listen_database_url {
+            Some(url) => url
+                .parse::<PgConnectOptions>()
+                .map_err(|e| anyhow::anyhow!("invalid --listen-database-url: {e}"))?,
+            None => (*pool.connect_options()).clone(),
+        };
         MIGRATOR.run(&pool).await?;
         let node_id: Arc<str> = config
             .node_id
@@ -182,7 +188,7 @@ impl App {
             health,
             listener,
         };
-        let background = start_background(&state);
+        let background = start_background(&state, listen);
         tracing::info!(node_id = %state.node_id, "node started");
         Ok(App {
             state,
@@ -256,11 +262,11 @@ impl App {
 
 /// The tasks that run beside the server: cross-node LISTEN, retention, database probe. None
 /// holds an `Appender`, so the appender still ends once the server is gone.
-fn start_background(state: &AppState) -> Vec<JoinHandle<()>> {
+fn start_background(state: &AppState, listen: PgConnectOptions) -> Vec<JoinHandle<()>> {
     let config = &state.config;
     let listener = notify::spawn(ListenerConfig {
         pool: state.pool.clone(),
-        listen: (*state.pool.connect_options()).clone(),
+        listen,
         hub: state.hub.clone(),
         node_id: state.node_id.clone(),
         page: config.read_page.max(1),

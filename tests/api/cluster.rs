@@ -213,3 +213,29 @@ async fn killing_a_nodes_listen_connection_mid_stream_loses_nothing(pool: PgPool
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[sqlx::test]
+async fn the_listen_session_may_use_its_own_database_url(pool: PgPool) {
+    let db = pool.connect_options().get_database().unwrap().to_owned();
+    let mut url = reqwest::Url::parse(&std::env::var("DATABASE_URL").unwrap()).unwrap();
+    url.set_path(&format!("/{db}"));
+    let a = spawn_node(&pool, "a").await;
+    let b = spawn_node_with(&pool, "b", |c| {
+        c.listen_database_url = Some(url.to_string())
+    })
+    .await;
+    wait_until("B listening", || listening(&b)).await;
+    let mut sub = b.sse_events("s", "", None).await;
+    a.append("s", json!([{"data":1},{"data":2}])).await;
+    sub.envelopes_through(1, 2).await;
+
+    let mut config = tailcast::Config::for_database("postgres://unused");
+    config.listen_database_url = Some("not a url".into());
+    let err = tailcast::App::with_pool(config, pool.clone())
+        .await
+        .err()
+        .expect("a malformed URL is refused at start-up");
+    assert!(err.to_string().contains("listen-database-url"), "{err}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
