@@ -4,10 +4,10 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -155,6 +155,12 @@ impl App {
 
     /// Starts on an existing pool (tests use a fresh database per test).
     pub async fn with_pool(config: Config, pool: PgPool) -> anyhow::Result<App> {
+        let listen = match &config.listen_database_url {
+            Some(url) => url
+                .parse::<PgConnectOptions>()
+                .map_err(|e| anyhow::anyhow!("invalid --listen-database-url: {e}"))?,
+            None => (*pool.connect_options()).clone(),
+        };
         MIGRATOR.run(&pool).await?;
         let node_id: Arc<str> = config
             .node_id
@@ -187,7 +193,8 @@ impl App {
             listener,
             auth,
         };
-        let background = start_background(&state);
+        let background = start_background(&state, listen);
+        tracing::info!(node_id = %state.node_id, "node started");
         Ok(App {
             state,
             appender_task,
@@ -210,9 +217,11 @@ impl App {
         let token = state.shutdown.clone();
         let deadline = state.config.shutdown_timeout();
         let header_timeout = state.config.header_timeout();
+        let flush_grace = state.config.db_acquire_timeout() + Duration::from_secs(1);
         let listener = TimeoutListener::new(listener, state.config.write_timeout())
             .with_client_limit(state.config.max_connections_per_client);
         let router = api::router(state.clone());
+        let appender = state.appender.clone();
         drop(state);
         {
             let token = token.clone();
@@ -222,25 +231,38 @@ impl App {
                 token.cancel();
             });
         }
-        let server = tokio::spawn(crate::net::serve(
+        let mut server = tokio::spawn(crate::net::serve(
             listener,
             router,
             header_timeout,
             token.clone(),
         ));
         token.cancelled().await;
-        if tokio::time::timeout(deadline, server).await.is_err() {
+        let end = tokio::time::Instant::now() + deadline;
+        if tokio::time::timeout_at(end, &mut server).await.is_err() {
+            // Connections still open end with the process; their clients resume by cursor
+            // or retry by event id. They may still hold appender handles, hence `close`.
             tracing::warn!(?deadline, "connections still open at the shutdown deadline");
+            server.abort();
         }
-        // Every handle to the appender is gone once the router is: the task drains what is
-        // queued, commits it, and ends.
-        if tokio::time::timeout(deadline, appender_task).await.is_err() {
+        // The task commits what is queued and ends (requests still running past the
+        // deadline get 503 `shutting_down`). That final commit may wait for a connection.
+        appender.close();
+        drop(appender);
+        let flush_end = end.max(tokio::time::Instant::now() + flush_grace);
+        if tokio::time::timeout_at(flush_end, appender_task)
+            .await
+            .is_err()
+        {
             tracing::warn!("appender did not finish before the deadline");
         }
         // They watch the token, so they are already winding down.
         let rest = futures::future::join_all(background);
-        if tokio::time::timeout(deadline, rest).await.is_err() {
-            tracing::warn!("background tasks did not finish before the deadline");
+        if tokio::time::timeout(Duration::from_secs(1), rest)
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks did not finish in time");
         }
         Ok(())
     }
@@ -248,16 +270,17 @@ impl App {
 
 /// The tasks that run beside the server: cross-node LISTEN, retention, database probe. None
 /// holds an `Appender`, so the appender still ends once the server is gone.
-fn start_background(state: &AppState) -> Vec<JoinHandle<()>> {
+fn start_background(state: &AppState, listen: PgConnectOptions) -> Vec<JoinHandle<()>> {
     let config = &state.config;
     let listener = notify::spawn(ListenerConfig {
         pool: state.pool.clone(),
-        listen: (*state.pool.connect_options()).clone(),
+        listen,
         hub: state.hub.clone(),
         node_id: state.node_id.clone(),
         page: config.read_page.max(1),
         reconnect_delay: config.reconnect_delay(),
         status: state.listener.clone(),
+        health: state.health.clone(),
         shutdown: state.shutdown.clone(),
     });
     let retention = retention::spawn(

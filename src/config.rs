@@ -78,6 +78,11 @@ pub struct Config {
     #[arg(long, env = "TAILCAST_NODE_ID")]
     pub node_id: Option<String>,
 
+    /// PostgreSQL URL for this node's LISTEN session, when `DATABASE_URL` goes through a
+    /// transaction-mode pooler (which drops LISTEN); default: the same as `DATABASE_URL`.
+    #[arg(long, env = "TAILCAST_LISTEN_DATABASE_URL", hide_env_values = true)]
+    pub listen_database_url: Option<String>,
+
     /// Milliseconds an operation waits for a database connection before failing with 503
     /// `unavailable`.
     #[arg(long, env = "TAILCAST_DB_ACQUIRE_TIMEOUT_MS", default_value_t = 2000)]

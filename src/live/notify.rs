@@ -28,7 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::frame::Frame;
 use super::hub::Hub;
-use crate::log::health::MAX_RETRY_DELAY;
+use crate::error::is_unavailable;
+use crate::log::health::{DbHealth, MAX_RETRY_DELAY};
 use crate::log::store::{self, NOTIFY_CHANNEL};
 use crate::log::{StoredEvent, StreamName};
 use crate::metrics as m;
@@ -72,6 +73,8 @@ pub struct ListenerConfig {
     pub page: i64,
     pub reconnect_delay: Duration,
     pub status: Arc<ListenerStatus>,
+    /// The listener's own connection attempts tell whether the database is reachable.
+    pub health: Arc<DbHealth>,
     pub shutdown: CancellationToken,
 }
 
@@ -170,6 +173,7 @@ async fn receive(cfg: Arc<ListenerConfig>, shared: Arc<Shared>) {
         };
         match attempt {
             Ok(mut listener) => {
+                cfg.health.mark_up();
                 delay = cfg.reconnect_delay;
                 cfg.status.connected.store(true, Ordering::Release);
                 if ever_connected {
@@ -189,6 +193,9 @@ async fn receive(cfg: Arc<ListenerConfig>, shared: Arc<Shared>) {
                 }
             }
             Err(e) => {
+                if is_unavailable(&e) {
+                    cfg.health.mark_down();
+                }
                 tracing::warn!(error = %e, retry_in = ?delay, "cannot open the LISTEN connection");
             }
         }

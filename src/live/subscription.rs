@@ -198,7 +198,11 @@ impl Subscription {
             },
             Start::Snapshot => {
                 let Some(r) = row else { return Ok(0) };
-                let mut events = store::snapshot(&self.src.pool, r.id, r.head).await?;
+                // A closed stream ends with its `stream.closed` (which has no key, so the
+                // snapshot is the same either side of it). Starting just before it delivers
+                // it: the subscriber learns the stream is over instead of waiting forever.
+                let at = if r.closed { r.head - 1 } else { r.head };
+                let mut events = store::snapshot(&self.src.pool, r.id, at).await?;
                 // In seq order, so a client's cursor only ever moves forward.
                 events.sort_by_key(|e| e.seq);
                 for ev in &events {
@@ -207,8 +211,8 @@ impl Subscription {
                         self.pending.push_back(Item::Event(frame));
                     }
                 }
-                self.pending.push_back(Item::Cursor(r.head));
-                r.head
+                self.pending.push_back(Item::Cursor(at));
+                at
             }
         })
     }

@@ -441,3 +441,32 @@ pub async fn read_events_by_name(
     .await?;
     Ok(rows.iter().map(event_from_row).collect())
 }
+
+/// Like [`notify`], and returns the transaction's id (None if there was nothing to send),
+/// so that a commit whose outcome is unknown can be looked up with [`transaction_status`].
+pub async fn notify_returning_xid(
+    tx: &mut Transaction<'_, Postgres>,
+    payloads: &[String],
+) -> Result<Option<i64>, sqlx::Error> {
+    if payloads.is_empty() {
+        return Ok(None);
+    }
+    // The count forces every pg_notify in the CTE to run.
+    let xid: i64 = sqlx::query_scalar(
+        "with sent as (select pg_notify($1, p) from unnest($2::text[]) as t(p))
+         select txid_current() from (select count(*) from sent) n",
+    )
+    .bind(NOTIFY_CHANNEL)
+    .bind(payloads)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(Some(xid))
+}
+
+/// `committed`, `aborted` or `in progress` (None: too old to know).
+pub async fn transaction_status(pool: &PgPool, xid: i64) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("select txid_status($1)")
+        .bind(xid)
+        .fetch_one(pool)
+        .await
+}

@@ -85,7 +85,7 @@ async fn events_appended_on_one_node_reach_subscribers_on_the_others(pool: PgPoo
     let b = spawn_node(&pool, "b").await;
     let c = spawn_node(&pool, "c").await;
     // Subscribers only where nothing is appended: only NOTIFY can wake them.
-    let mut subs = vec![
+    let mut subs = [
         b.sse_events("s1", "", None).await,
         b.sse_events("s2", "", None).await,
         c.sse_events("s1", "", None).await,
@@ -139,7 +139,7 @@ async fn killing_a_nodes_listen_connection_mid_stream_loses_nothing(pool: PgPool
     // only the re-check after reconnecting can then deliver them.
     let b = spawn_node_with(&pool, "b", |c| c.reconnect_delay_ms = 1500).await;
     wait_until("B listening", || listening(&b)).await;
-    let mut subs = vec![
+    let mut subs = [
         b.sse_events("s", "", None).await,
         b.sse_events("s", "", None).await,
     ];
@@ -172,8 +172,15 @@ async fn killing_a_nodes_listen_connection_mid_stream_loses_nothing(pool: PgPool
     // Quiet stream, then: kill, append while B is certainly not listening, nothing else
     // follows. Only the re-check can deliver these.
     wait_until("B listening again", || listening(&b)).await;
+    let before = stats(&b).await["listener"]["reconnects"].as_u64().unwrap();
     assert_eq!(terminate_backends(&pool, "tailcast-listen:b").await, 1);
-    wait_until("B notices", || async { !listening(&b).await }).await;
+    // Deaf for the 1.5 s reconnect delay (had we polled too slowly to see it, the appends
+    // below would come after the reconnection: still correct, only a weaker test).
+    wait_until("B notices", || async {
+        let l = &stats(&b).await["listener"];
+        l["connected"] == json!(false) || l["reconnects"].as_u64().unwrap() > before
+    })
+    .await;
     a.append("s", json!([{"data":"x"},{"data":"y"}])).await;
     let tail = [
         subs[0]
@@ -203,6 +210,32 @@ async fn killing_a_nodes_listen_connection_mid_stream_loses_nothing(pool: PgPool
         .map(|e| e["seq"].as_i64().unwrap())
         .collect();
     assert_eq!(ids.len(), total + 3);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[sqlx::test]
+async fn the_listen_session_may_use_its_own_database_url(pool: PgPool) {
+    let db = pool.connect_options().get_database().unwrap().to_owned();
+    let mut url = reqwest::Url::parse(&std::env::var("DATABASE_URL").unwrap()).unwrap();
+    url.set_path(&format!("/{db}"));
+    let a = spawn_node(&pool, "a").await;
+    let b = spawn_node_with(&pool, "b", |c| {
+        c.listen_database_url = Some(url.to_string())
+    })
+    .await;
+    wait_until("B listening", || listening(&b)).await;
+    let mut sub = b.sse_events("s", "", None).await;
+    a.append("s", json!([{"data":1},{"data":2}])).await;
+    sub.envelopes_through(1, 2).await;
+
+    let mut config = tailcast::Config::for_database("postgres://unused");
+    config.listen_database_url = Some("not a url".into());
+    let err = tailcast::App::with_pool(config, pool.clone())
+        .await
+        .err()
+        .expect("a malformed URL is refused at start-up");
+    assert!(err.to_string().contains("listen-database-url"), "{err}");
     a.shutdown().await;
     b.shutdown().await;
 }

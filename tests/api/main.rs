@@ -3,8 +3,14 @@
 mod cluster;
 mod helpers;
 mod log;
-mod replay;
+mod log_stress;
 mod nodes;
 mod openapi;
+mod ops;
+mod outage;
+mod replay;
+mod retention;
+mod shutdown;
 mod sse;
+mod sse_stress;
 mod wire;

@@ -99,6 +99,21 @@ impl Http {
         }))
     }
 
+    /// The whole body as text (for short responses).
+    pub async fn text(self) -> String {
+        let mut chunks = self.chunks();
+        let mut out = Vec::new();
+        let read = async {
+            while let Some(c) = chunks.next().await {
+                out.extend_from_slice(&c.expect("body"));
+            }
+        };
+        tokio::time::timeout(WAIT, read)
+            .await
+            .expect("body in time");
+        String::from_utf8(out).expect("UTF-8 body")
+    }
+
     /// Parses the body as SSE with a real parser.
     pub fn sse(self) -> Sse {
         Sse::new(self.chunks())
@@ -117,12 +132,22 @@ pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>
 
 /// Opens `GET /v1/streams/{stream}/sse{query}` and expects 200.
 pub async fn open_sse(app: &TestApp, stream: &str, query: &str, last_id: Option<&str>) -> Http {
+    open_sse_at(app.addr, stream, query, last_id).await
+}
+
+/// `open_sse` for tasks that hold only the server's address.
+pub async fn open_sse_at(
+    addr: SocketAddr,
+    stream: &str,
+    query: &str,
+    last_id: Option<&str>,
+) -> Http {
     let path = format!("/v1/streams/{stream}/sse{query}");
     let headers: Vec<(&str, &str)> = last_id
         .map(|id| ("last-event-id", id))
         .into_iter()
         .collect();
-    let res = get(app.addr, &path, &headers, None).await;
+    let res = get(addr, &path, &headers, None).await;
     assert_eq!(res.status, StatusCode::OK, "GET {path}");
     res
 }
