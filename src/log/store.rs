@@ -77,19 +77,34 @@ pub async fn list_streams(
     after_name: &str,
     limit: i64,
 ) -> Result<Vec<StreamRow>, sqlx::Error> {
-    // `name` is collated "C", so `>=` prefix / `<` prefix-successor ranges use its index.
+    // `name` is collated "C" (code point order), so the names starting with `prefix` are
+    // the index range [prefix, successor): the scan starts at the page and stops at its end.
     let sql = format!(
         "select {STREAM_COLUMNS} from streams
-         where name > $1 and starts_with(name, $2)
-         order by name limit $3"
+         where name > $1 and name >= $2 and ($3::text is null or name < $3)
+         order by name limit $4"
     );
     let rows = sqlx::query(&sql)
         .bind(after_name)
         .bind(prefix)
+        .bind(prefix_successor(prefix))
         .bind(limit)
         .fetch_all(pool)
         .await?;
     Ok(rows.iter().map(StreamRow::from_row).collect())
+}
+
+/// The smallest string greater than every string starting with `prefix`, if there is one.
+fn prefix_successor(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = (last as u32 + 1..=char::MAX as u32).find_map(char::from_u32);
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
 }
 
 fn event_from_row(r: &PgRow) -> StoredEvent {
@@ -397,4 +412,18 @@ pub fn notify_payloads(node: &str, heads: &[(&StreamName, i64)]) -> Vec<String> 
         out.push(cur);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_successor;
+
+    #[test]
+    fn prefix_successor_bounds_the_prefix_range() {
+        assert_eq!(prefix_successor(""), None);
+        assert_eq!(prefix_successor("run:").as_deref(), Some("run;"));
+        assert_eq!(prefix_successor("az").as_deref(), Some("a{"));
+        assert_eq!(prefix_successor("a\u{10FFFF}").as_deref(), Some("b"));
+        assert_eq!(prefix_successor("\u{D7FF}").as_deref(), Some("\u{E000}"));
+    }
 }

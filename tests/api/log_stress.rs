@@ -2,15 +2,13 @@
 //! a 200k-event NDJSON export measured in a separate server process.
 
 use std::collections::HashMap;
-use std::process::Stdio;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
 use sqlx::PgPool;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::helpers::{TestApp, WAIT};
-use crate::wire::seq;
+use crate::wire::{self, peak_rss, seq};
 
 /// 32 appenders each append 500 single events to one stream (the case group commit exists
 /// for) while a reader tails it by `after=`. Seqs are exactly 1..16000, each appender's
@@ -113,32 +111,6 @@ async fn concurrent_appenders_get_gap_free_seqs_and_a_tailing_reader_sees_no_hol
     assert_eq!(stored.len() as i64, TOTAL);
 }
 
-/// The URL of the test's own database, for a server started as a separate process.
-fn database_url(pool: &PgPool) -> String {
-    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL");
-    let db = pool.connect_options().get_database().unwrap().to_owned();
-    let (base, query) = base
-        .split_once('?')
-        .map_or((base.as_str(), ""), |(b, q)| (b, q));
-    let root = &base[..base.rfind('/').expect("a database path")];
-    if query.is_empty() {
-        format!("{root}/{db}")
-    } else {
-        format!("{root}/{db}?{query}")
-    }
-}
-
-/// Peak resident memory of a process, in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM");
-    kb * 1024
-}
-
 /// Exports 200k events (about 170 MB of NDJSON) from a tailcast server running as its own
 /// process, so its memory is measured alone, and reads the export as a stream, keeping only
 /// the current partial line. The server's peak RSS grows by a small fraction of the export.
@@ -164,31 +136,8 @@ async fn ndjson_export_of_200k_events_runs_in_bounded_memory(pool: PgPool) {
     .await
     .unwrap();
 
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailcast"))
-        .env("DATABASE_URL", database_url(&pool))
-        .env("TAILCAST_LISTEN", "127.0.0.1:0")
-        .env("TAILCAST_LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start tailcast");
-    let pid = child.id().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = tokio::time::timeout(WAIT, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let v: Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["fields"]["message"] == "listening" {
-                return v["fields"]["addr"].as_str().unwrap().to_owned();
-            }
-        }
-        panic!("tailcast exited before listening");
-    })
-    .await
-    .expect("tailcast listening in time");
-    // Keep draining its log so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-
+    let server = wire::Server::start(&pool).await;
+    let (addr, pid) = (server.addr.clone(), server.pid);
     let client = reqwest::Client::new();
     let export = |after: i64| {
         client
@@ -214,7 +163,7 @@ async fn ndjson_export_of_200k_events_runs_in_bounded_memory(pool: PgPool) {
         grown < BOUND,
         "server peak RSS grew by {grown} bytes while exporting {bytes} bytes"
     );
-    child.kill().await.unwrap();
+    server.stop().await;
 }
 
 /// Counts NDJSON lines as they stream in, checking each line's seq follows the last, without
