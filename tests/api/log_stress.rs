@@ -113,7 +113,8 @@ async fn concurrent_appenders_get_gap_free_seqs_and_a_tailing_reader_sees_no_hol
 
 /// Exports 200k events (about 170 MB of NDJSON) from a tailcast server running as its own
 /// process, so its memory is measured alone, and reads the export as a stream, keeping only
-/// the current partial line. The server's peak RSS grows by a small fraction of the export.
+/// the current partial line. The server's peak RSS grows by a small fraction of the export;
+/// the same holds for an SSE subscriber catching up the whole stream from seq 0.
 #[sqlx::test]
 async fn ndjson_export_of_200k_events_runs_in_bounded_memory(pool: PgPool) {
     const EVENTS: i64 = 200_000;
@@ -148,13 +149,14 @@ async fn ndjson_export_of_200k_events_runs_in_bounded_memory(pool: PgPool) {
     // Warm up the paths an export takes, then take the baseline.
     let (lines_read, _) = count_lines(export(EVENTS - 2000).await.unwrap(), EVENTS - 2000).await;
     assert_eq!(lines_read, 2000);
-    let before = peak_rss(pid);
+    let before = reset_peak_rss(pid);
 
     let res = export(0).await.unwrap();
     assert_eq!(res.status(), 200);
     let (lines_read, bytes) = count_lines(res, 0).await;
     assert_eq!(lines_read, EVENTS as u64);
     let grown = peak_rss(pid).saturating_sub(before);
+    println!("export of {bytes} bytes: server peak RSS grew by {grown} bytes");
     assert!(
         bytes > 3 * BOUND,
         "the export ({bytes} bytes) dwarfs the bound"
@@ -162,6 +164,22 @@ async fn ndjson_export_of_200k_events_runs_in_bounded_memory(pool: PgPool) {
     assert!(
         grown < BOUND,
         "server peak RSS grew by {grown} bytes while exporting {bytes} bytes"
+    );
+
+    // A subscriber catching up the whole stream over SSE holds at most a page at a time too.
+    let before = reset_peak_rss(pid);
+    let res = client
+        .get(format!("http://{addr}/v1/streams/big/sse?after=0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    count_sse_events(res, EVENTS).await;
+    let grown = peak_rss(pid).saturating_sub(before);
+    println!("SSE catch-up of {EVENTS} events: server peak RSS grew by {grown} bytes");
+    assert!(
+        grown < BOUND,
+        "server peak RSS grew by {grown} bytes while an SSE subscriber caught up"
     );
     server.stop().await;
 }
@@ -206,4 +224,42 @@ async fn count_lines(res: reqwest::Response, after: i64) -> (u64, u64) {
         .expect("export in time");
     assert!(partial.is_empty(), "export ended inside a line");
     (lines, bytes)
+}
+
+/// Reads SSE events 1..=last as they stream in, checking each `id:` follows the last, without
+/// holding more than one partial line.
+async fn count_sse_events(res: reqwest::Response, last: i64) {
+    let mut body = res.bytes_stream();
+    let mut partial: Vec<u8> = Vec::new();
+    let mut expect = 1;
+    let read = async {
+        while expect <= last {
+            let chunk = body
+                .next()
+                .await
+                .expect("SSE until the last event")
+                .unwrap();
+            let mut rest = &chunk[..];
+            while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+                partial.extend_from_slice(&rest[..nl]);
+                rest = &rest[nl + 1..];
+                if let Some(id) = partial.strip_prefix(b"id: ") {
+                    let id: i64 = std::str::from_utf8(id).unwrap().parse().unwrap();
+                    assert_eq!(id, expect, "SSE out of order");
+                    expect += 1;
+                }
+                partial.clear();
+            }
+            partial.extend_from_slice(rest);
+        }
+    };
+    tokio::time::timeout(WAIT * 4, read)
+        .await
+        .expect("catch-up in time");
+}
+
+/// Resets a process's peak RSS to its current RSS (Linux `clear_refs` 5), returning it.
+fn reset_peak_rss(pid: u32) -> u64 {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset peak RSS");
+    peak_rss(pid)
 }
