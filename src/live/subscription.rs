@@ -24,6 +24,10 @@ use crate::log::store::{self, StreamRow};
 use crate::log::StreamName;
 use crate::metrics as m;
 
+/// Most `data` bytes one catch-up page holds: a subscriber's memory stays small whatever the
+/// size of the events it reads.
+pub const PAGE_BYTES: i64 = 4 << 20;
+
 /// Where a subscription starts.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Start {
@@ -279,10 +283,11 @@ impl Subscription {
             }
         }
         let id = self.stream_id.expect("set above");
-        let rows =
-            store::read_events(&self.src.pool, id, self.upto, i64::MAX, self.src.page).await?;
+        let (page, bytes) = (self.src.page, PAGE_BYTES);
+        let rows = store::read_events_bounded(&self.src.pool, id, self.upto, i64::MAX, page, bytes)
+            .await?;
         metrics::counter!(m::CATCHUP_READS).increment(1);
-        if (rows.len() as i64) < self.src.page {
+        if !store::page_is_full(&rows, page, bytes) {
             self.mode = Mode::Live;
         }
         if let Some(first) = rows.first() {

@@ -140,6 +140,47 @@ pub async fn read_events(
     Ok(rows.iter().map(event_from_row).collect())
 }
 
+/// Like [`read_events`], but the page also ends once it holds `max_bytes` of `data` (it
+/// always holds at least one event if there is one). A page of a thousand 1 MiB events would
+/// be a gigabyte per reader; this keeps catch-up and export memory small whatever the events.
+/// A page is complete (the log may hold more) if it has `limit` events or `max_bytes` bytes.
+pub async fn read_events_bounded(
+    pool: &PgPool,
+    stream_id: i64,
+    after: i64,
+    upto: i64,
+    limit: i64,
+    max_bytes: i64,
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    // `octet_length` of a TOASTed value reads only its header, and rows past the budget are
+    // filtered before their `data` is fetched from TOAST.
+    let rows = sqlx::query(
+        r#"select seq, type, data, event_id, key, time from (
+             select seq, type, data, event_id, key, time,
+                    sum(octet_length(data)) over (order by seq) - octet_length(data) as before
+             from events
+             where stream_id = $1 and seq > $2 and seq <= $3
+             order by seq limit $4
+           ) page
+           where before < $5
+           order by seq"#,
+    )
+    .bind(stream_id)
+    .bind(after)
+    .bind(upto)
+    .bind(limit)
+    .bind(max_bytes)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.iter().map(event_from_row).collect())
+}
+
+/// True if a page read with [`read_events_bounded`] may have stopped before the log's end.
+pub fn page_is_full(events: &[StoredEvent], limit: i64, max_bytes: i64) -> bool {
+    let bytes: usize = events.iter().map(|e| e.data.len()).sum();
+    events.len() as i64 >= limit || bytes as i64 >= max_bytes
+}
+
 /// The seq just before the first event at or after `since` (a cursor), or the head if none is.
 pub async fn cursor_at_time(
     pool: &PgPool,

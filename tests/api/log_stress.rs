@@ -263,3 +263,62 @@ fn reset_peak_rss(pid: u32) -> u64 {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset peak RSS");
     peak_rss(pid)
 }
+
+/// Big events: 300 events of ~900 KB each (about 270 MB). A subscriber catching up and an
+/// export each hold a bounded number of bytes at a time, not a page of 1000 such events.
+#[sqlx::test]
+async fn catch_up_and_export_of_big_events_stay_bounded_in_memory(pool: PgPool) {
+    const EVENTS: i64 = 300;
+    const BOUND: u64 = 64 << 20;
+    tailcast::log::MIGRATOR.run(&pool).await.unwrap();
+    let id: i64 =
+        sqlx::query_scalar("insert into streams (name, head) values ('big', $1) returning id")
+            .bind(EVENTS)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    sqlx::query(
+        r#"insert into events (stream_id, seq, type, data, time)
+           select $1, g, 'blob', '"' || repeat('x', 900000) || '"', now()
+           from generate_series(1, $2) as g"#,
+    )
+    .bind(id)
+    .bind(EVENTS)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let server = wire::Server::start(&pool).await;
+    let (addr, pid) = (server.addr.clone(), server.pid);
+    let client = reqwest::Client::new();
+
+    let before = reset_peak_rss(pid);
+    let res = client
+        .get(format!("http://{addr}/v1/streams/big/sse?after=0"))
+        .send()
+        .await
+        .unwrap();
+    count_sse_events(res, EVENTS).await;
+    let grown = peak_rss(pid).saturating_sub(before);
+    println!("SSE catch-up of {EVENTS} ~900 KB events: peak RSS grew by {grown} bytes");
+    assert!(grown < BOUND, "peak RSS grew by {grown} bytes");
+
+    let before = reset_peak_rss(pid);
+    let res = client
+        .get(format!("http://{addr}/v1/streams/big/events?after=0"))
+        .header("accept", "application/x-ndjson")
+        .send()
+        .await
+        .unwrap();
+    let mut body = res.bytes_stream();
+    let (mut lines, mut bytes) = (0u64, 0u64);
+    while let Some(chunk) = tokio::time::timeout(WAIT, body.next()).await.unwrap() {
+        let chunk = chunk.unwrap();
+        bytes += chunk.len() as u64;
+        lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+    }
+    assert_eq!(lines, EVENTS as u64);
+    let grown = peak_rss(pid).saturating_sub(before);
+    println!("export of {bytes} bytes: peak RSS grew by {grown} bytes");
+    assert!(grown < BOUND, "peak RSS grew by {grown} bytes");
+    server.stop().await;
+}
