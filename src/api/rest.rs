@@ -17,6 +17,7 @@ use super::sse::parse_cursor;
 use crate::app::AppState;
 use crate::auth::{Grant, Principal};
 use crate::error::{Error, Result};
+use crate::live::subscription::PAGE_BYTES;
 use crate::log::model::{encode_envelope, TYPE_STREAM_CLOSED};
 use crate::log::store::{self, StreamRow};
 use crate::log::{AppendSpec, NewEvent, StreamName};
@@ -173,6 +174,9 @@ fn page_limit(limit: Option<i64>, default: i64) -> Result<i64> {
     }
 }
 
+/// Most `data` bytes in one JSON replay page.
+const REPLAY_PAGE_BYTES: i64 = 16 << 20;
+
 #[derive(Deserialize)]
 struct ReadParams {
     after: Option<String>,
@@ -210,7 +214,12 @@ async fn read_events(
     if wants_ndjson(&headers) {
         return Ok(export(app, stream, row, after));
     }
-    let events = store::read_events(&app.pool, row.id, after, row.head, limit).await?;
+    // A page also ends at REPLAY_PAGE_BYTES of data (never before its first event): the page is
+    // built in memory, and `limit` big events could otherwise take gigabytes. Clients page by
+    // `next_after` until a page comes back empty, so a shorter page loses nothing.
+    let events =
+        store::read_events_bounded(&app.pool, row.id, after, row.head, limit, REPLAY_PAGE_BYTES)
+            .await?;
     let next_after = events.last().map_or(after, |e| e.seq);
     // Envelopes are spliced in as encoded, so replay is byte-identical to live delivery.
     let mut body =
@@ -260,7 +269,9 @@ fn export(app: AppState, stream: StreamName, row: StreamRow, after: i64) -> Resp
             if cursor >= row.head {
                 return None;
             }
-            match store::read_events(&app.pool, row.id, cursor, row.head, page).await {
+            let read =
+                store::read_events_bounded(&app.pool, row.id, cursor, row.head, page, PAGE_BYTES);
+            match read.await {
                 Ok(events) if events.is_empty() => None,
                 Ok(events) => {
                     let next = events.last().map_or(cursor, |e| e.seq);

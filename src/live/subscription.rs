@@ -27,6 +27,9 @@ use crate::metrics as m;
 /// First and longest wait before re-reading the log while the database is unreachable.
 const RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
 const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+/// Most `data` bytes one catch-up page holds: a subscriber's memory stays small whatever the
+/// size of the events it reads.
+pub const PAGE_BYTES: i64 = 4 << 20;
 
 /// Where a subscription starts.
 #[derive(Debug, Clone, PartialEq)]
@@ -298,10 +301,11 @@ impl Subscription {
             }
         }
         let id = self.stream_id.expect("set above");
-        let rows =
-            store::read_events(&self.src.pool, id, self.upto, i64::MAX, self.src.page).await?;
+        let (page, bytes) = (self.src.page, PAGE_BYTES);
+        let rows = store::read_events_bounded(&self.src.pool, id, self.upto, i64::MAX, page, bytes)
+            .await?;
         metrics::counter!(m::CATCHUP_READS).increment(1);
-        if (rows.len() as i64) < self.src.page {
+        if !store::page_is_full(&rows, page, bytes) {
             self.mode = Mode::Live;
         }
         if let Some(first) = rows.first() {

@@ -77,19 +77,34 @@ pub async fn list_streams(
     after_name: &str,
     limit: i64,
 ) -> Result<Vec<StreamRow>, sqlx::Error> {
-    // `name` is collated "C", so `>=` prefix / `<` prefix-successor ranges use its index.
+    // `name` is collated "C" (code point order), so the names starting with `prefix` are
+    // the index range [prefix, successor): the scan starts at the page and stops at its end.
     let sql = format!(
         "select {STREAM_COLUMNS} from streams
-         where name > $1 and starts_with(name, $2)
-         order by name limit $3"
+         where name > $1 and name >= $2 and ($3::text is null or name < $3)
+         order by name limit $4"
     );
     let rows = sqlx::query(&sql)
         .bind(after_name)
         .bind(prefix)
+        .bind(prefix_successor(prefix))
         .bind(limit)
         .fetch_all(pool)
         .await?;
     Ok(rows.iter().map(StreamRow::from_row).collect())
+}
+
+/// The smallest string greater than every string starting with `prefix`, if there is one.
+fn prefix_successor(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = (last as u32 + 1..=char::MAX as u32).find_map(char::from_u32);
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
 }
 
 fn event_from_row(r: &PgRow) -> StoredEvent {
@@ -123,6 +138,47 @@ pub async fn read_events(
     .fetch_all(pool)
     .await?;
     Ok(rows.iter().map(event_from_row).collect())
+}
+
+/// Like [`read_events`], but the page also ends once it holds `max_bytes` of `data` (it
+/// always holds at least one event if there is one). A page of a thousand 1 MiB events would
+/// be a gigabyte per reader; this keeps catch-up and export memory small whatever the events.
+/// A page is complete (the log may hold more) if it has `limit` events or `max_bytes` bytes.
+pub async fn read_events_bounded(
+    pool: &PgPool,
+    stream_id: i64,
+    after: i64,
+    upto: i64,
+    limit: i64,
+    max_bytes: i64,
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    // `octet_length` of a TOASTed value reads only its header, and rows past the budget are
+    // filtered before their `data` is fetched from TOAST.
+    let rows = sqlx::query(
+        r#"select seq, type, data, event_id, key, time from (
+             select seq, type, data, event_id, key, time,
+                    sum(octet_length(data)) over (order by seq) - octet_length(data) as before
+             from events
+             where stream_id = $1 and seq > $2 and seq <= $3
+             order by seq limit $4
+           ) page
+           where before < $5
+           order by seq"#,
+    )
+    .bind(stream_id)
+    .bind(after)
+    .bind(upto)
+    .bind(limit)
+    .bind(max_bytes)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.iter().map(event_from_row).collect())
+}
+
+/// True if a page read with [`read_events_bounded`] may have stopped before the log's end.
+pub fn page_is_full(events: &[StoredEvent], limit: i64, max_bytes: i64) -> bool {
+    let bytes: usize = events.iter().map(|e| e.data.len()).sum();
+    events.len() as i64 >= limit || bytes as i64 >= max_bytes
 }
 
 /// The seq just before the first event at or after `since` (a cursor), or the head if none is.
@@ -469,4 +525,18 @@ pub async fn transaction_status(pool: &PgPool, xid: i64) -> Result<Option<String
         .bind(xid)
         .fetch_one(pool)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_successor;
+
+    #[test]
+    fn prefix_successor_bounds_the_prefix_range() {
+        assert_eq!(prefix_successor(""), None);
+        assert_eq!(prefix_successor("run:").as_deref(), Some("run;"));
+        assert_eq!(prefix_successor("az").as_deref(), Some("a{"));
+        assert_eq!(prefix_successor("a\u{10FFFF}").as_deref(), Some("b"));
+        assert_eq!(prefix_successor("\u{D7FF}").as_deref(), Some("\u{E000}"));
+    }
 }

@@ -2,15 +2,13 @@
 //! a 200k-event NDJSON export measured in a separate server process.
 
 use std::collections::HashMap;
-use std::process::Stdio;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
 use sqlx::PgPool;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::helpers::{TestApp, WAIT};
-use crate::wire::seq;
+use crate::wire::{self, peak_rss, seq};
 
 /// 32 appenders each append 500 single events to one stream (the case group commit exists
 /// for) while a reader tails it by `after=`. Seqs are exactly 1..16000, each appender's
@@ -113,35 +111,10 @@ async fn concurrent_appenders_get_gap_free_seqs_and_a_tailing_reader_sees_no_hol
     assert_eq!(stored.len() as i64, TOTAL);
 }
 
-/// The URL of the test's own database, for a server started as a separate process.
-fn database_url(pool: &PgPool) -> String {
-    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL");
-    let db = pool.connect_options().get_database().unwrap().to_owned();
-    let (base, query) = base
-        .split_once('?')
-        .map_or((base.as_str(), ""), |(b, q)| (b, q));
-    let root = &base[..base.rfind('/').expect("a database path")];
-    if query.is_empty() {
-        format!("{root}/{db}")
-    } else {
-        format!("{root}/{db}?{query}")
-    }
-}
-
-/// Peak resident memory of a process, in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM");
-    kb * 1024
-}
-
 /// Exports 200k events (about 170 MB of NDJSON) from a tailcast server running as its own
 /// process, so its memory is measured alone, and reads the export as a stream, keeping only
-/// the current partial line. The server's peak RSS grows by a small fraction of the export.
+/// the current partial line. The server's peak RSS grows by a small fraction of the export;
+/// the same holds for an SSE subscriber catching up the whole stream from seq 0.
 #[sqlx::test]
 async fn ndjson_export_of_200k_events_runs_in_bounded_memory(pool: PgPool) {
     const EVENTS: i64 = 200_000;
@@ -164,31 +137,8 @@ async fn ndjson_export_of_200k_events_runs_in_bounded_memory(pool: PgPool) {
     .await
     .unwrap();
 
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailcast"))
-        .env("DATABASE_URL", database_url(&pool))
-        .env("TAILCAST_LISTEN", "127.0.0.1:0")
-        .env("TAILCAST_LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start tailcast");
-    let pid = child.id().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = tokio::time::timeout(WAIT, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let v: Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["fields"]["message"] == "listening" {
-                return v["fields"]["addr"].as_str().unwrap().to_owned();
-            }
-        }
-        panic!("tailcast exited before listening");
-    })
-    .await
-    .expect("tailcast listening in time");
-    // Keep draining its log so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-
+    let server = wire::Server::start(&pool).await;
+    let (addr, pid) = (server.addr.clone(), server.pid);
     let client = reqwest::Client::new();
     let export = |after: i64| {
         client
@@ -199,13 +149,14 @@ async fn ndjson_export_of_200k_events_runs_in_bounded_memory(pool: PgPool) {
     // Warm up the paths an export takes, then take the baseline.
     let (lines_read, _) = count_lines(export(EVENTS - 2000).await.unwrap(), EVENTS - 2000).await;
     assert_eq!(lines_read, 2000);
-    let before = peak_rss(pid);
+    let before = reset_peak_rss(pid);
 
     let res = export(0).await.unwrap();
     assert_eq!(res.status(), 200);
     let (lines_read, bytes) = count_lines(res, 0).await;
     assert_eq!(lines_read, EVENTS as u64);
     let grown = peak_rss(pid).saturating_sub(before);
+    println!("export of {bytes} bytes: server peak RSS grew by {grown} bytes");
     assert!(
         bytes > 3 * BOUND,
         "the export ({bytes} bytes) dwarfs the bound"
@@ -214,7 +165,23 @@ async fn ndjson_export_of_200k_events_runs_in_bounded_memory(pool: PgPool) {
         grown < BOUND,
         "server peak RSS grew by {grown} bytes while exporting {bytes} bytes"
     );
-    child.kill().await.unwrap();
+
+    // A subscriber catching up the whole stream over SSE holds at most a page at a time too.
+    let before = reset_peak_rss(pid);
+    let res = client
+        .get(format!("http://{addr}/v1/streams/big/sse?after=0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    count_sse_events(res, EVENTS).await;
+    let grown = peak_rss(pid).saturating_sub(before);
+    println!("SSE catch-up of {EVENTS} events: server peak RSS grew by {grown} bytes");
+    assert!(
+        grown < BOUND,
+        "server peak RSS grew by {grown} bytes while an SSE subscriber caught up"
+    );
+    server.stop().await;
 }
 
 /// Counts NDJSON lines as they stream in, checking each line's seq follows the last, without
@@ -257,4 +224,101 @@ async fn count_lines(res: reqwest::Response, after: i64) -> (u64, u64) {
         .expect("export in time");
     assert!(partial.is_empty(), "export ended inside a line");
     (lines, bytes)
+}
+
+/// Reads SSE events 1..=last as they stream in, checking each `id:` follows the last, without
+/// holding more than one partial line.
+async fn count_sse_events(res: reqwest::Response, last: i64) {
+    let mut body = res.bytes_stream();
+    let mut partial: Vec<u8> = Vec::new();
+    let mut expect = 1;
+    let read = async {
+        while expect <= last {
+            let chunk = body
+                .next()
+                .await
+                .expect("SSE until the last event")
+                .unwrap();
+            let mut rest = &chunk[..];
+            while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+                partial.extend_from_slice(&rest[..nl]);
+                rest = &rest[nl + 1..];
+                if let Some(id) = partial.strip_prefix(b"id: ") {
+                    let id: i64 = std::str::from_utf8(id).unwrap().parse().unwrap();
+                    assert_eq!(id, expect, "SSE out of order");
+                    expect += 1;
+                }
+                partial.clear();
+            }
+            partial.extend_from_slice(rest);
+        }
+    };
+    tokio::time::timeout(WAIT * 4, read)
+        .await
+        .expect("catch-up in time");
+}
+
+/// Resets a process's peak RSS to its current RSS (Linux `clear_refs` 5), returning it.
+fn reset_peak_rss(pid: u32) -> u64 {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset peak RSS");
+    peak_rss(pid)
+}
+
+/// Big events: 300 events of ~900 KB each (about 270 MB). A subscriber catching up and an
+/// export each hold a bounded number of bytes at a time, not a page of 1000 such events.
+#[sqlx::test]
+async fn catch_up_and_export_of_big_events_stay_bounded_in_memory(pool: PgPool) {
+    const EVENTS: i64 = 300;
+    const BOUND: u64 = 64 << 20;
+    tailcast::log::MIGRATOR.run(&pool).await.unwrap();
+    let id: i64 =
+        sqlx::query_scalar("insert into streams (name, head) values ('big', $1) returning id")
+            .bind(EVENTS)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    sqlx::query(
+        r#"insert into events (stream_id, seq, type, data, time)
+           select $1, g, 'blob', '"' || repeat('x', 900000) || '"', now()
+           from generate_series(1, $2) as g"#,
+    )
+    .bind(id)
+    .bind(EVENTS)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let server = wire::Server::start(&pool).await;
+    let (addr, pid) = (server.addr.clone(), server.pid);
+    let client = reqwest::Client::new();
+
+    let before = reset_peak_rss(pid);
+    let res = client
+        .get(format!("http://{addr}/v1/streams/big/sse?after=0"))
+        .send()
+        .await
+        .unwrap();
+    count_sse_events(res, EVENTS).await;
+    let grown = peak_rss(pid).saturating_sub(before);
+    println!("SSE catch-up of {EVENTS} ~900 KB events: peak RSS grew by {grown} bytes");
+    assert!(grown < BOUND, "peak RSS grew by {grown} bytes");
+
+    let before = reset_peak_rss(pid);
+    let res = client
+        .get(format!("http://{addr}/v1/streams/big/events?after=0"))
+        .header("accept", "application/x-ndjson")
+        .send()
+        .await
+        .unwrap();
+    let mut body = res.bytes_stream();
+    let (mut lines, mut bytes) = (0u64, 0u64);
+    while let Some(chunk) = tokio::time::timeout(WAIT, body.next()).await.unwrap() {
+        let chunk = chunk.unwrap();
+        bytes += chunk.len() as u64;
+        lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+    }
+    assert_eq!(lines, EVENTS as u64);
+    let grown = peak_rss(pid).saturating_sub(before);
+    println!("export of {bytes} bytes: peak RSS grew by {grown} bytes");
+    assert!(grown < BOUND, "peak RSS grew by {grown} bytes");
+    server.stop().await;
 }

@@ -542,3 +542,32 @@ async fn read_response<R: AsyncReadExt + Unpin>(conn: &mut R) -> (u16, String) {
         .await
         .expect("response in time")
 }
+
+/// A replay page of big events ends at a byte budget (16 MiB of data) instead of at `limit`
+/// events; paging by `next_after` still returns every event exactly once.
+#[sqlx::test]
+async fn replay_pages_of_big_events_end_at_a_byte_budget(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let big = "b".repeat((1 << 20) - 16);
+    for _ in 0..6 {
+        let batch: Vec<Value> = (0..7).map(|_| json!({"data": big})).collect();
+        app.append("s", Value::Array(batch)).await;
+    }
+    let page = app
+        .get_json("/v1/streams/s/events?after=0&limit=1000")
+        .await;
+    let n = page["events"].as_array().unwrap().len();
+    assert!((16..=17).contains(&n), "{n} events of 1 MiB in one page");
+    assert_eq!(page["next_after"], n);
+    let all = app.read_all("s").await;
+    assert_eq!(
+        all.iter().map(seq).collect::<Vec<_>>(),
+        (1..=42).collect::<Vec<_>>()
+    );
+    let page = app.get_json("/v1/streams/s/events?after=40&limit=5").await;
+    assert_eq!(
+        page["events"].as_array().unwrap().len(),
+        2,
+        "short pages unaffected"
+    );
+}

@@ -334,6 +334,11 @@ async fn snapshot_then_tail(pool: PgPool) {
     let f = frames.next_content().await.unwrap();
     assert!(f.starts_with("id: 6\ndata: "), "{f}");
 
+    // EventSource reconnecting (Last-Event-ID) to a from=snapshot URL resumes by cursor: no
+    // second snapshot.
+    let mut again = open_sse(&app, "s", "?from=snapshot", Some("5")).await.sse();
+    again.expect_seqs(6, 6).await;
+
     // With a filter the snapshot is filtered too.
     app.append("s", json!({"type":"other","data":7,"key":"c"}))
         .await;

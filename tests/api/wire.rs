@@ -350,3 +350,88 @@ pub async fn trim(pool: &PgPool, stream: &str, upto: i64) {
 pub fn seq(env: &Value) -> i64 {
     env["seq"].as_i64().expect("seq")
 }
+
+/// The URL of the test's own database, for a server started as a separate process.
+pub fn database_url(pool: &PgPool) -> String {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL");
+    let db = pool.connect_options().get_database().unwrap().to_owned();
+    let (base, query) = base
+        .split_once('?')
+        .map_or((base.as_str(), ""), |(b, q)| (b, q));
+    let root = &base[..base.rfind('/').expect("a database path")];
+    if query.is_empty() {
+        format!("{root}/{db}")
+    } else {
+        format!("{root}/{db}?{query}")
+    }
+}
+
+/// Peak resident memory of a process, in bytes.
+pub fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    kb * 1024
+}
+
+/// Current resident memory of a process, in bytes.
+pub fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+/// The `tailcast` binary running as its own process on the test's database, so that its
+/// memory can be measured alone.
+pub struct Server {
+    pub addr: String,
+    pub pid: u32,
+    child: tokio::process::Child,
+}
+
+impl Server {
+    pub async fn start(pool: &PgPool) -> Server {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        tailcast::log::MIGRATOR.run(pool).await.unwrap();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailcast"))
+            .env("DATABASE_URL", database_url(pool))
+            .env("TAILCAST_LISTEN", "127.0.0.1:0")
+            .env("TAILCAST_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start tailcast");
+        let pid = child.id().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = tokio::time::timeout(WAIT, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                let v: Value = serde_json::from_str(&line).unwrap_or_default();
+                if v["fields"]["message"] == "listening" {
+                    return v["fields"]["addr"].as_str().unwrap().to_owned();
+                }
+            }
+            panic!("tailcast exited before listening");
+        })
+        .await
+        .expect("tailcast listening in time");
+        // Keep draining its log so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Server { addr, pid, child }
+    }
+
+    pub fn socket_addr(&self) -> SocketAddr {
+        self.addr.parse().unwrap()
+    }
+
+    pub async fn stop(mut self) {
+        self.child.kill().await.unwrap();
+    }
+}
