@@ -77,6 +77,38 @@ pub struct Config {
     /// This node's name in stats and logs (default: a random id).
     #[arg(long, env = "TAILCAST_NODE_ID")]
     pub node_id: Option<String>,
+
+    /// PostgreSQL URL for this node's LISTEN session, when `DATABASE_URL` goes through a
+    /// transaction-mode pooler (which drops LISTEN); default: the same as `DATABASE_URL`.
+    #[arg(long, env = "TAILCAST_LISTEN_DATABASE_URL", hide_env_values = true)]
+    pub listen_database_url: Option<String>,
+
+    /// Milliseconds an operation waits for a database connection before failing with 503
+    /// `unavailable`.
+    #[arg(long, env = "TAILCAST_DB_ACQUIRE_TIMEOUT_MS", default_value_t = 2000)]
+    pub db_acquire_timeout_ms: u64,
+
+    /// First delay, in milliseconds, before re-establishing a lost LISTEN connection (or
+    /// re-probing an unreachable database); doubled per failure up to 5 s.
+    #[arg(long, env = "TAILCAST_RECONNECT_DELAY_MS", default_value_t = 100)]
+    pub reconnect_delay_ms: u64,
+
+    /// Default retention: events older than this many seconds are removed (0: keep forever).
+    /// Streams may override it (`PUT /v1/streams/{stream}/retention`).
+    #[arg(long, env = "TAILCAST_RETENTION_MAX_AGE_S", default_value_t = 0)]
+    pub retention_max_age_s: i64,
+
+    /// Default retention: only the newest this many events of a stream are kept (0: all).
+    #[arg(long, env = "TAILCAST_RETENTION_MAX_EVENTS", default_value_t = 0)]
+    pub retention_max_events: i64,
+
+    /// Milliseconds between retention passes.
+    #[arg(long, env = "TAILCAST_RETENTION_INTERVAL_MS", default_value_t = 60_000)]
+    pub retention_interval_ms: u64,
+
+    /// Most events one retention statement deletes (keeps each transaction short).
+    #[arg(long, env = "TAILCAST_RETENTION_BATCH", default_value_t = 10_000)]
+    pub retention_batch: i64,
 }
 
 impl Config {
@@ -94,6 +126,14 @@ impl Config {
 
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.shutdown_timeout_s)
+    }
+
+    pub fn db_acquire_timeout(&self) -> Duration {
+        Duration::from_millis(self.db_acquire_timeout_ms.max(1))
+    }
+
+    pub fn reconnect_delay(&self) -> Duration {
+        Duration::from_millis(self.reconnect_delay_ms.max(1))
     }
 
     /// A configuration with every default, for tests and embedding.

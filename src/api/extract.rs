@@ -56,6 +56,16 @@ impl<S: Send + Sync> FromRequest<S> for Body {
             .extensions()
             .get::<BodyLimit>()
             .map_or(usize::MAX, |l| l.0);
+        // A declared length over the limit is refused before a byte of the body is read;
+        // without one (chunked), reading stops as soon as the limit is passed.
+        let declared = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(Error::PayloadTooLarge { limit });
+        }
         Bytes::from_request(req, state)
             .await
             .map(Body)

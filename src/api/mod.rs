@@ -4,6 +4,7 @@ pub mod events;
 pub mod extract;
 pub mod ops;
 pub mod rest;
+pub mod retention;
 pub mod sse;
 
 use std::time::Instant;
@@ -27,6 +28,7 @@ pub fn router(state: AppState) -> Router {
         .merge(rest::router())
         .merge(sse::router())
         .merge(ops::router())
+        .merge(retention::router())
         .fallback(|| async { Error::NotFound })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .layer(middleware::from_fn(record_request))

@@ -77,6 +77,12 @@ async fn stats(State(app): State<AppState>, who: Principal) -> Result<Response> 
         },
         "subscriptions": app.hub.subscriptions(),
         "live_streams": app.hub.live_streams(),
+        "lag_fallbacks": app.hub.lag_fallbacks(),
+        "database": if app.health.is_down() { "unavailable" } else { "ok" },
+        "listener": {
+            "connected": app.listener.connected(),
+            "reconnects": app.listener.reconnects(),
+        },
     }))
     .into_response())
 }

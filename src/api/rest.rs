@@ -13,6 +13,7 @@ use serde_json::json;
 
 use super::events::parse_batch;
 use super::extract::{Body, Query, Stream};
+use super::sse::parse_cursor;
 use crate::app::AppState;
 use crate::auth::{Grant, Principal};
 use crate::error::{Error, Result};
@@ -174,7 +175,7 @@ fn page_limit(limit: Option<i64>, default: i64) -> Result<i64> {
 
 #[derive(Deserialize)]
 struct ReadParams {
-    after: Option<i64>,
+    after: Option<String>,
     limit: Option<i64>,
     since: Option<String>,
 }
@@ -196,11 +197,8 @@ async fn read_events(
     who.check(Grant::Read, &stream)?;
     let limit = page_limit(p.limit, 100)?;
     let row = existing_stream(&app, &stream).await?;
-    let after = match (p.after, p.since.as_deref()) {
-        (Some(a), _) if a < 0 => {
-            return Err(Error::InvalidCursor("after must be >= 0".into()));
-        }
-        (Some(a), None) => a,
+    let after = match (p.after.as_deref(), p.since.as_deref()) {
+        (Some(a), None) => parse_cursor("after", a)?,
         (None, Some(s)) => store::cursor_at_time(&app.pool, &row, parse_since(s)?).await?,
         (None, None) => 0,
         (Some(_), Some(_)) => {

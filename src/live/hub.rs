@@ -6,7 +6,7 @@
 //! nothing correct depends on the hub delivering everything.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -38,6 +38,8 @@ pub struct Hub {
     streams: Mutex<HashMap<StreamName, Channel>>,
     capacity: usize,
     subscriptions: AtomicUsize,
+    /// Times a subscriber's channel overflowed and it went back to the log (this node).
+    lag_fallbacks: AtomicU64,
 }
 
 /// A subscriber's end of a stream's channel. Dropping it unregisters the subscriber.
@@ -57,6 +59,7 @@ impl Hub {
             streams: Mutex::new(HashMap::new()),
             capacity: capacity.max(2),
             subscriptions: AtomicUsize::new(0),
+            lag_fallbacks: AtomicU64::new(0),
         })
     }
 
@@ -86,6 +89,16 @@ impl Hub {
 
     pub fn subscriptions(&self) -> usize {
         self.subscriptions.load(Ordering::Relaxed)
+    }
+
+    /// Records that a subscriber's live buffer overflowed and it is re-reading the log.
+    pub fn note_lag_fallback(&self) {
+        self.lag_fallbacks.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::LAG_FALLBACKS).increment(1);
+    }
+
+    pub fn lag_fallbacks(&self) -> u64 {
+        self.lag_fallbacks.load(Ordering::Relaxed)
     }
 
     pub fn live_streams(&self) -> usize {
@@ -134,8 +147,10 @@ impl Hub {
 
     /// Tells the stream's subscribers it was deleted.
     pub fn deleted(&self, stream: &StreamName) {
-        let map = self.streams.lock().expect("hub lock");
-        if let Some(ch) = map.get(stream) {
+        let mut map = self.streams.lock().expect("hub lock");
+        if let Some(ch) = map.get_mut(stream) {
+            // A stream re-created under the same name starts again from seq 1.
+            ch.published = 0;
             let _ = ch.tx.send(Arc::new(LiveMsg::Deleted));
         }
     }

@@ -1,8 +1,9 @@
-//! Fan-out: the per-process `hub`, shared wire `frame`s, and the `subscription` that joins
-//! catch-up from the log with the live tail.
+//! Fan-out: the per-process `hub`, shared wire `frame`s, the `subscription` that joins
+//! catch-up from the log with the live tail, and `notify`, the cross-node wake-ups.
 
 pub mod frame;
 pub mod hub;
+pub mod notify;
 pub mod subscription;
 
 pub use frame::Frame;

@@ -24,6 +24,10 @@ use crate::log::store::{self, StreamRow};
 use crate::log::StreamName;
 use crate::metrics as m;
 
+/// First and longest wait before re-reading the log while the database is unreachable.
+const RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Where a subscription starts.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Start {
@@ -103,6 +107,8 @@ pub struct Subscription {
     filter: Filter,
     end_on_close: bool,
     finished: bool,
+    /// While the database is unreachable: when to try the log again, and the current backoff.
+    retry: Option<(tokio::time::Instant, std::time::Duration)>,
 }
 
 /// The state of a stream when a subscription opened.
@@ -138,6 +144,7 @@ impl Subscription {
             filter,
             end_on_close,
             finished: false,
+            retry: None,
         };
         let head = row.as_ref().map_or(0, |r| r.head);
         let cursor = sub.position(row.as_ref(), start).await?;
@@ -191,7 +198,11 @@ impl Subscription {
             },
             Start::Snapshot => {
                 let Some(r) = row else { return Ok(0) };
-                let mut events = store::snapshot(&self.src.pool, r.id, r.head).await?;
+                // A closed stream ends with its `stream.closed` (which has no key, so the
+                // snapshot is the same either side of it). Starting just before it delivers
+                // it: the subscriber learns the stream is over instead of waiting forever.
+                let at = if r.closed { r.head - 1 } else { r.head };
+                let mut events = store::snapshot(&self.src.pool, r.id, at).await?;
                 // In seq order, so a client's cursor only ever moves forward.
                 events.sort_by_key(|e| e.seq);
                 for ev in &events {
@@ -200,8 +211,8 @@ impl Subscription {
                         self.pending.push_back(Item::Event(frame));
                     }
                 }
-                self.pending.push_back(Item::Cursor(r.head));
-                r.head
+                self.pending.push_back(Item::Cursor(at));
+                at
             }
         })
     }
@@ -253,12 +264,24 @@ impl Subscription {
             if self.finished {
                 return None;
             }
+            if let Some((at, _)) = self.retry {
+                tokio::time::sleep_until(at).await;
+            }
             let step = match self.mode {
                 Mode::CatchUp => self.read_log().await,
                 Mode::Live => self.recv_live().await,
             };
-            if let Err(e) = step {
-                return Some(Err(e));
+            match step {
+                Ok(()) => self.retry = None,
+                // A database outage does not end the subscription: it stays connected and
+                // reads the log again (capped backoff) until the database answers.
+                Err(Error::Unavailable) => {
+                    let delay = self
+                        .retry
+                        .map_or(RETRY_FIRST, |(_, d)| (d * 2).min(RETRY_MAX));
+                    self.retry = Some((tokio::time::Instant::now() + delay, delay));
+                }
+                Err(e) => return Some(Err(e)),
             }
         }
     }
@@ -343,7 +366,7 @@ impl Subscription {
             Err(RecvError::Lagged(missed)) => {
                 // Never skip: re-read what the channel dropped from the log.
                 tracing::debug!(stream = %self.stream, missed, "live buffer overflow; reading the log");
-                metrics::counter!(m::LAG_FALLBACKS).increment(1);
+                self.src.hub.note_lag_fallback();
                 self.mode = Mode::CatchUp;
             }
             Err(RecvError::Closed) => self.finished = true,

@@ -15,7 +15,9 @@ use serde::Serialize;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
+use super::health::DbHealth;
 use super::model::{wire_time, NewEvent, StoredEvent, StreamName};
 use super::store::{self, EventRows};
 use crate::error::{is_unavailable, Error};
@@ -74,23 +76,51 @@ struct Job {
 #[derive(Clone)]
 pub struct Appender {
     tx: mpsc::Sender<Job>,
+    health: Arc<DbHealth>,
+    closing: CancellationToken,
 }
 
 impl Appender {
-    /// Starts the appender task. It ends once every `Appender` handle is dropped and the
-    /// queue is drained, so awaiting the returned handle flushes every accepted append.
+    /// Starts the appender task. It ends once every `Appender` handle is dropped (or
+    /// [`Appender::close`] is called) and the queue is drained, so awaiting the returned
+    /// handle flushes every accepted append.
     pub fn spawn(
         pool: PgPool,
         sink: Arc<dyn CommitSink>,
         node_id: Arc<str>,
         max_batch: usize,
+        health: Arc<DbHealth>,
     ) -> (Appender, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(max_batch.max(1) * 4);
-        let task = tokio::spawn(run(rx, pool, sink, node_id, max_batch.max(1)));
-        (Appender { tx }, task)
+        let closing = CancellationToken::new();
+        let task = tokio::spawn(run(
+            rx,
+            pool,
+            sink,
+            node_id,
+            max_batch.max(1),
+            health.clone(),
+            closing.clone(),
+        ));
+        let appender = Appender {
+            tx,
+            health,
+            closing,
+        };
+        (appender, task)
+    }
+
+    /// Refuses new appends (503 `shutting_down`) and lets the task commit what is queued and
+    /// end, even while handles remain (held by connections still open at shutdown).
+    pub fn close(&self) {
+        self.closing.cancel();
     }
 
     pub async fn append(&self, spec: AppendSpec) -> Result<AppendResult, Error> {
+        if self.health.is_down() {
+            // Fail fast while the database is known to be unreachable; the probe clears this.
+            return Err(Error::Unavailable);
+        }
         let (reply, answer) = oneshot::channel();
         let job = Job {
             spec,
@@ -108,17 +138,49 @@ async fn run(
     sink: Arc<dyn CommitSink>,
     node_id: Arc<str>,
     max_batch: usize,
+    health: Arc<DbHealth>,
+    closing: CancellationToken,
 ) {
     let mut jobs = Vec::with_capacity(max_batch);
-    while rx.recv_many(&mut jobs, max_batch).await > 0 {
-        commit_jobs(&pool, &*sink, &node_id, std::mem::take(&mut jobs)).await;
+    let mut closed = false;
+    loop {
+        let n = tokio::select! {
+            // `recv_many` is cancel-safe: nothing received is lost when closing wins.
+            n = rx.recv_many(&mut jobs, max_batch) => n,
+            _ = closing.cancelled(), if !closed => {
+                // Senders now fail; what is already queued is still received and committed.
+                rx.close();
+                closed = true;
+                continue;
+            }
+        };
+        if n == 0 {
+            return;
+        }
+        let jobs = std::mem::take(&mut jobs);
+        commit_jobs(&pool, &*sink, &node_id, &health, jobs).await;
     }
 }
 
-async fn commit_jobs(pool: &PgPool, sink: &dyn CommitSink, node: &str, jobs: Vec<Job>) {
+async fn commit_jobs(
+    pool: &PgPool,
+    sink: &dyn CommitSink,
+    node: &str,
+    health: &DbHealth,
+    jobs: Vec<Job>,
+) {
     let started = Instant::now();
     let specs: Vec<&AppendSpec> = jobs.iter().map(|j| &j.spec).collect();
-    match commit_with_retry(pool, node, &specs).await {
+    let result = commit_with_retry(pool, node, &specs, health).await;
+    match &result {
+        Ok(_) => health.mark_up(),
+        // A pool timeout may only mean every connection is busy: the LISTEN connection's
+        // failures to reconnect are what mark an unreachable database as down then.
+        Err(sqlx::Error::PoolTimedOut) => {}
+        Err(e) if is_unavailable(e) => health.mark_down(),
+        Err(_) => {}
+    }
+    match result {
         Ok(plan) => {
             metrics::histogram!(m::APPEND_BATCH_SIZE).record(jobs.len() as f64);
             metrics::counter!(m::APPEND_BATCHES).increment(1);
@@ -129,7 +191,7 @@ async fn commit_jobs(pool: &PgPool, sink: &dyn CommitSink, node: &str, jobs: Vec
             tracing::warn!(error = %e, jobs = jobs.len(), "batch failed; retrying appends one by one");
             for job in jobs {
                 let started = Instant::now();
-                match commit_with_retry(pool, node, &[&job.spec]).await {
+                match commit_with_retry(pool, node, &[&job.spec], health).await {
                     Ok(plan) => deliver(sink, vec![job], plan, started),
                     Err(e) => {
                         let _ = job.reply.send(Err(e.into()));
@@ -166,10 +228,11 @@ async fn commit_with_retry(
     pool: &PgPool,
     node: &str,
     specs: &[&AppendSpec],
+    health: &DbHealth,
 ) -> Result<Plan, sqlx::Error> {
     let mut attempt = 0;
     loop {
-        match commit(pool, node, specs).await {
+        match commit(pool, node, specs, health).await {
             // 40P01 deadlock (streams created by two nodes at once), 40001 serialization.
             Err(sqlx::Error::Database(db))
                 if attempt < 5 && matches!(db.code().as_deref(), Some("40P01" | "40001")) =>
@@ -191,13 +254,45 @@ struct StreamState {
     new_ids: HashMap<String, i64>,
 }
 
-async fn commit(pool: &PgPool, node: &str, specs: &[&AppendSpec]) -> Result<Plan, sqlx::Error> {
+/// The connection died during COMMIT, so the transaction may or may not have committed.
+/// Asks the database (on another connection) which, so that callers hear the truth: success
+/// only if it is durable, failure only if nothing was written. Gives up (failing, and
+/// logging the transaction id) only if the database stays unreachable.
+async fn resolve_in_doubt(pool: &PgPool, xid: i64, err: sqlx::Error) -> Result<(), sqlx::Error> {
+    const LIMIT: Duration = Duration::from_secs(15);
+    let deadline = Instant::now() + LIMIT;
+    let mut delay = Duration::from_millis(20);
+    loop {
+        match store::transaction_status(pool, xid).await {
+            Ok(Some(s)) if s == "committed" => {
+                tracing::info!(xid, "commit confirmed after its connection was lost");
+                return Ok(());
+            }
+            Ok(Some(s)) if s == "aborted" => return Err(err),
+            // `in progress`: the dying backend has not rolled back yet.
+            Ok(_) | Err(_) => {}
+        }
+        if Instant::now() >= deadline {
+            tracing::error!(xid, error = %err, "outcome of a commit is unknown; failing its appends");
+            return Err(err);
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
+}
+
+async fn commit(
+    pool: &PgPool,
+    node: &str,
+    specs: &[&AppendSpec],
+    health: &DbHealth,
+) -> Result<Plan, sqlx::Error> {
     let time = wire_time(Utc::now());
     let names: BTreeSet<&str> = specs.iter().map(|s| s.stream.as_str()).collect();
     let names: Vec<&str> = names.into_iter().collect();
 
     let mut tx = pool.begin().await?;
-    let rows = store::lock_streams(&mut tx, &names).await?;
+    let rows = store::lock_streams(&mut tx, &names, time).await?;
 
     let mut id_streams = Vec::new();
     let mut id_values = Vec::new();
@@ -251,8 +346,16 @@ async fn commit(pool: &PgPool, node: &str, specs: &[&AppendSpec]) -> Result<Plan
     for (name, (head, _)) in &heads {
         announced.push((name, *head));
     }
-    store::notify(&mut tx, &store::notify_payloads(node, &announced)).await?;
-    tx.commit().await?;
+    let payloads = store::notify_payloads(node, &announced);
+    let xid = store::notify_returning_xid(&mut tx, &payloads).await?;
+    match (tx.commit().await, xid) {
+        (Ok(()), _) => {}
+        (Err(e), Some(xid)) if is_unavailable(&e) => {
+            health.mark_down();
+            resolve_in_doubt(pool, xid, e).await?;
+        }
+        (Err(e), _) => return Err(e),
+    }
     Ok(Plan {
         outcomes,
         heads,
@@ -276,9 +379,6 @@ fn plan_job<'a>(
         };
         return Ok((result(&spec.stream, vec![ack]), vec![None]));
     }
-    if st.closed {
-        return Err(Error::StreamClosed { head: st.head });
-    }
     // First pass: which events are duplicates (of the log, of this batch, of this request)?
     let mut dup_of: Vec<Option<i64>> = Vec::with_capacity(spec.events.len());
     let mut in_request: HashMap<&str, usize> = HashMap::new();
@@ -300,8 +400,11 @@ fn plan_job<'a>(
         dup_of.push(prior);
     }
     // A retry of an append that already succeeded is all duplicates: answer it as such even
-    // though the head has moved past `expected_seq`.
+    // though the head has moved past `expected_seq`, or the stream was closed since.
     if fresh > 0 {
+        if st.closed {
+            return Err(Error::StreamClosed { head: st.head });
+        }
         if let Some(expected) = spec.expected_seq {
             if expected != st.head {
                 return Err(Error::SeqConflict {

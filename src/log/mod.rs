@@ -2,7 +2,9 @@
 //! statement, `appender` the group-commit writer, `reader` catch-up and export reads.
 
 pub mod appender;
+pub mod health;
 pub mod model;
+pub mod retention;
 pub mod store;
 
 pub use appender::{AppendResult, AppendSpec, Appender, CommitSink, Committed};

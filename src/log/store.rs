@@ -195,9 +195,12 @@ pub async fn delete_stream(pool: &PgPool, name: &str, node: &str) -> Result<bool
 /// Rows are locked in name order so that two appenders (on any nodes) whose batches share
 /// streams cannot deadlock; the locks are held until the caller's transaction commits, which
 /// is what keeps per-stream commit order equal to seq order.
+/// Rows it creates get `time` (the batch's commit time) as their creation time, so that a
+/// stream's `created_at` never comes after the `time` of its first event.
 pub async fn lock_streams(
     tx: &mut Transaction<'_, Postgres>,
     names: &[&str],
+    time: DateTime<Utc>,
 ) -> Result<HashMap<String, StreamRow>, sqlx::Error> {
     let sql = format!(
         "select {STREAM_COLUMNS} from streams where name = any($1) order by name for update"
@@ -217,10 +220,12 @@ pub async fn lock_streams(
         // A concurrent creator may win the insert; `do nothing` then leaves its row, which the
         // select below locks (waiting for that creator to commit).
         sqlx::query(
-            "insert into streams (name) select n from unnest($1::text[]) as t(n) order by n
+            "insert into streams (name, created_at, updated_at)
+             select n, $2, $2 from unnest($1::text[]) as t(n) order by n
              on conflict (name) do nothing",
         )
         .bind(&missing)
+        .bind(time)
         .execute(&mut **tx)
         .await?;
         let rows = sqlx::query(&sql)
@@ -392,4 +397,76 @@ pub fn notify_payloads(node: &str, heads: &[(&StreamName, i64)]) -> Vec<String> 
         out.push(cur);
     }
     out
+}
+
+/// Succeeds if the database answers a trivial query.
+pub async fn ping(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("select 1").execute(pool).await.map(|_| ())
+}
+
+/// The current head of each named stream that exists.
+pub async fn stream_heads(
+    pool: &PgPool,
+    names: &[&str],
+) -> Result<HashMap<String, i64>, sqlx::Error> {
+    let rows = sqlx::query("select name, head from streams where name = any($1)")
+        .bind(names)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
+        .collect())
+}
+
+/// Like [`read_events`], for a stream known by name (what notifications carry).
+pub async fn read_events_by_name(
+    pool: &PgPool,
+    name: &str,
+    after: i64,
+    upto: i64,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    let rows = sqlx::query(
+        r#"select e.seq, e.type, e.data, e.event_id, e.key, e.time
+           from streams s join events e on e.stream_id = s.id
+           where s.name = $1 and e.seq > $2 and e.seq <= $3
+           order by e.seq limit $4"#,
+    )
+    .bind(name)
+    .bind(after)
+    .bind(upto)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.iter().map(event_from_row).collect())
+}
+
+/// Like [`notify`], and returns the transaction's id (None if there was nothing to send),
+/// so that a commit whose outcome is unknown can be looked up with [`transaction_status`].
+pub async fn notify_returning_xid(
+    tx: &mut Transaction<'_, Postgres>,
+    payloads: &[String],
+) -> Result<Option<i64>, sqlx::Error> {
+    if payloads.is_empty() {
+        return Ok(None);
+    }
+    // The count forces every pg_notify in the CTE to run.
+    let xid: i64 = sqlx::query_scalar(
+        "with sent as (select pg_notify($1, p) from unnest($2::text[]) as t(p))
+         select txid_current() from (select count(*) from sent) n",
+    )
+    .bind(NOTIFY_CHANNEL)
+    .bind(payloads)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(Some(xid))
+}
+
+/// `committed`, `aborted` or `in progress` (None: too old to know).
+pub async fn transaction_status(pool: &PgPool, xid: i64) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("select txid_status($1)")
+        .bind(xid)
+        .fetch_one(pool)
+        .await
 }

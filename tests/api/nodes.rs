@@ -1,0 +1,162 @@
+//! Helpers for tests with several nodes on one database, and for database outages: pools of
+//! their own per node, a TCP proxy in front of PostgreSQL that can be cut, and condition
+//! waits.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::helpers::{TestApp, WAIT};
+
+/// A new pool on the test database (each node has its own, as separate processes would),
+/// tagged so that tests can terminate its backends.
+pub async fn node_pool(pool: &PgPool, node: &str) -> PgPool {
+    let opts = (*pool.connect_options())
+        .clone()
+        .application_name(&format!("tailcast-node:{node}"));
+    PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_with(opts)
+        .await
+        .expect("node pool")
+}
+
+/// Starts a node on its own pool with the given id.
+pub async fn spawn_node(pool: &PgPool, node: &str) -> TestApp {
+    spawn_node_with(pool, node, |_| {}).await
+}
+
+pub async fn spawn_node_with(
+    pool: &PgPool,
+    node: &str,
+    tweak: impl FnOnce(&mut tailcast::Config),
+) -> TestApp {
+    let own = node_pool(pool, node).await;
+    let node = node.to_owned();
+    TestApp::spawn_with(own, move |c| {
+        c.node_id = Some(node);
+        tweak(c);
+    })
+    .await
+}
+
+/// Terminates the backends whose application_name matches `pattern` (SQL `like`); returns
+/// how many.
+pub async fn terminate_backends(admin: &PgPool, pattern: &str) -> i64 {
+    sqlx::query_scalar(
+        "select count(*) from (select pg_terminate_backend(pid) from pg_stat_activity
+         where datname = current_database() and application_name like $1
+           and pid <> pg_backend_pid()) t",
+    )
+    .bind(pattern)
+    .fetch_one(admin)
+    .await
+    .expect("terminate backends")
+}
+
+/// Polls `check` until it holds (bounded by [`WAIT`]).
+pub async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        // A polling interval, not a synchronisation: the loop exits on the condition.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn stats(app: &TestApp) -> Value {
+    app.get_json("/v1/stats").await
+}
+
+/// A TCP proxy to PostgreSQL that can be cut (every connection dropped, new ones closed at
+/// once, as when the database host goes away) and restored.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    up: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().unwrap();
+        let (up, _) = watch::channel(true);
+        let state = up.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                if !*state.borrow() {
+                    drop(client);
+                    continue;
+                }
+                let mut down = state.subscribe();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut client, mut server) = (client, server);
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = down.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, up, task }
+    }
+
+    /// Options for the test database through this proxy.
+    pub fn options(&self, pool: &PgPool, name: &str) -> PgConnectOptions {
+        (*pool.connect_options())
+            .clone()
+            .host("127.0.0.1")
+            .port(self.addr.port())
+            .application_name(name)
+    }
+
+    pub fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.up.send_replace(true);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.task.abort();
+    }
+}
+
+/// The address PostgreSQL listens on for the test database.
+pub fn postgres_addr(pool: &PgPool) -> SocketAddr {
+    let opts = pool.connect_options();
+    let host = match opts.get_host() {
+        "localhost" => "127.0.0.1",
+        h => h,
+    };
+    format!("{host}:{}", opts.get_port())
+        .parse()
+        .expect("PostgreSQL host is an IP address")
+}

@@ -1,0 +1,186 @@
+//! Operations: health, readiness, stats, and the Prometheus metrics an operator watches.
+
+use serde_json::json;
+use sqlx::PgPool;
+use tailcast::live::{Filter, Item, Start, Subscription};
+use tailcast::log::retention::{self, Policy};
+use tailcast::log::{AppendSpec, NewEvent, StreamName};
+use tailcast::{App, Config};
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{TestApp, WAIT};
+use crate::nodes::{spawn_node, spawn_node_with, stats, wait_until};
+
+#[sqlx::test]
+async fn health_readiness_and_stats(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, |c| c.node_id = Some("ops-1".into())).await;
+    assert_eq!(app.get_json("/healthz").await["status"], "ok");
+    assert_eq!(app.get_json("/readyz").await["status"], "ready");
+
+    let s = stats(&app).await;
+    assert_eq!(s["node_id"], "ops-1");
+    assert_eq!(s["connections"], json!({"sse":0,"ws":0}));
+    assert_eq!(s["subscriptions"], 0);
+    assert_eq!(s["database"], "ok");
+
+    app.append("a", json!({"data":1})).await;
+    let mut one = app.sse_events("a", "", None).await;
+    let _two = app.sse_events("a", "", None).await;
+    let _three = app.sse_events("b", "", None).await;
+    one.envelopes_through(1, 1).await;
+    let s = stats(&app).await;
+    assert_eq!(s["connections"], json!({"sse":3,"ws":0}));
+    assert_eq!(s["subscriptions"], 3);
+    assert_eq!(s["live_streams"], 2);
+    assert!(s["uptime_s"].is_u64());
+    wait_until("listening", || async {
+        stats(&app).await["listener"]["connected"] == json!(true)
+    })
+    .await;
+
+    drop(one);
+    wait_until("the closed response is no longer counted", || async {
+        stats(&app).await["connections"]["sse"] == 2
+    })
+    .await;
+    app.shutdown().await;
+}
+
+/// A lagging subscriber (its live buffer overflowed) reads what it missed from the log.
+async fn lag_once(pool: &PgPool) {
+    let mut config = Config::for_database("postgres://unused");
+    config.live_buffer = 2;
+    let app = App::with_pool(config, pool.clone()).await.unwrap();
+    let state = &app.state;
+    let stream = StreamName::parse("lagging").unwrap();
+    let (mut sub, _) = Subscription::open(
+        state.source(),
+        stream.clone(),
+        Start::After(0),
+        Filter::default(),
+        false,
+    )
+    .await
+    .unwrap();
+    let append = |i: i64| AppendSpec {
+        stream: stream.clone(),
+        events: vec![NewEvent {
+            ty: "message".into(),
+            data: i.to_string(),
+            id: None,
+            key: None,
+        }],
+        expected_seq: None,
+        close: false,
+    };
+    // Caught up (and so following live) after the first event...
+    state.appender.append(append(1)).await.unwrap();
+    let first = tokio::time::timeout(WAIT, sub.next()).await.unwrap();
+    assert!(matches!(first, Some(Ok(Item::Event(f))) if f.seq == 1));
+    // ...then ten commits, ten live messages, a buffer of two: the subscriber lags.
+    for i in 2..=11 {
+        state.appender.append(append(i)).await.unwrap();
+    }
+    for seq in 2..=11 {
+        let item = tokio::time::timeout(WAIT, sub.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let Item::Event(frame) = item else {
+            panic!("expected an event, got {item:?}");
+        };
+        assert_eq!(frame.seq, seq);
+    }
+    state.shutdown.cancel();
+}
+
+/// A client that stops reading is disconnected after the write timeout.
+async fn slow_consumer_once(app: &TestApp) {
+    let before = stats(app).await["connections"]["sse"].as_u64().unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut conn = sock.connect(app.addr).await.unwrap();
+    conn.write_all(b"GET /v1/streams/big/sse HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    wait_until("the SSE response open", || async {
+        stats(app).await["connections"]["sse"] == before + 1
+    })
+    .await;
+    // More than any socket buffers hold, never read.
+    let big = "y".repeat(900_000);
+    for _ in 0..12 {
+        app.append("big", json!({"data":big})).await;
+    }
+    wait_until("the slow consumer disconnected", || async {
+        stats(app).await["connections"]["sse"] == before
+    })
+    .await;
+    drop(conn);
+}
+
+#[sqlx::test]
+async fn metrics_cover_appends_delivery_fan_out_lag_slow_consumers_and_retention(pool: PgPool) {
+    let a = spawn_node(&pool, "m-a").await;
+    let b = spawn_node_with(&pool, "m-b", |c| c.write_timeout_s = 1).await;
+    wait_until("b listening", || async {
+        stats(&b).await["listener"]["connected"] == json!(true)
+    })
+    .await;
+    let mut sub = b.sse_events("m", "", None).await;
+    a.append("m", json!([{"data":1},{"data":2}])).await;
+    sub.envelopes_through(1, 2).await;
+    b.append("m", json!({"data":3})).await;
+    sub.envelopes_through(3, 3).await;
+
+    lag_once(&pool).await;
+    slow_consumer_once(&b).await;
+    let policy = Policy {
+        max_age_s: 0,
+        max_events: 1,
+        batch: 100,
+    };
+    let deleted = retention::run_once(&pool, &policy, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(deleted > 0);
+
+    let res = b.get("/metrics").await;
+    assert_eq!(res.status(), 200);
+    assert!(res.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = res.text().await.unwrap();
+    for needle in [
+        "tailcast_appended_events_total ",
+        "tailcast_append_batches_total ",
+        "tailcast_append_latency_seconds_bucket{",
+        "tailcast_append_batch_size_bucket{",
+        "tailcast_connections{transport=\"sse\"}",
+        "tailcast_subscriptions ",
+        "tailcast_live_streams ",
+        "tailcast_delivered_events_total{transport=\"sse\"}",
+        "tailcast_delivery_latency_seconds_bucket{transport=\"sse\"",
+        "tailcast_catchup_reads_total ",
+        "tailcast_lag_fallbacks_total ",
+        "tailcast_slow_consumer_disconnects_total ",
+        "tailcast_notify_wakeups_total ",
+        "tailcast_retention_deleted_events_total ",
+        "tailcast_http_requests_total{",
+    ] {
+        assert!(text.contains(needle), "/metrics lacks {needle:?}:\n{text}");
+    }
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    assert!(value("tailcast_appended_events_total ") >= 3.0 + 10.0 + 12.0);
+    assert!(value("tailcast_retention_deleted_events_total ") >= deleted as f64);
+    assert!(value("tailcast_slow_consumer_disconnects_total ") >= 1.0);
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -1,0 +1,258 @@
+//! Database outages: appends fail fast with 503 `unavailable`, `/readyz` says 503, open
+//! subscriptions stay connected and resume, and the service recovers by itself.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+use crate::helpers::{TestApp, WAIT};
+use crate::nodes::{postgres_addr, spawn_node_with, stats, terminate_backends, wait_until, Proxy};
+
+async fn status_of(app: &TestApp, path: &str) -> u16 {
+    app.get(path).await.status().as_u16()
+}
+
+#[sqlx::test]
+async fn while_the_database_is_unreachable_appends_fail_fast_and_subscriptions_wait(pool: PgPool) {
+    let proxy = Proxy::start(postgres_addr(&pool)).await;
+    let app_pool = PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect_with(proxy.options(&pool, "tailcast-node:x"))
+        .await
+        .unwrap();
+    let app = TestApp::spawn_with(app_pool, |c| {
+        c.node_id = Some("x".into());
+        c.reconnect_delay_ms = 50;
+        c.read_page = 100;
+    })
+    .await;
+
+    // A long stream (more than socket buffers hold) so that a catch-up spans the outage.
+    let filler = "x".repeat(1000);
+    for b in 0..4 {
+        let batch: Vec<Value> = (0..500)
+            .map(|i| json!({"data":{"n":b * 500 + i,"pad":filler}}))
+            .collect();
+        app.append("long", Value::Array(batch)).await;
+    }
+    app.append("s", json!([{"data":1},{"data":2}])).await;
+    let mut live = app.sse_events("s", "", None).await;
+    live.envelopes_through(1, 2).await;
+    let mut catching_up = app.sse_events("long", "", None).await;
+    catching_up.envelopes_through(1, 200).await;
+
+    proxy.cut();
+    let t = Instant::now();
+    let res = app.append_raw("s", "", r#"{"data":3}"#).await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["retry-after"], "1");
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["code"], "unavailable");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // Known down: later appends do not wait for a connection at all.
+    let t = Instant::now();
+    let res = app.append_raw("s", "", r#"{"data":3}"#).await;
+    assert_eq!(res.status(), 503);
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+
+    assert_eq!(status_of(&app, "/readyz").await, 503);
+    assert_eq!(status_of(&app, "/healthz").await, 200);
+    let s = stats(&app).await;
+    assert_eq!(s["database"], "unavailable");
+    // New subscriptions cannot start without the log: 503, not a hang.
+    let res = app.sse("s", "", None).await;
+    assert_eq!(res.status(), 503);
+    wait_until("the listener notices", || async {
+        stats(&app).await["listener"]["connected"] == json!(false)
+    })
+    .await;
+
+    proxy.restore();
+    wait_until("ready again", || async {
+        status_of(&app, "/readyz").await == 200
+    })
+    .await;
+    // The same event id on every try: an attempt that failed in doubt is not duplicated.
+    wait_until("appends accepted again", || async {
+        app.append_raw("s", "", r#"{"data":3,"id":"after-outage"}"#)
+            .await
+            .status()
+            == 201
+    })
+    .await;
+    app.append("s", json!([{"data":4},{"data":5}])).await;
+
+    // The subscriptions opened before the outage carry on, exactly once and in order.
+    let got = live.envelopes_through(3, 5).await;
+    let data: Vec<&Value> = got.iter().map(|e| &e["data"]).collect();
+    assert_eq!(data, [&json!(3), &json!(4), &json!(5)]);
+    let rest = catching_up.envelopes_through(201, 2000).await;
+    for (i, ev) in rest.iter().enumerate() {
+        assert_eq!(ev["data"]["n"], json!(200 + i));
+    }
+    assert_eq!(stats(&app).await["database"], "ok");
+    app.shutdown().await;
+}
+
+/// Appends `{"p":p,"i":i}` with id `p-i` until acknowledged, retrying failures with the same
+/// id; returns the acknowledged seqs.
+async fn produce_with_retries(
+    app: &TestApp,
+    stream: &str,
+    p: usize,
+    count: usize,
+    acked: &AtomicUsize,
+    seqs: &Mutex<HashMap<String, i64>>,
+) {
+    let url = app.url(&format!("/v1/streams/{stream}/events"));
+    for i in 0..count {
+        let id = format!("{p}-{i}");
+        let body = json!({"data":{"p":p,"i":i},"id":id});
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let res = app.client.post(&url).json(&body).send().await;
+            match res {
+                Ok(r) if r.status() == 201 => {
+                    let r: Value = r.json().await.unwrap();
+                    // A failed append left nothing behind (a commit cut off mid-way is looked
+                    // up, not guessed), so a retry is never answered as a duplicate.
+                    assert_eq!(
+                        r["events"][0].get("duplicate"),
+                        None,
+                        "{id} failed yet stored"
+                    );
+                    let seq = r["first_seq"].as_i64().unwrap();
+                    seqs.lock().unwrap().insert(id.clone(), seq);
+                    acked.fetch_add(1, Ordering::SeqCst);
+                    break;
+                }
+                Ok(r) => assert_eq!(r.status(), 503, "only outages may fail appends"),
+                Err(e) => panic!("the server itself must stay up: {e}"),
+            }
+            assert!(Instant::now() < deadline, "append {id} never succeeded");
+            // A client's retry back-off.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[sqlx::test]
+async fn terminating_every_backend_during_appends_and_subscriptions_loses_and_duplicates_nothing(
+    pool: PgPool,
+) {
+    let fast = |c: &mut tailcast::Config| c.reconnect_delay_ms = 20;
+    let a = spawn_node_with(&pool, "a", fast).await;
+    let b = spawn_node_with(&pool, "b", fast).await;
+    let mut subs = Vec::new();
+    for node in [&a, &b] {
+        subs.push(node.sse_events("s", "", None).await);
+        subs.push(node.sse_events("s", "", None).await);
+    }
+
+    let (producers, per_producer) = (4, 60);
+    let acked = AtomicUsize::new(0);
+    let seqs = Mutex::new(HashMap::new());
+    let produce = futures::future::join_all((0..producers).map(|p| {
+        let node = if p % 2 == 0 { &a } else { &b };
+        produce_with_retries(node, "s", p, per_producer, &acked, &seqs)
+    }));
+    let kill = async {
+        let mut killed = 0;
+        for threshold in [30, 90, 150, 200] {
+            wait_until("appends progressing", || async {
+                acked.load(Ordering::SeqCst) >= threshold
+            })
+            .await;
+            // Pools, appenders and LISTEN connections of both nodes, mid-flight.
+            killed += terminate_backends(&pool, "tailcast-%").await;
+        }
+        killed
+    };
+    let (_, killed) = tokio::join!(produce, kill);
+    assert!(killed >= 4, "the test must actually kill connections");
+
+    let log = a.read_all("s").await;
+    let total = producers * per_producer;
+    assert_eq!(
+        log.len(),
+        total,
+        "no acknowledged event lost, none duplicated"
+    );
+    let seqs = seqs.into_inner().unwrap();
+    let mut ids = HashSet::new();
+    for (n, ev) in log.iter().enumerate() {
+        assert_eq!(ev["seq"].as_i64().unwrap(), n as i64 + 1);
+        let id = ev["id"].as_str().unwrap();
+        assert!(ids.insert(id.to_owned()), "{id} stored twice");
+        assert_eq!(seqs[id], n as i64 + 1, "{id} acknowledged at another seq");
+    }
+    for sub in &mut subs {
+        assert_eq!(sub.envelopes_through(1, total as i64).await, log);
+    }
+
+    // Recovered by itself: both nodes ready, listening, and delivering live.
+    for node in [&a, &b] {
+        wait_until("ready", || async {
+            status_of(node, "/readyz").await == 200
+        })
+        .await;
+        wait_until("listening", || async {
+            stats(node).await["listener"]["connected"] == json!(true)
+        })
+        .await;
+    }
+    let next = total as i64 + 1;
+    wait_until("appends accepted", || async {
+        b.append_raw("s", "", r#"{"data":"last","id":"last"}"#)
+            .await
+            .status()
+            == 201
+    })
+    .await;
+    for sub in &mut subs {
+        assert_eq!(sub.envelopes_through(next, next).await[0]["data"], "last");
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[sqlx::test]
+async fn a_commit_cut_off_mid_way_can_be_looked_up_by_transaction_id(pool: PgPool) {
+    use tailcast::log::store;
+    let payloads = vec!["node\ns 1".to_owned()];
+    let mut tx = pool.begin().await.unwrap();
+    let committed = store::notify_returning_xid(&mut tx, &payloads)
+        .await
+        .unwrap()
+        .unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let aborted = store::notify_returning_xid(&mut tx, &payloads)
+        .await
+        .unwrap()
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let open = store::notify_returning_xid(&mut tx, &payloads)
+        .await
+        .unwrap()
+        .unwrap();
+    let status = |xid| store::transaction_status(&pool, xid);
+    assert_eq!(
+        status(committed).await.unwrap().as_deref(),
+        Some("committed")
+    );
+    assert_eq!(status(aborted).await.unwrap().as_deref(), Some("aborted"));
+    assert_eq!(status(open).await.unwrap().as_deref(), Some("in progress"));
+    assert!(store::notify_returning_xid(&mut tx, &[])
+        .await
+        .unwrap()
+        .is_none());
+    tx.rollback().await.unwrap();
+}
