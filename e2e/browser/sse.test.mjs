@@ -41,6 +41,21 @@ async function waitForCount(page, n) {
   await page.waitForFunction((n) => window.got.length >= n, n, { timeout: WAIT_MS });
 }
 
+/** Waits until `stream.closed` has arrived; everything before it has arrived by then. */
+async function waitForClosedEvent(page) {
+  await page.waitForFunction(
+    () => window.got.some((m) => JSON.parse(m.data).type === 'stream.closed'),
+    null,
+    { timeout: WAIT_MS },
+  );
+}
+
+/** After `stream.closed` the response ends; the reconnect (cursor at the closed head) gets
+ * 204 and EventSource gives up for good: readyState CLOSED. */
+async function waitForEventSourceClosed(page) {
+  await page.waitForFunction(() => window.es.readyState === EventSource.CLOSED, null, { timeout: WAIT_MS });
+}
+
 test('EventSource receives every event once, in order, byte-identical to replay, and stops at close', async () => {
   const page = await pageOn(browser.context, server);
   const stream = uniqueStream('e2e-sse');
@@ -60,11 +75,7 @@ test('EventSource receives every event once, in order, byte-identical to replay,
   const closed = await server.close(stream, 'done');
   const total = 150 + 5 * 30 + 1;
   assert.equal(closed.last_seq, total);
-  await waitForCount(page, total);
-  // After `stream.closed` the response ends; the reconnect (cursor at the closed head) gets
-  // 204 and EventSource gives up for good: readyState CLOSED.
-  await page.waitForFunction(() => window.es.readyState === EventSource.CLOSED, null, { timeout: WAIT_MS });
-
+  await waitForClosedEvent(page);
   const got = await page.evaluate(() => window.got);
   const replay = await server.exportLines(stream);
   assert.equal(replay.length, total);
@@ -77,6 +88,8 @@ test('EventSource receives every event once, in order, byte-identical to replay,
   assert.equal(last.type, 'stream.closed');
   assert.deepEqual(last.data, { reason: 'done' });
   assert.deepEqual(await page.evaluate(() => window.notices), []);
+  await waitForEventSourceClosed(page);
+  assert.equal((await page.evaluate(() => window.got)).length, total, 'nothing after the end');
   await page.close();
 });
 
@@ -114,9 +127,7 @@ test('EventSource rides through a server restart mid-stream with Last-Event-ID: 
   await server.start();
   await producing;
   await server.close(stream, 'end');
-  await waitForCount(page, N + 1);
-  await page.waitForFunction(() => window.es.readyState === EventSource.CLOSED, null, { timeout: WAIT_MS });
-
+  await waitForClosedEvent(page);
   const got = await page.evaluate(() => window.got);
   const opens = await page.evaluate(() => window.opens);
   assert.ok(receivedWhileDown < N, 'the server died mid-stream');
@@ -132,5 +143,7 @@ test('EventSource rides through a server restart mid-stream with Last-Event-ID: 
     }
   });
   assert.equal(JSON.parse(got[N].data).type, 'stream.closed');
+  await waitForEventSourceClosed(page);
+  assert.equal((await page.evaluate(() => window.got)).length, N + 1, 'nothing after the end');
   await page.close();
 });

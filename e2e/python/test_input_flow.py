@@ -86,6 +86,8 @@ async def follow_sse(client: httpx.AsyncClient, stream: str, on_event) -> list[d
         assert source.response.status_code == 200
         assert source.response.headers["content-type"].startswith("text/event-stream")
         async for sse in source.aiter_sse():
+            if not sse.data:
+                continue  # a `retry:`-only block; httpx-sse yields it, browsers dispatch nothing
             assert sse.event == "message", f"unexpected frame {sse.event}: {sse.data}"
             env = json.loads(sse.data)
             assert sse.id == str(env["seq"])
