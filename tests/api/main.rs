@@ -1,5 +1,6 @@
 //! Integration tests: a real server, real sockets, real PostgreSQL (one database per test).
 
+mod console;
 mod helpers;
 mod log;
 mod sse;
