@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api;
 use crate::api::events::Limits;
+use crate::auth::{self, Authenticator};
 use crate::config::Config;
 use crate::live::{Hub, Source};
 use crate::log::{store, Appender, MIGRATOR};
@@ -35,6 +36,8 @@ pub struct AppState {
     pub started: Instant,
     pub prometheus: PrometheusHandle,
     pub connections: Arc<Connections>,
+    /// Turns request credentials into a `Principal`.
+    pub auth: Arc<Authenticator>,
 }
 
 #[derive(Default)]
@@ -142,6 +145,7 @@ impl App {
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_owned())
             .into();
+        let auth = Arc::new(Authenticator::from_config(&config)?);
         let hub = Hub::new(config.live_buffer);
         let (appender, appender_task) = Appender::spawn(
             pool.clone(),
@@ -159,6 +163,7 @@ impl App {
             started: Instant::now(),
             prometheus: m::install(),
             connections: Arc::default(),
+            auth,
         };
         Ok(App {
             state,
@@ -176,25 +181,28 @@ impl App {
             state,
             appender_task,
         } = self;
+        auth::check_listen(&state.config, listener.local_addr()?)?;
         let token = state.shutdown.clone();
         let deadline = state.config.shutdown_timeout();
-        let listener = TimeoutListener::new(listener, state.config.write_timeout());
+        let header_timeout = state.config.header_timeout();
+        let listener = TimeoutListener::new(listener, state.config.write_timeout())
+            .with_client_limit(state.config.max_connections_per_client);
         let router = api::router(state.clone());
         drop(state);
-        let signal = {
+        {
             let token = token.clone();
-            async move {
+            tokio::spawn(async move {
                 shutdown.await;
                 tracing::info!("shutting down");
                 token.cancel();
-            }
-        };
-        let server = axum::serve(
+            });
+        }
+        let server = tokio::spawn(crate::net::serve(
             listener,
-            router.into_make_service_with_connect_info::<crate::net::PeerAddr>(),
-        )
-        .with_graceful_shutdown(signal);
-        let server = tokio::spawn(async move { server.await });
+            router,
+            header_timeout,
+            token.clone(),
+        ));
         token.cancelled().await;
         if tokio::time::timeout(deadline, server).await.is_err() {
             tracing::warn!(?deadline, "connections still open at the shutdown deadline");

@@ -77,6 +77,69 @@ pub struct Config {
     /// This node's name in stats and logs (default: a random id).
     #[arg(long, env = "TAILCAST_NODE_ID")]
     pub node_id: Option<String>,
+
+    /// Secret for HS256 JWTs (API.md "Credentials"). With it or an admin token, every `/v1`
+    /// request needs a token.
+    #[arg(long, env = "TAILCAST_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// A static bearer token with every grant, for operators.
+    #[arg(long, env = "TAILCAST_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Serve without credentials on a non-loopback address (everyone may do everything).
+    #[arg(long, env = "TAILCAST_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
+
+    /// Browser origins allowed by CORS and for WebSocket connections, comma-separated
+    /// (`*` = any). Without it only same-origin browser WebSockets are accepted.
+    #[arg(long, env = "TAILCAST_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
+    /// Most open connections from one client IP address (0 = no limit).
+    #[arg(
+        long,
+        env = "TAILCAST_MAX_CONNECTIONS_PER_CLIENT",
+        default_value_t = 1024
+    )]
+    pub max_connections_per_client: usize,
+
+    /// Most stream subscriptions on one WebSocket.
+    #[arg(
+        long,
+        env = "TAILCAST_MAX_SUBSCRIPTIONS_PER_CONNECTION",
+        default_value_t = 256
+    )]
+    pub max_subscriptions_per_connection: usize,
+
+    /// Largest WebSocket message, in bytes; bigger ones close the connection with 1009.
+    #[arg(long, env = "TAILCAST_MAX_FRAME_BYTES", default_value_t = 9 << 20)]
+    pub max_frame_bytes: usize,
+
+    /// Publishes (appends, closes, input requests) per second per token subject, or per
+    /// client address when anonymous (0 = no limit).
+    #[arg(long, env = "TAILCAST_PUBLISH_RATE", default_value_t = 0.0)]
+    pub publish_rate: f64,
+
+    /// Publishes a caller may make in a burst above the rate.
+    #[arg(long, env = "TAILCAST_PUBLISH_BURST", default_value_t = 100)]
+    pub publish_burst: u32,
+
+    /// Longest request target (path and query), in bytes: longer gets 414.
+    #[arg(long, env = "TAILCAST_MAX_URL_BYTES", default_value_t = 8 << 10)]
+    pub max_url_bytes: usize,
+
+    /// Largest total of request header names and values, in bytes: larger gets 431.
+    #[arg(long, env = "TAILCAST_MAX_HEADER_BYTES", default_value_t = 16 << 10)]
+    pub max_header_bytes: usize,
+
+    /// Seconds a client has to send a request's headers; slower connections are closed.
+    #[arg(long, env = "TAILCAST_HEADER_TIMEOUT_S", default_value_t = 10)]
+    pub header_timeout_s: u64,
+
+    /// Seconds a client has to send a whole request body: slower gets 408.
+    #[arg(long, env = "TAILCAST_BODY_TIMEOUT_S", default_value_t = 30)]
+    pub body_timeout_s: u64,
 }
 
 impl Config {
@@ -90,6 +153,14 @@ impl Config {
 
     pub fn write_timeout(&self) -> Duration {
         Duration::from_secs(self.write_timeout_s.max(1))
+    }
+
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_timeout_s.max(1))
+    }
+
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_secs(self.body_timeout_s.max(1))
     }
 
     pub fn shutdown_timeout(&self) -> Duration {
@@ -119,6 +190,10 @@ impl fmt::Debug for Config {
             .field("max_event_bytes", &self.max_event_bytes)
             .field("max_batch_events", &self.max_batch_events)
             .field("max_batch_bytes", &self.max_batch_bytes)
+            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "<set>"))
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
+            .field("allow_anonymous", &self.allow_anonymous)
+            .field("cors_origins", &self.cors_origins)
             .finish_non_exhaustive()
     }
 }

@@ -80,6 +80,18 @@ pub enum Error {
     /// 429: too many requests; retry after the given seconds.
     #[error("rate limit exceeded; retry after {retry_after_s} s")]
     RateLimited { retry_after_s: u64 },
+    /// 429: this client address has too many open connections.
+    #[error("this client address has too many open connections (limit {limit})")]
+    TooManyConnections { limit: usize },
+    /// 414: the request target (path and query) is over the limit.
+    #[error("the request URL is over the limit of {limit} bytes")]
+    UriTooLong { limit: usize },
+    /// 431: the request headers are over the limit.
+    #[error("the request headers are over the limit of {limit} bytes")]
+    HeadersTooLarge { limit: usize },
+    /// 408: the request body did not arrive in time.
+    #[error("the request body did not arrive within {timeout_s} s")]
+    RequestTimeout { timeout_s: u64 },
     /// 503: the database cannot be reached.
     #[error("the event log is unavailable; retry shortly")]
     Unavailable,
@@ -110,7 +122,10 @@ impl Error {
             Forbidden(_) => StatusCode::FORBIDDEN,
             InputExpired(_) => StatusCode::GONE,
             InputInvalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            RateLimited { .. } | TooManyConnections { .. } => StatusCode::TOO_MANY_REQUESTS,
+            UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Unavailable | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -144,6 +159,10 @@ impl Error {
             InputExpired(_) => "input_expired",
             InputInvalid(_) => "input_invalid",
             RateLimited { .. } => "rate_limited",
+            TooManyConnections { .. } => "too_many_connections",
+            UriTooLong { .. } => "uri_too_long",
+            HeadersTooLarge { .. } => "headers_too_large",
+            RequestTimeout { .. } => "request_timeout",
             Unavailable => "unavailable",
             ShuttingDown => "shutting_down",
             Internal(_) => "internal",
@@ -163,7 +182,10 @@ impl Error {
             }
             Error::EventTooLarge { limit, .. }
             | Error::BatchTooLarge { limit, .. }
-            | Error::PayloadTooLarge { limit } => {
+            | Error::PayloadTooLarge { limit }
+            | Error::TooManyConnections { limit }
+            | Error::UriTooLong { limit }
+            | Error::HeadersTooLarge { limit } => {
                 m.insert("limit".into(), json!(limit));
             }
             Error::RateLimited { retry_after_s } => {
@@ -254,7 +276,10 @@ impl IntoResponse for Error {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
         }
-        if matches!(self, Error::Unavailable | Error::ShuttingDown) {
+        if matches!(
+            self,
+            Error::Unavailable | Error::ShuttingDown | Error::TooManyConnections { .. }
+        ) {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -24,6 +24,7 @@ pub const NOTIFY_WAKEUPS: &str = "tailcast_notify_wakeups_total";
 pub const LISTEN_RECONNECTS: &str = "tailcast_listen_reconnects_total";
 pub const RETENTION_DELETED: &str = "tailcast_retention_deleted_events_total";
 pub const ACCEPT_ERRORS: &str = "tailcast_accept_errors_total";
+pub const REFUSED_CONNECTIONS: &str = "tailcast_refused_connections_total";
 
 /// Installs the global recorder (once per process) and returns its handle for `/metrics`.
 pub fn install() -> PrometheusHandle {

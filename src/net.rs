@@ -2,20 +2,41 @@
 //! small and latency matters) and a write timeout: a client that accepts no bytes for that
 //! long — a reader that stopped reading, a slowloris — is disconnected instead of pinning
 //! buffers forever. It resumes by cursor when it comes back.
+//!
+//! It also caps the connections open from one client address: over the cap, a connection is
+//! answered `429 too_many_connections` and closed before any request is read, so one client
+//! holding many sockets (a flood, a slowloris) cannot starve the others. [`serve`] runs
+//! hyper directly so that request headers must arrive within a deadline too (axum::serve
+//! configures no timer, which leaves hyper's header-read timeout inert).
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::extract::{ConnectInfo, Request};
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_io_timeout::TimeoutStream;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 
+use crate::error::Error;
 use crate::metrics as m;
 
 pub struct TimeoutListener {
     inner: TcpListener,
     write_timeout: Duration,
+    clients: Option<Arc<ClientLimit>>,
 }
 
 impl TimeoutListener {
@@ -23,12 +44,125 @@ impl TimeoutListener {
         TimeoutListener {
             inner,
             write_timeout,
+            clients: None,
+        }
+    }
+
+    /// Caps the connections open at once from one IP address (0 = no cap).
+    pub fn with_client_limit(mut self, max: usize) -> Self {
+        self.clients = (max > 0).then(|| Arc::new(ClientLimit::new(max)));
+        self
+    }
+}
+
+/// A connection whose writes fail with `TimedOut` once blocked for the write timeout, holding
+/// its client's connection slot until dropped.
+pub struct Conn {
+    io: Pin<Box<TimeoutStream<TcpStream>>>,
+    _slot: Option<ClientSlot>,
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.io.as_mut().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.io.as_mut().poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.io.as_mut().poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.io.as_mut().poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.io.as_mut().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// Open connections per client IP address.
+pub struct ClientLimit {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One open connection counted against its client's limit; released on drop.
+pub struct ClientSlot {
+    limit: Arc<ClientLimit>,
+    ip: IpAddr,
+}
+
+impl ClientLimit {
+    pub fn new(max: usize) -> Self {
+        ClientLimit {
+            max,
+            open: Mutex::default(),
+        }
+    }
+
+    pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            limit: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.limit.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
         }
     }
 }
 
-/// A connection whose writes fail with `TimedOut` once blocked for the write timeout.
-pub type Conn = Pin<Box<TimeoutStream<TcpStream>>>;
+/// Answers a connection over its client's limit with a 429 and closes it, without reading a
+/// request: the client is told why instead of seeing a bare reset.
+async fn refuse(mut stream: TcpStream, limit: usize) {
+    let problem = Error::TooManyConnections { limit }.problem().to_string();
+    let response = format!(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/problem+json\r\n\
+         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{problem}",
+        problem.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
 
 impl axum::serve::Listener for TimeoutListener {
     type Io = Conn;
@@ -39,9 +173,24 @@ impl axum::serve::Listener for TimeoutListener {
             match self.inner.accept().await {
                 Ok((stream, addr)) => {
                     let _ = stream.set_nodelay(true);
+                    let slot = match &self.clients {
+                        None => None,
+                        Some(limit) => match limit.acquire(addr.ip()) {
+                            Some(slot) => Some(slot),
+                            None => {
+                                metrics::counter!(m::REFUSED_CONNECTIONS).increment(1);
+                                tokio::spawn(refuse(stream, limit.max));
+                                continue;
+                            }
+                        },
+                    };
                     let mut stream = TimeoutStream::new(stream);
                     stream.set_write_timeout(Some(self.write_timeout));
-                    return (Box::pin(stream), addr);
+                    let conn = Conn {
+                        io: Box::pin(stream),
+                        _slot: slot,
+                    };
+                    return (conn, addr);
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -68,4 +217,48 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Time
     fn connect_info(stream: axum::serve::IncomingStream<'_, TimeoutListener>) -> Self {
         PeerAddr(*stream.remote_addr())
     }
+}
+
+/// Serves `router` on every connection `listener` accepts until `stop` is cancelled, then
+/// stops accepting and lets open connections finish (bounded by the caller). Request headers
+/// must arrive within `header_timeout`, which bounds slowloris clients and idle keep-alive
+/// connections alike.
+pub async fn serve(
+    mut listener: TimeoutListener,
+    router: Router,
+    header_timeout: Duration,
+    stop: CancellationToken,
+) {
+    use axum::serve::Listener as _;
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    // WebSockets over HTTP/2 need the CONNECT protocol, as axum::serve enables it.
+    builder.http2().enable_connect_protocol();
+    loop {
+        let (io, addr) = tokio::select! {
+            conn = listener.accept() => conn,
+            _ = stop.cancelled() => break,
+        };
+        let service = router
+            .clone()
+            .map_request(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(PeerAddr(addr)));
+                req.map(axum::body::Body::new)
+            });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service))
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::trace!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }

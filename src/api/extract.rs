@@ -1,6 +1,8 @@
 //! Extractors whose rejections are our `Error`, so malformed input gets problem+json with a
 //! specific `code` instead of axum's plain-text rejections.
 
+use std::time::Duration;
+
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use bytes::Bytes;
@@ -56,8 +58,17 @@ impl<S: Send + Sync> FromRequest<S> for Body {
             .extensions()
             .get::<BodyLimit>()
             .map_or(usize::MAX, |l| l.0);
-        Bytes::from_request(req, state)
+        let timeout = req
+            .extensions()
+            .get::<BodyTimeout>()
+            .map_or(Duration::MAX, |t| t.0);
+        // A whole-body deadline, not a per-read one: a client trickling a byte at a time
+        // would reset a per-read timer forever.
+        tokio::time::timeout(timeout, Bytes::from_request(req, state))
             .await
+            .map_err(|_| Error::RequestTimeout {
+                timeout_s: timeout.as_secs(),
+            })?
             .map(Body)
             .map_err(|e| {
                 if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
@@ -71,6 +82,10 @@ impl<S: Send + Sync> FromRequest<S> for Body {
             })
     }
 }
+
+/// How long a client may take to send a whole request body.
+#[derive(Clone, Copy)]
+pub struct BodyTimeout(pub Duration);
 
 /// The body limit in force, recorded for error messages.
 #[derive(Clone, Copy)]

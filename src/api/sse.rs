@@ -130,6 +130,7 @@ async fn sse(
         shutdown: app.shutdown.clone(),
         first: Some(first.freeze()),
         done: false,
+        expiry: who.expiry_deadline(),
         _conn: ConnectionGuard::new(&app, Transport::Sse),
     };
     let body = futures::stream::unfold(state, |mut st| async move {
@@ -160,6 +161,8 @@ struct SseState {
     shutdown: CancellationToken,
     first: Option<Bytes>,
     done: bool,
+    /// When the caller's token expires: the response ends there (API.md "Auth").
+    expiry: Option<Instant>,
     _conn: ConnectionGuard,
 }
 
@@ -175,6 +178,12 @@ impl SseState {
         tokio::select! {
             biased;
             _ = self.shutdown.cancelled() => None,
+            // Before events, so a busy stream cannot outlive the token.
+            _ = until(self.expiry) => {
+                self.done = true;
+                let notice = serde_json::json!({"notice":"error","stream":self.sub.stream(),"code":"unauthorized","detail":"the token has expired"});
+                Some(notice_frame(notice.to_string().as_bytes()))
+            }
             item = self.sub.next() => match item {
                 None => None,
                 Some(Ok(item)) => {
@@ -215,6 +224,14 @@ impl SseState {
             Item::Notice(n) => notice_frame(&serde_json::to_vec(&n).unwrap_or_default()),
             Item::Cursor(seq) => Bytes::from(format!("id: {seq}\n\n")),
         }
+    }
+}
+
+/// Sleeps until `at`, or forever.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
