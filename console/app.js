@@ -132,7 +132,18 @@ async function refreshStreams({ append = false } = {}) {
     state.nextAfterName = page.next_after_name ?? null;
     $("more").hidden = !state.nextAfterName;
   } catch (err) {
-    report(err, "listing streams");
+    if (err.status !== 403) {
+      report(err, "listing streams");
+      return;
+    }
+    // A token scoped to some streams may follow them without listing: say so in place
+    // instead of interrupting the person with a banner.
+    const li = document.createElement("li");
+    li.className = "muted none";
+    li.id = "streams-forbidden";
+    li.textContent = `This token may not list ${prefix ? `streams starting with “${prefix}”` : "all streams"}: ${err.message}`;
+    $("streams").replaceChildren(li);
+    $("more").hidden = true;
   }
 }
 

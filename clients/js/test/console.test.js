@@ -4,6 +4,7 @@
 
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
+import { createHmac } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { Server, artifact, colourCount, decodePng, launchBrowser, waitFor } from "./helpers.js";
 
@@ -241,4 +242,72 @@ describe("console", () => {
     await waitFor(async () => /No stream starts with/.test(await page.textContent("#streams")), "the empty-list message");
     await page.close();
   });
+
+  test("token entry: 401 explained, then the token is sent as a header and as ?token=", async () => {
+    const admin = "console-admin-token";
+    const secret = "console-jwt-secret";
+    const secure = await Server.spawn({ env: { TAILCAST_ADMIN_TOKEN: admin, TAILCAST_JWT_SECRET: secret } });
+    try {
+      const auth = { authorization: `Bearer ${admin}` };
+      await secure.append("secure:run", { type: "token", data: { text: "for your eyes only" } }, auth);
+      const page = await openConsole("secure:run", secure.url);
+      const seen = [];
+      page.on("request", (r) => seen.push({ url: r.url(), authorization: r.headers().authorization }));
+      page.on("websocket", (ws) => seen.push({ url: ws.url(), websocket: true }));
+
+      await waitFor(async () => /Unauthorized \(401\)/.test(await page.textContent("#banner")), "the 401 message");
+      assert.match(await page.textContent("#banner"), /needs a valid token\. Enter one/);
+      assert.equal(await page.isVisible("#banner"), true);
+      assert.equal(await page.locator("#events li").count(), 0, "nothing shown without a token");
+      await screenshot(page, "console-auth-401.png");
+
+      // A wrong token is refused just as clearly.
+      await page.fill("#token", "not-a-token");
+      await page.click("#token-save");
+      await waitFor(async () => /Unauthorized \(401\)/.test(await page.textContent("#banner")), "401 for a bad token");
+
+      await page.fill("#token", admin);
+      seen.length = 0;
+      await page.click("#token-save");
+      await waitFor(async () => (await page.textContent("#output-text")) === "for your eyes only", "the stream, with the token");
+      assert.equal(await page.isVisible("#banner.error"), false, await page.textContent("#banner"));
+      await waitFor(async () => (await page.$$("#streams li[data-stream]")).length === 1, "the stream list");
+      const rest = seen.filter((r) => !r.websocket && r.url.includes("/v1/") && !r.url.includes("/sse"));
+      assert.ok(rest.length > 0);
+      for (const r of rest) assert.equal(r.authorization, `Bearer ${admin}`, r.url);
+      // EventSource and browser WebSockets cannot set headers: the token rides in the URL.
+      const live = seen.filter((r) => r.websocket || r.url.includes("/sse"));
+      assert.ok(live.length > 0, "a live connection was made");
+      for (const r of live) assert.equal(new URL(r.url).searchParams.get("token"), admin, r.url);
+      for (const r of seen) assert.ok(!r.url.includes(admin) || r.websocket || r.url.includes("/sse"), `token leaked into ${r.url}`);
+      await screenshot(page, "console-auth-ok.png");
+      assert.equal(await page.isVisible("#banner.error"), false, "the screenshot shows no error");
+
+      // The token lasts for the tab's session (not in localStorage, not in the URL).
+      await page.reload();
+      await page.waitForFunction(() => document.body.dataset.ready === "1");
+      await waitFor(async () => (await page.textContent("#output-text")) === "for your eyes only", "the stream after a reload");
+      assert.equal(await page.evaluate(() => localStorage.length), 0);
+
+      // A token without the grant for an action gets a 403 that says so.
+      const reader = jwt(secret, { sub: "viewer", exp: Math.floor(Date.now() / 1000) + 600, read: ["secure:*"] });
+      await page.fill("#token", reader);
+      await page.click("#token-save");
+      await waitFor(async () => (await page.textContent("#output-text")) === "for your eyes only", "the stream for a reader");
+      await page.click("#stop-btn");
+      await waitFor(async () => /Forbidden \(403\) while sending stop/.test(await page.textContent("#banner")), "the 403 message");
+      assert.match(await page.textContent("#streams"), /may not list all streams/);
+      assert.equal((await secure.readAll("secure:run", auth)).length, 1, "nothing was appended");
+      await page.close();
+    } finally {
+      await secure.stop();
+    }
+  });
 });
+
+/** An HS256 JWT, as a token issuer would mint it. */
+function jwt(secret, claims) {
+  const b64 = (v) => Buffer.from(JSON.stringify(v)).toString("base64url");
+  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64(claims)}`;
+  return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
+}
