@@ -2,11 +2,11 @@
 // answering an input request through the generated form, stop, and token entry. Screenshots
 // go to e2e/artifacts/ and are checked: decoded, measured, and compared with the DOM.
 
-import { after, before, describe, test } from "node:test";
+import { after, afterEach, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { createHmac } from "node:crypto";
 import { readFileSync } from "node:fs";
-import { Server, artifact, colourCount, decodePng, launchBrowser, waitFor } from "./helpers.js";
+import { Server, stopAllServers, artifact, colourCount, decodePng, launchBrowser, waitFor } from "./helpers.js";
 
 let browser;
 let server;
@@ -15,12 +15,19 @@ before(async () => {
   server = await Server.spawn();
 });
 after(async () => {
+  await stopAllServers();
   await browser?.close();
-  await server?.stop();
+});
+
+/** Pages a test opened, closed after it whether it passed or not. */
+const pages = [];
+afterEach(async () => {
+  while (pages.length) await pages.pop().close().catch(() => {});
 });
 
 async function openConsole(stream, origin = server.url) {
   const page = await browser.context.newPage();
+  pages.push(page);
   const errors = [];
   page.on("pageerror", (e) => errors.push(e));
   page.errors = errors;
