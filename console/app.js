@@ -132,7 +132,18 @@ async function refreshStreams({ append = false } = {}) {
     state.nextAfterName = page.next_after_name ?? null;
     $("more").hidden = !state.nextAfterName;
   } catch (err) {
-    report(err, "listing streams");
+    if (err.status !== 403) {
+      report(err, "listing streams");
+      return;
+    }
+    // A token scoped to some streams may follow them without listing: say so in place
+    // instead of interrupting the person with a banner.
+    const li = document.createElement("li");
+    li.className = "muted none";
+    li.id = "streams-forbidden";
+    li.textContent = `This token may not list ${prefix ? `streams starting with “${prefix}”` : "all streams"}: ${err.message}`;
+    $("streams").replaceChildren(li);
+    $("more").hidden = true;
   }
 }
 
@@ -186,9 +197,26 @@ function watch(stream, { after = 0, from, keep = false } = {}) {
   showCursor();
 }
 
+let connFrame = 0;
+let listRefresh = 0;
+
 function onEvent(stream, ev) {
   if (stream !== state.stream) return;
   view.add(ev);
+  // Counters follow the events, at most once a frame however fast events come.
+  if (!connFrame) {
+    connFrame = requestAnimationFrame(() => {
+      connFrame = 0;
+      showConnection();
+    });
+  }
+  // A stream created while we watched it joins the list without waiting for the next poll.
+  if (!listRefresh && stream.startsWith($("filter").value.trim()) && !$("streams").querySelector(`li[data-stream="${CSS.escape(stream)}"]`)) {
+    listRefresh = setTimeout(() => {
+      listRefresh = 0;
+      refreshStreams();
+    }, 300);
+  }
   if (ev.type === "input.requested") addInput(stream, { ...ev.data, seq: ev.seq });
   if (ev.type === "input.answered" || ev.type === "input.expired") removeInput(ev.data?.request_id, ev.type);
   showCursor();

@@ -264,15 +264,12 @@ export class TailcastClient {
     );
   }
 
-  /**
-   * Asks the producer to stop (appends control.stop). The wire contract offers this as a
-   * WebSocket op only, so without a working WebSocket it opens one just for this call.
-   */
+  /** Asks the producer to stop: appends control.stop (data `{"reason": …}`). */
   async stop(stream, reason) {
     const op = { op: "stop", stream };
     if (reason !== undefined && reason !== "") op.reason = reason;
     if (this._wsOpen()) return this._wsCall(op);
-    return this._oneShotWs(op);
+    return this.request("POST", `/v1/streams/${enc(stream)}/stop`, op.reason === undefined ? {} : { reason: op.reason });
   }
 
   // ---- REST ------------------------------------------------------------------------------
@@ -710,49 +707,6 @@ export class TailcastClient {
     for (const sub of this._subs.values()) {
       if (!sub.ended && sub.cursor !== null) this._openEs(sub);
     }
-  }
-
-  /** A short-lived WebSocket for one operation (stop while following over SSE). */
-  _oneShotWs(op) {
-    return new Promise((resolve, reject) => {
-      if (!this._WebSocket) {
-        reject(new TailcastError("ws_unavailable", "stop needs a WebSocket, and none is available"));
-        return;
-      }
-      let ws;
-      try {
-        ws = new this._WebSocket(this._withToken(this.wsUrl));
-      } catch (e) {
-        reject(new TailcastError("ws_unavailable", `cannot open a WebSocket: ${e.message}`));
-        return;
-      }
-      const timer = setTimeout(() => finish(new TailcastError("timeout", "no answer over the WebSocket")), this.wsOpenTimeoutMs);
-      const finish = (err, value) => {
-        clearTimeout(timer);
-        ws.onclose = ws.onmessage = null;
-        try {
-          ws.close();
-        } catch {
-          // Already closing.
-        }
-        if (err) reject(err);
-        else resolve(value);
-      };
-      ws.onopen = () => ws.send(JSON.stringify({ ...op, ref: "once" }));
-      ws.onmessage = (m) => {
-        let msg;
-        try {
-          msg = JSON.parse(m.data);
-        } catch {
-          return;
-        }
-        if (msg.ref !== "once") return;
-        if (msg.op === "error") finish(new TailcastError(msg.code, msg.message, undefined, msg));
-        else finish(null, msg);
-      };
-      ws.onclose = () =>
-        finish(new TailcastError("ws_unavailable", "the WebSocket closed before answering (is it blocked?)"));
-    });
   }
 
   _withToken(url) {

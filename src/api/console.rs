@@ -68,8 +68,14 @@ const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/console", get(|| async { Redirect::permanent("/console/") }))
-        .route("/console/", get(|h: HeaderMap| async move { serve("index.html", &h) }))
+        .route(
+            "/console",
+            get(|| async { Redirect::permanent("/console/") }),
+        )
+        .route(
+            "/console/",
+            get(|h: HeaderMap| async move { serve("index.html", &h) }),
+        )
         .route(
             "/console/{file}",
             get(

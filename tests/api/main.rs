@@ -1,6 +1,7 @@
 //! Integration tests: a real server, real sockets, real PostgreSQL (one database per test).
 
 mod cluster;
+mod console;
 mod helpers;
 mod log;
 mod log_stress;

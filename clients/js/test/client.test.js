@@ -1,22 +1,31 @@
 // The JavaScript client, run where it is meant to run: inside Chromium, against real tailcast
 // processes that the tests kill and restart.
 
-import { after, before, describe, test } from "node:test";
+import { after, afterEach, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import http from "node:http";
-import { Server, freePort, launchBrowser, waitFor } from "./helpers.js";
+import { Server, stopAllServers, freePort, launchBrowser, waitFor } from "./helpers.js";
 
 let browser;
 before(async () => {
   browser = await launchBrowser();
 });
 after(async () => {
+  await stopAllServers();
   await browser?.close();
+});
+
+/** What a test opened besides servers, closed after it whether it passed or not. */
+const cleanups = [];
+afterEach(async () => {
+  while (cleanups.length) await cleanups.pop()().catch(() => {});
+  await stopAllServers();
 });
 
 /** A page on the server's origin with the client module loaded as `window.tc`. */
 async function clientPage(origin) {
   const page = await browser.context.newPage();
+  cleanups.push(() => page.close());
   page.on("pageerror", (e) => console.error("page error:", e));
   await page.goto(`${origin}/healthz`);
   await page.evaluate(async () => {
@@ -126,6 +135,10 @@ describe("WebSocket blocked: fallback to SSE", () => {
     });
     const port = await freePort();
     await new Promise((r) => proxy.listen(port, "127.0.0.1", r));
+    cleanups.push(async () => {
+      proxy.close();
+      proxy.closeAllConnections();
+    });
     const page = await clientPage(`http://127.0.0.1:${port}`);
     await page.evaluate(() => {
       window.seen = { a: [], b: [] };
@@ -150,13 +163,15 @@ describe("WebSocket blocked: fallback to SSE", () => {
     assert.equal(ack.last_seq, 2);
     await waitFor(() => page.evaluate(() => window.seen.b.length === 2), "published events back over SSE");
     assert.deepEqual(await page.evaluate(() => window.seen.b), ["x", "y"]);
+    // So does stop.
+    await page.evaluate(() => window.client.stop("blocked:b", "no sockets here"));
+    await waitFor(() => page.evaluate(() => window.seen.b.length === 3), "control.stop over SSE");
+    assert.deepEqual((await page.evaluate(() => window.seen.b))[2], { reason: "no sockets here" });
     await server.append("blocked:a", range(21, 30).map((n) => ({ type: "t", data: n })));
     await waitFor(() => page.evaluate(() => window.seen.a.length === 30), "later events");
     assert.deepEqual(await page.evaluate(() => window.seen.a), range(1, 30));
     await page.evaluate(() => window.client.close());
     await page.close();
-    proxy.close();
-    proxy.closeAllConnections();
     await server.stop();
   });
 

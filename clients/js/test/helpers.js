@@ -49,6 +49,14 @@ export function freePort() {
 
 let dbCounter = 0;
 
+/** Every server started by this test file, so a failed test cannot leave one running. */
+const running = new Set();
+
+/** Kills whatever servers are still running and drops their databases (an `after` hook). */
+export async function stopAllServers() {
+  await Promise.all([...running].map((s) => s.stop()));
+}
+
 /** A database URL on the test server, unique to this process; tailcast creates it. */
 export function scratchDatabase() {
   const name = `tcjs_${process.pid}_${Date.now().toString(36)}_${++dbCounter}`;
@@ -101,6 +109,8 @@ export class Server {
         stdio: ["ignore", "pipe", "pipe"],
       });
       this.proc = proc;
+      running.add(this);
+      proc.once("exit", () => running.delete(this));
       const timer = setTimeout(() => {
         proc.kill("SIGKILL");
         reject(new Error(`tailcast did not start in 30 s:\n${this.log.slice(-3000)}`));
@@ -134,7 +144,8 @@ export class Server {
 
   async stop() {
     await this.kill("SIGTERM");
-    dropDatabase(this.database.name);
+    if (!this.dropped) dropDatabase(this.database.name);
+    this.dropped = true;
   }
 
   async fetch(method, p, body, headers = {}) {
@@ -166,6 +177,7 @@ export class Server {
     let after = 0;
     for (;;) {
       const r = await this.fetch("GET", `/v1/streams/${encodeURIComponent(stream)}/events?after=${after}&limit=1000`, undefined, headers);
+      if (r.status === 404 && r.body?.code === "stream_not_found") return out;
       if (r.status !== 200) throw new Error(`read ${stream}: ${r.status} ${JSON.stringify(r.body)}`);
       out.push(...r.body.events);
       if (r.body.next_after >= r.body.head || r.body.events.length === 0) return out;

@@ -1,0 +1,144 @@
+// Types for tailcast.js (the implementation carries the same JSDoc).
+
+export interface Envelope {
+  stream: string;
+  seq: number;
+  type: string;
+  data: unknown;
+  id?: string;
+  key?: string;
+  time: string;
+}
+
+export interface Notice {
+  notice: "gap" | "reset" | "deleted";
+  stream: string;
+  detail?: string;
+  oldest?: number;
+  head?: number;
+}
+
+export interface SubscribeOptions {
+  /** Deliver events with seq > after (default 0: everything). */
+  after?: number;
+  /** Start at the head, or with the latest event per key then what follows. */
+  from?: "now" | "snapshot";
+  /** Only these event types. */
+  types?: string[];
+  onNotice?: (notice: Notice) => void;
+  /** The subscription was refused (unauthorized, forbidden, …); it has ended. */
+  onError?: (err: TailcastError) => void;
+  /** No more events will come. */
+  onEnd?: (reason: "closed" | "deleted" | "unsubscribed") => void;
+}
+
+export interface BackoffOptions {
+  initialMs?: number;
+  maxMs?: number;
+  factor?: number;
+}
+
+export interface ClientOptions {
+  url?: string;
+  wsUrl?: string;
+  token?: string;
+  transport?: "auto" | "ws" | "sse";
+  backoff?: BackoffOptions;
+  wsOpenTimeoutMs?: number;
+  wsFailuresBeforeFallback?: number;
+  fetch?: typeof fetch;
+  WebSocket?: typeof WebSocket;
+  EventSource?: typeof EventSource;
+}
+
+export interface SubscriptionHandle {
+  readonly stream: string;
+  /** seq of the last event delivered (null until a `from` start is resolved). */
+  readonly cursor: number | null;
+  readonly ended: boolean;
+  unsubscribe(): void;
+}
+
+export interface AppendResult {
+  stream: string;
+  first_seq: number;
+  last_seq: number;
+  events: { seq: number; id?: string; duplicate?: boolean }[];
+}
+
+export interface ClientStats {
+  transport: "ws" | "sse";
+  state: string;
+  subscriptions: number;
+  connectionId: string | null;
+  connects: number;
+  reconnects: number;
+  fallbacks: number;
+  eventsReceived: number;
+  duplicatesDropped: number;
+  lastError: string | null;
+  lastEventAt: number | null;
+}
+
+export interface StatusChange {
+  transport: "ws" | "sse";
+  state: string;
+  attempt?: number;
+  delayMs?: number;
+  stream?: string;
+  reason?: string;
+}
+
+export class TailcastError extends Error {
+  constructor(code: string, message: string, status?: number, problem?: object);
+  code: string;
+  status?: number;
+  problem?: object;
+}
+
+export function backoffDelay(attempt: number, opts?: BackoffOptions, random?: () => number): number;
+
+export class TailcastClient {
+  constructor(options?: ClientOptions);
+  readonly url: string;
+  readonly wsUrl: string;
+  token: string | null;
+  transport: "ws" | "sse";
+
+  subscribe(stream: string, opts: SubscribeOptions, onEvent: (event: Envelope) => void): SubscriptionHandle;
+  subscribe(stream: string, onEvent: (event: Envelope) => void): SubscriptionHandle;
+  cursors(): Record<string, number | null>;
+  stats(): ClientStats;
+  on(name: "status", fn: (s: StatusChange) => void): () => void;
+  on(name: "fallback", fn: (f: { reason: string }) => void): () => void;
+  on(name: "error", fn: (err: TailcastError) => void): () => void;
+  setToken(token: string | null): void;
+  close(): void;
+
+  publish(
+    stream: string,
+    events: { type?: string; data?: unknown; id?: string; key?: string } | { type?: string; data?: unknown; id?: string; key?: string }[],
+    opts?: { expectedSeq?: number },
+  ): Promise<AppendResult>;
+  answer(stream: string, requestId: string, data: unknown): Promise<object>;
+  stop(stream: string, reason?: unknown): Promise<object>;
+
+  listStreams(opts?: { prefix?: string; limit?: number; afterName?: string }): Promise<{
+    streams: { name: string; head: number; created_at: string; updated_at: string; closed: boolean }[];
+    next_after_name?: string | null;
+  }>;
+  getStream(stream: string): Promise<{ name: string; head: number; created_at: string; updated_at: string; closed: boolean }>;
+  readEvents(stream: string, opts?: { after?: number; limit?: number; since?: string }): Promise<{
+    stream: string;
+    events: Envelope[];
+    next_after: number;
+    head: number;
+    closed: boolean;
+  }>;
+  snapshot(stream: string): Promise<{ stream: string; at: number; events: Envelope[] }>;
+  closeStream(stream: string, reason?: unknown): Promise<object>;
+  openInputs(stream: string): Promise<{ inputs: object[] }>;
+  requestInput(stream: string, request: object): Promise<{ request_id: string; seq: number; expires_at: string }>;
+  serverStats(): Promise<object>;
+  request(method: string, path: string, body?: unknown): Promise<any>;
+}

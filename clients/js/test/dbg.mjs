@@ -1,0 +1,15 @@
+import { Server, launchBrowser, waitFor } from "./helpers.js";
+const server = await Server.spawn();
+const b = await launchBrowser();
+const page = await b.context.newPage();
+page.on("console", m => console.log("console:", m.text()));
+page.on("pageerror", e => console.log("pageerror:", e));
+for (const s of ["run:41", "run:42", "ingest:nightly", "agent:support-7"]) await server.append(s, {type:"message", data:{hello:s}});
+const words = "The quick brown fox jumps over the lazy dog. Streaming tokens are joined into readable text.".split(/(?=\s)/);
+await server.append("run:42", words.map(w => ({type:"token", data:{text:w}})));
+await server.append("run:42", [{type:"progress", key:"download", data:{pct:100, label:"download"}},{type:"progress", key:"embed", data:{current:37, total:80, label:"embed chunks"}}, {type:"tool_call", data:{name:"search", args:{q:"tailcast"}}}]);
+await server.fetch("POST", "/v1/streams/run:41/close", {reason:"done"});
+await page.goto(server.url + "/console/#run%3A42");
+await waitFor(() => page.evaluate(() => document.querySelectorAll("#events li").length >= 10), "events");
+await page.screenshot({ path: "/tmp/console.png" });
+await b.close(); await server.stop();
