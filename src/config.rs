@@ -134,7 +134,8 @@ pub struct Config {
     pub max_header_bytes: usize,
 
     /// Seconds a client has to send a request's headers; slower connections are closed.
-    #[arg(long, env = "TAILCAST_HEADER_TIMEOUT_S", default_value_t = 10)]
+    /// It also bounds how long an idle keep-alive connection stays open.
+    #[arg(long, env = "TAILCAST_HEADER_TIMEOUT_S", default_value_t = 30)]
     pub header_timeout_s: u64,
 
     /// Seconds a client has to send a whole request body: slower gets 408.

@@ -24,7 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
@@ -37,6 +37,7 @@ pub struct TimeoutListener {
     inner: TcpListener,
     write_timeout: Duration,
     clients: Option<Arc<ClientLimit>>,
+    first_byte_timeout: Option<Duration>,
 }
 
 impl TimeoutListener {
@@ -45,7 +46,15 @@ impl TimeoutListener {
             inner,
             write_timeout,
             clients: None,
+            first_byte_timeout: None,
         }
+    }
+
+    /// Closes a connection that sends no byte at all within `timeout`. Hyper's header-read
+    /// timeout only starts once the protocol is known, which takes a first byte.
+    pub fn with_first_byte_timeout(mut self, timeout: Duration) -> Self {
+        self.first_byte_timeout = Some(timeout);
+        self
     }
 
     /// Caps the connections open at once from one IP address (0 = no cap).
@@ -59,6 +68,8 @@ impl TimeoutListener {
 /// its client's connection slot until dropped.
 pub struct Conn {
     io: Pin<Box<TimeoutStream<TcpStream>>>,
+    /// Until the first byte arrives, reads time out (see `with_first_byte_timeout`).
+    awaiting_first_byte: bool,
     _slot: Option<ClientSlot>,
 }
 
@@ -68,7 +79,17 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.io.as_mut().poll_read(cx, buf)
+        let before = buf.filled().len();
+        let res = self.io.as_mut().poll_read(cx, buf);
+        if self.awaiting_first_byte
+            && matches!(res, Poll::Ready(Ok(())))
+            && buf.filled().len() > before
+        {
+            // Long-lived SSE and WebSocket clients may stay silent for hours after this.
+            self.awaiting_first_byte = false;
+            self.io.as_mut().set_read_timeout_pinned(None);
+        }
+        res
     }
 }
 
@@ -148,8 +169,8 @@ impl Drop for ClientSlot {
     }
 }
 
-/// Answers a connection over its client's limit with a 429 and closes it, without reading a
-/// request: the client is told why instead of seeing a bare reset.
+/// Answers a connection over its client's limit with a 429 and closes it, without parsing
+/// the request: the client is told why instead of seeing a bare reset.
 async fn refuse(mut stream: TcpStream, limit: usize) {
     let problem = Error::TooManyConnections { limit }.problem().to_string();
     let response = format!(
@@ -158,8 +179,29 @@ async fn refuse(mut stream: TcpStream, limit: usize) {
         problem.len()
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        // Wait for the request head (or a little of it): an HTTP client that gets a response
+        // before it has sent its request treats it as a protocol error, not as the answer.
+        let mut head = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while head.len() < 16 << 10 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut chunk).await? {
+                0 => break,
+                n => head.extend_from_slice(&chunk[..n]),
+            }
+        }
         stream.write_all(response.as_bytes()).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        // Drain what the client already sent: closing a socket with unread bytes makes the
+        // kernel send a reset, which can destroy the response before the client reads it.
+        let mut sink = [0u8; 4096];
+        let mut left = 64 << 10;
+        while left > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => left -= n.min(left),
+            }
+        }
+        Ok::<_, io::Error>(())
     })
     .await;
 }
@@ -186,8 +228,10 @@ impl axum::serve::Listener for TimeoutListener {
                     };
                     let mut stream = TimeoutStream::new(stream);
                     stream.set_write_timeout(Some(self.write_timeout));
+                    stream.set_read_timeout(self.first_byte_timeout);
                     let conn = Conn {
                         io: Box::pin(stream),
+                        awaiting_first_byte: self.first_byte_timeout.is_some(),
                         _slot: slot,
                     };
                     return (conn, addr);

@@ -1,5 +1,7 @@
 //! Integration tests: a real server, real sockets, real PostgreSQL (one database per test).
 
+mod auth;
 mod helpers;
+mod limits;
 mod log;
 mod sse;
