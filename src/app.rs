@@ -186,8 +186,7 @@ impl App {
         let deadline = state.config.shutdown_timeout();
         let header_timeout = state.config.header_timeout();
         let listener = TimeoutListener::new(listener, state.config.write_timeout())
-            .with_client_limit(state.config.max_connections_per_client)
-            .with_first_byte_timeout(header_timeout);
+            .with_client_limit(state.config.max_connections_per_client);
         let router = api::router(state.clone());
         drop(state);
         {

@@ -20,14 +20,14 @@ use std::time::Duration;
 use axum::extract::{ConnectInfo, Request};
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::error::Error;
@@ -37,7 +37,6 @@ pub struct TimeoutListener {
     inner: TcpListener,
     write_timeout: Duration,
     clients: Option<Arc<ClientLimit>>,
-    first_byte_timeout: Option<Duration>,
 }
 
 impl TimeoutListener {
@@ -46,15 +45,7 @@ impl TimeoutListener {
             inner,
             write_timeout,
             clients: None,
-            first_byte_timeout: None,
         }
-    }
-
-    /// Closes a connection that sends no byte at all within `timeout`. Hyper's header-read
-    /// timeout only starts once the protocol is known, which takes a first byte.
-    pub fn with_first_byte_timeout(mut self, timeout: Duration) -> Self {
-        self.first_byte_timeout = Some(timeout);
-        self
     }
 
     /// Caps the connections open at once from one IP address (0 = no cap).
@@ -68,8 +59,6 @@ impl TimeoutListener {
 /// its client's connection slot until dropped.
 pub struct Conn {
     io: Pin<Box<TimeoutStream<TcpStream>>>,
-    /// Until the first byte arrives, reads time out (see `with_first_byte_timeout`).
-    awaiting_first_byte: bool,
     _slot: Option<ClientSlot>,
 }
 
@@ -79,17 +68,7 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let res = self.io.as_mut().poll_read(cx, buf);
-        if self.awaiting_first_byte
-            && matches!(res, Poll::Ready(Ok(())))
-            && buf.filled().len() > before
-        {
-            // Long-lived SSE and WebSocket clients may stay silent for hours after this.
-            self.awaiting_first_byte = false;
-            self.io.as_mut().set_read_timeout_pinned(None);
-        }
-        res
+        self.io.as_mut().poll_read(cx, buf)
     }
 }
 
@@ -228,10 +207,8 @@ impl axum::serve::Listener for TimeoutListener {
                     };
                     let mut stream = TimeoutStream::new(stream);
                     stream.set_write_timeout(Some(self.write_timeout));
-                    stream.set_read_timeout(self.first_byte_timeout);
                     let conn = Conn {
                         io: Box::pin(stream),
-                        awaiting_first_byte: self.first_byte_timeout.is_some(),
                         _slot: slot,
                     };
                     return (conn, addr);
@@ -264,9 +241,14 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Time
 }
 
 /// Serves `router` on every connection `listener` accepts until `stop` is cancelled, then
-/// stops accepting and lets open connections finish (bounded by the caller). Request headers
-/// must arrive within `header_timeout`, which bounds slowloris clients and idle keep-alive
-/// connections alike.
+/// stops accepting, lets each connection finish its current response, and waits for them
+/// (the caller bounds the wait). Request headers must arrive within `header_timeout` of the
+/// connection opening or of the previous response, which bounds slowloris clients, silent
+/// connections and idle keep-alive alike.
+///
+/// HTTP/1.1 only: cleartext HTTP/2 (which no browser speaks) has no handshake deadline in
+/// hyper, so a peer sending half a preface would hold its connection forever. HTTP/2 belongs
+/// on the TLS-terminating proxy in front.
 pub async fn serve(
     mut listener: TimeoutListener,
     router: Router,
@@ -274,14 +256,11 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     use axum::serve::Listener as _;
-    let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
-    // WebSockets over HTTP/2 need the CONNECT protocol, as axum::serve enables it.
-    builder.http2().enable_connect_protocol();
+    let connections = TaskTracker::new();
     loop {
         let (io, addr) = tokio::select! {
             conn = listener.accept() => conn,
@@ -294,15 +273,24 @@ pub async fn serve(
                 req.map(axum::body::Body::new)
             });
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service))
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
+            .with_upgrades();
+        let stop = stop.clone();
+        connections.spawn(async move {
+            tokio::pin!(conn);
+            let res = tokio::select! {
+                res = conn.as_mut() => res,
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = res {
                 tracing::trace!(error = %e, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    connections.close();
+    connections.wait().await;
 }

@@ -148,6 +148,14 @@ async fn list_streams(
 ) -> Result<Response> {
     who.check_admin()?;
     let limit = page_limit(p.limit, 100)?;
+    // PostgreSQL text cannot hold NUL: refuse control characters before they reach a query.
+    for (name, value) in [("prefix", &p.prefix), ("after_name", &p.after_name)] {
+        if value.chars().any(char::is_control) || value.len() > 1024 {
+            return Err(Error::InvalidParameter(format!(
+                "{name} must be at most 1024 bytes without control characters"
+            )));
+        }
+    }
     let rows = store::list_streams(&app.pool, &p.prefix, &p.after_name, limit).await?;
     let next = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.name.clone()));
     let streams: Vec<_> = rows.iter().map(StreamRow::info).collect();

@@ -2,6 +2,7 @@
 
 mod auth;
 mod helpers;
+mod hostile;
 mod limits;
 mod log;
 mod sse;
