@@ -5,4 +5,5 @@ mod helpers;
 mod hostile;
 mod limits;
 mod log;
+mod props;
 mod sse;
