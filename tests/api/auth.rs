@@ -2,7 +2,8 @@
 //! grant}, with the status and code each must give, and proof that a refused call leaked
 //! nothing (a forbidden read carries no events, a forbidden write appended nothing).
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{encode, EncodingKey, Header};
@@ -10,6 +11,9 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use tailcast::{App, Config};
+use tracing_subscriber::filter::{filter_fn, LevelFilter};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::Layer;
 
 use crate::helpers::{SseClient, TestApp, WAIT};
 
@@ -344,14 +348,7 @@ async fn write_implies_answer_but_not_read_and_admin_token_can_do_everything(poo
 
 #[sqlx::test]
 async fn a_query_token_works_for_eventsource_and_is_never_logged(pool: PgPool) {
-    let logs = LogCapture::default();
-    let _guard = tracing::subscriber::set_default(
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_writer(logs.clone())
-            .with_ansi(false)
-            .finish(),
-    );
+    let logs = LogCapture::start().await;
     let app = spawn_secured(pool).await;
     admin_append(&app, "logged:1", json!(MARKER)).await;
     let reader = token(json!({"read":["logged:1"]}));
@@ -370,7 +367,7 @@ async fn a_query_token_works_for_eventsource_and_is_never_logged(pool: PgPool) {
     let res = app.get(&format!("/nowhere?token={reader}")).await;
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
     app.shutdown().await;
-    let text = logs.text();
+    let text = logs.stop();
     assert!(
         text.contains("/v1/streams/logged:1/sse"),
         "the capture saw no request span: {text}"
@@ -475,13 +472,56 @@ async fn cors_allows_only_the_configured_origins(pool: PgPool) {
     );
 }
 
-/// Collects formatted log lines in memory.
+/// Collects every log line of the process, at every level, while capturing is on.
+///
+/// A process-wide subscriber rather than a scoped one: tracing caches per call site whether
+/// anyone is interested, and with tests on other threads a scoped subscriber can miss events.
 #[derive(Clone, Default)]
 pub struct LogCapture(Arc<Mutex<Vec<u8>>>);
 
+static CAPTURING: AtomicBool = AtomicBool::new(false);
+static CAPTURE: OnceLock<LogCapture> = OnceLock::new();
+/// One capturing test at a time: they share the buffer.
+static CAPTURE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub struct Capturing {
+    logs: LogCapture,
+    _one_at_a_time: tokio::sync::MutexGuard<'static, ()>,
+}
+
 impl LogCapture {
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    pub async fn start() -> Capturing {
+        let guard = CAPTURE_LOCK.lock().await;
+        let logs = CAPTURE
+            .get_or_init(|| {
+                let logs = LogCapture::default();
+                let layer = tracing_subscriber::fmt::layer()
+                    .with_writer(logs.clone())
+                    .with_ansi(false)
+                    .with_filter(filter_fn(|_| CAPTURING.load(Ordering::SeqCst)));
+                tracing::subscriber::set_global_default(
+                    tracing_subscriber::registry()
+                        .with(layer)
+                        .with(LevelFilter::TRACE),
+                )
+                .expect("no other global subscriber in the test binary");
+                logs
+            })
+            .clone();
+        logs.0.lock().unwrap().clear();
+        CAPTURING.store(true, Ordering::SeqCst);
+        Capturing {
+            logs,
+            _one_at_a_time: guard,
+        }
+    }
+}
+
+impl Capturing {
+    /// Stops capturing and returns what was logged.
+    pub fn stop(self) -> String {
+        CAPTURING.store(false, Ordering::SeqCst);
+        String::from_utf8_lossy(&self.logs.0.lock().unwrap()).into_owned()
     }
 }
 
