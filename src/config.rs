@@ -104,18 +104,6 @@ pub struct Config {
     )]
     pub max_connections_per_client: usize,
 
-    /// Most stream subscriptions on one WebSocket.
-    #[arg(
-        long,
-        env = "TAILCAST_MAX_SUBSCRIPTIONS_PER_CONNECTION",
-        default_value_t = 256
-    )]
-    pub max_subscriptions_per_connection: usize,
-
-    /// Largest WebSocket message, in bytes; bigger ones close the connection with 1009.
-    #[arg(long, env = "TAILCAST_MAX_FRAME_BYTES", default_value_t = 9 << 20)]
-    pub max_frame_bytes: usize,
-
     /// Publishes (appends, closes, input requests) per second per token subject, or per
     /// client address when anonymous (0 = no limit).
     #[arg(long, env = "TAILCAST_PUBLISH_RATE", default_value_t = 0.0)]
