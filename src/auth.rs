@@ -251,6 +251,7 @@ impl Authenticator {
                 // Access ends exactly at `exp`, as API.md promises for long-lived connections.
                 v.leeway = 0;
                 v.validate_aud = false;
+                v.validate_nbf = true;
                 v.set_required_spec_claims(&["exp"]);
                 Some((DecodingKey::from_secret(secret.as_bytes()), v))
             }

@@ -135,18 +135,6 @@ pub struct Config {
     )]
     pub max_connections_per_client: usize,
 
-    /// Most stream subscriptions on one WebSocket.
-    #[arg(
-        long,
-        env = "TAILCAST_MAX_SUBSCRIPTIONS_PER_CONNECTION",
-        default_value_t = 256
-    )]
-    pub max_subscriptions_per_connection: usize,
-
-    /// Largest WebSocket message, in bytes; bigger ones close the connection with 1009.
-    #[arg(long, env = "TAILCAST_MAX_FRAME_BYTES", default_value_t = 9 << 20)]
-    pub max_frame_bytes: usize,
-
     /// Publishes (appends, closes, input requests) per second per token subject, or per
     /// client address when anonymous (0 = no limit).
     #[arg(long, env = "TAILCAST_PUBLISH_RATE", default_value_t = 0.0)]
@@ -165,7 +153,8 @@ pub struct Config {
     pub max_header_bytes: usize,
 
     /// Seconds a client has to send a request's headers; slower connections are closed.
-    #[arg(long, env = "TAILCAST_HEADER_TIMEOUT_S", default_value_t = 10)]
+    /// It also bounds how long an idle keep-alive connection stays open.
+    #[arg(long, env = "TAILCAST_HEADER_TIMEOUT_S", default_value_t = 30)]
     pub header_timeout_s: u64,
 
     /// Seconds a client has to send a whole request body: slower gets 408.

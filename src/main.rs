@@ -19,6 +19,8 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!(?config, "starting tailcast");
     let listener = TcpListener::bind(config.listen).await?;
+    // Before connecting to the database: a refused configuration should fail fast.
+    tailcast::auth::check_listen(&config, listener.local_addr()?)?;
     let app = App::connect(config).await?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
     app.serve(listener, shutdown_signal()).await

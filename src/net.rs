@@ -20,14 +20,14 @@ use std::time::Duration;
 use axum::extract::{ConnectInfo, Request};
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::error::Error;
@@ -171,8 +171,8 @@ impl Drop for ClientSlot {
     }
 }
 
-/// Answers a connection over its client's limit with a 429 and closes it, without reading a
-/// request: the client is told why instead of seeing a bare reset.
+/// Answers a connection over its client's limit with a 429 and closes it, without parsing
+/// the request: the client is told why instead of seeing a bare reset.
 async fn refuse(mut stream: TcpStream, limit: usize) {
     let problem = Error::TooManyConnections { limit }.problem().to_string();
     let response = format!(
@@ -181,8 +181,29 @@ async fn refuse(mut stream: TcpStream, limit: usize) {
         problem.len()
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        // Wait for the request head (or a little of it): an HTTP client that gets a response
+        // before it has sent its request treats it as a protocol error, not as the answer.
+        let mut head = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while head.len() < 16 << 10 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut chunk).await? {
+                0 => break,
+                n => head.extend_from_slice(&chunk[..n]),
+            }
+        }
         stream.write_all(response.as_bytes()).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        // Drain what the client already sent: closing a socket with unread bytes makes the
+        // kernel send a reset, which can destroy the response before the client reads it.
+        let mut sink = [0u8; 4096];
+        let mut left = 64 << 10;
+        while left > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => left -= n.min(left),
+            }
+        }
+        Ok::<_, io::Error>(())
     })
     .await;
 }
@@ -245,9 +266,14 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Time
 }
 
 /// Serves `router` on every connection `listener` accepts until `stop` is cancelled, then
-/// stops accepting and lets open connections finish (bounded by the caller). Request headers
-/// must arrive within `header_timeout`, which bounds slowloris clients and idle keep-alive
-/// connections alike.
+/// stops accepting, lets each connection finish its current response, and waits for them
+/// (the caller bounds the wait). Request headers must arrive within `header_timeout` of the
+/// connection opening or of the previous response, which bounds slowloris clients, silent
+/// connections and idle keep-alive alike.
+///
+/// HTTP/1.1 only: cleartext HTTP/2 (which no browser speaks) has no handshake deadline in
+/// hyper, so a peer sending half a preface would hold its connection forever. HTTP/2 belongs
+/// on the TLS-terminating proxy in front.
 pub async fn serve(
     mut listener: TimeoutListener,
     router: Router,
@@ -255,14 +281,11 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     use axum::serve::Listener as _;
-    let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
-    // WebSockets over HTTP/2 need the CONNECT protocol, as axum::serve enables it.
-    builder.http2().enable_connect_protocol();
+    let connections = TaskTracker::new();
     loop {
         let (io, addr) = tokio::select! {
             conn = listener.accept() => conn,
@@ -275,15 +298,24 @@ pub async fn serve(
                 req.map(axum::body::Body::new)
             });
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service))
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
+            .with_upgrades();
+        let stop = stop.clone();
+        connections.spawn(async move {
+            tokio::pin!(conn);
+            let res = tokio::select! {
+                res = conn.as_mut() => res,
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = res {
                 tracing::trace!(error = %e, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    connections.close();
+    connections.wait().await;
 }

@@ -19,6 +19,7 @@ use axum::{Extension, Router};
 use tower::util::option_layer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::app::AppState;
@@ -46,6 +47,11 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(Extension(BodyLimit(body_limit)))
         .layer(Extension(BodyTimeout(state.config.body_timeout())))
+        // Backstop for bodies read by other extractors: a long stall between chunks fails the
+        // read. Twice the whole-body deadline, so that `Body` answers 408 first.
+        .layer(RequestBodyTimeoutLayer::new(
+            state.config.body_timeout() * 2,
+        ))
         .layer(TraceLayer::new_for_http().make_span_with(make_span))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))

@@ -150,11 +150,11 @@ async fn list_streams(
 ) -> Result<Response> {
     who.check_admin()?;
     let limit = page_limit(p.limit, 100)?;
-    // PostgreSQL text cannot hold NUL; no stream name contains one anyway.
+    // PostgreSQL text cannot hold NUL: refuse control characters before they reach a query.
     for (name, value) in [("prefix", &p.prefix), ("after_name", &p.after_name)] {
-        if value.contains('\0') {
+        if value.chars().any(char::is_control) || value.len() > 1024 {
             return Err(Error::InvalidParameter(format!(
-                "{name} must not contain NUL characters"
+                "{name} must be at most 1024 bytes without control characters"
             )));
         }
     }

@@ -1,14 +1,18 @@
 //! Integration tests: a real server, real sockets, real PostgreSQL (one database per test).
 
+mod auth;
 mod cluster;
 mod console;
 mod helpers;
+mod hostile;
+mod limits;
 mod log;
 mod log_stress;
 mod nodes;
 mod openapi;
 mod ops;
 mod outage;
+mod props;
 mod replay;
 mod retention;
 mod shutdown;
