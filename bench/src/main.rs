@@ -1,0 +1,568 @@
+//! tailcast-bench: the load generator and benchmark harness. It starts tailcast itself (so it
+//! can read its RSS and SIGKILL it), measures raw-PostgreSQL baselines in the same database,
+//! runs every scenario for a fixed, bounded duration, and writes JSON plus Markdown tables.
+//!
+//! `run` is the full benchmark (bench/run drives it); `smoke` runs every scenario for about
+//! two seconds at tiny sizes and only checks that each completes (scripts/test runs it).
+
+mod append;
+mod baseline;
+mod catchup;
+mod durability;
+mod fanout;
+mod http;
+mod idle;
+mod report;
+mod server;
+mod sse;
+mod util;
+mod ws;
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use sqlx::{Connection, Executor};
+
+use fanout::{Fanout, Transport};
+use report::{Machine, Metrics, Report};
+use server::Server;
+
+#[derive(Parser)]
+#[command(
+    name = "tailcast-bench",
+    about = "Benchmarks tailcast against raw PostgreSQL"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The full benchmark.
+    Run(RunArgs),
+    /// Every scenario for ~2 s at tiny sizes; fails if any scenario fails, never on timing.
+    Smoke(RunArgs),
+    /// Rewrites the results section of a Markdown file from a results JSON file.
+    Report {
+        #[arg(long)]
+        json: PathBuf,
+        #[arg(long)]
+        markdown: PathBuf,
+    },
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    /// The tailcast binary to benchmark (a release build for real numbers).
+    #[arg(long, default_value = "target/release/tailcast")]
+    server_bin: PathBuf,
+    /// A PostgreSQL URL whose user may create databases; each invocation creates a fresh one.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: String,
+    /// Repetitions of the whole scenario set.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Seconds each timed scenario runs.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Only scenarios whose name starts with one of these (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Extra arguments for tailcast (e.g. generous connection limits).
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    server_args: Vec<String>,
+    /// Where to write the results JSON.
+    #[arg(long, default_value = "bench/results/latest.json")]
+    out: PathBuf,
+    /// Keep the benchmark database afterwards.
+    #[arg(long)]
+    keep_db: bool,
+    /// The command line to record in the report (bench/run passes its own).
+    #[arg(long)]
+    command: Option<String>,
+}
+
+/// Scenario sizes: the full benchmark, or the tiny smoke run.
+#[derive(Debug, Clone, Serialize)]
+struct Sizes {
+    duration_s: u64,
+    clients: usize,
+    batch_clients: usize,
+    batch: usize,
+    ws_window: usize,
+    rate: u64,
+    fanout: Vec<usize>,
+    many_streams: usize,
+    many_rate: u64,
+    catchup_events: u64,
+    idle_connections: usize,
+    durability_producers: usize,
+    durability_subscribers: usize,
+}
+
+impl Sizes {
+    fn full(duration_s: u64) -> Self {
+        Sizes {
+            duration_s,
+            clients: 64,
+            batch_clients: 8,
+            batch: 100,
+            ws_window: 16,
+            rate: 100,
+            fanout: vec![100, 1000, 5000],
+            many_streams: 10_000,
+            many_rate: 1000,
+            catchup_events: 1_000_000,
+            idle_connections: 10_000,
+            durability_producers: 8,
+            durability_subscribers: 8,
+        }
+    }
+
+    fn smoke() -> Self {
+        Sizes {
+            duration_s: 2,
+            clients: 4,
+            batch_clients: 2,
+            batch: 100,
+            ws_window: 4,
+            rate: 50,
+            fanout: vec![5],
+            many_streams: 10,
+            many_rate: 50,
+            catchup_events: 2000,
+            idle_connections: 20,
+            durability_producers: 2,
+            durability_subscribers: 2,
+        }
+    }
+}
+
+struct Bench {
+    args: RunArgs,
+    sizes: Sizes,
+    db_url: String,
+    log: PathBuf,
+}
+
+const CATCHUP_STREAM: &str = "catchup";
+
+impl Bench {
+    fn wants(&self, name: &str) -> bool {
+        self.args.only.is_empty() || self.args.only.iter().any(|o| name.starts_with(o.as_str()))
+    }
+
+    fn dur(&self) -> Duration {
+        Duration::from_secs(self.sizes.duration_s)
+    }
+
+    async fn server(&self) -> Result<Server> {
+        Server::start(
+            &self.args.server_bin,
+            &self.db_url,
+            &self.args.server_args,
+            &self.log,
+        )
+        .await
+    }
+
+    /// One scenario on a fresh server; its failure is recorded, not fatal to the others.
+    async fn scenario<F, Fut>(
+        &self,
+        run: usize,
+        name: &str,
+        m: &mut Metrics,
+        errors: &mut Vec<String>,
+        f: F,
+    ) where
+        F: FnOnce(Server, Metrics) -> Fut,
+        Fut: std::future::Future<Output = (Metrics, Result<()>)>,
+    {
+        if !self.wants(name) {
+            return;
+        }
+        eprintln!("run {run}: {name}");
+        let limit = self.dur() * 6 + Duration::from_secs(300);
+        let res = match self.server().await {
+            Err(e) => Err(e),
+            Ok(server) => match tokio::time::timeout(limit, f(server, std::mem::take(m))).await {
+                Ok((back, res)) => {
+                    *m = back;
+                    res
+                }
+                Err(_) => Err(anyhow::anyhow!("did not finish within {limit:?}")),
+            },
+        };
+        if let Err(e) = res {
+            eprintln!("run {run}: {name} FAILED: {e:#}");
+            errors.push(format!("run {run}: {name}: {e:#}"));
+        }
+    }
+
+    async fn run_once(&self, run: usize, errors: &mut Vec<String>) -> Metrics {
+        let mut m = Metrics::default();
+        let d = self.dur();
+        let s = self.sizes.clone();
+        let url = self.db_url.clone();
+
+        self.scenario(run, "baseline", &mut m, errors, |srv, mut m| async move {
+            let res = async {
+                baseline::prepare(&url).await?;
+                baseline::row_per_tx(&url, 1, d, &mut m, "base.row_tx_1").await?;
+                baseline::row_per_tx(&url, s.clients, d, &mut m, "base.row_tx_64").await?;
+                baseline::multi_row(
+                    &url,
+                    s.batch_clients,
+                    s.batch,
+                    d,
+                    &mut m,
+                    "base.multirow_100",
+                )
+                .await?;
+                baseline::copy_in(&url, 50_000, d, &mut m, "base.copy_in").await?;
+                let rows =
+                    baseline::copy_out(&url, CATCHUP_STREAM, &mut m, "base.copy_out").await?;
+                if rows != s.catchup_events {
+                    bail!("COPY read {rows} rows, expected {}", s.catchup_events);
+                }
+                Ok(())
+            }
+            .await;
+            (m, finish(srv, res).await)
+        })
+        .await;
+
+        let addr_run = format!("r{run}");
+        self.scenario(run, "append", &mut m, errors, |srv, mut m| async move {
+            let a = srv.addr;
+            let res = async {
+                append::sequential(a, &format!("seq-{addr_run}"), d, &mut m).await?;
+                append::concurrent_rest(
+                    a,
+                    &format!("rest-{addr_run}"),
+                    s.clients,
+                    1,
+                    d,
+                    &mut m,
+                    "append.rest64",
+                )
+                .await?;
+                append::concurrent_rest(
+                    a,
+                    &format!("batch-{addr_run}"),
+                    s.batch_clients,
+                    s.batch,
+                    d,
+                    &mut m,
+                    "append.batch100",
+                )
+                .await?;
+                append::concurrent_ws(
+                    a,
+                    &format!("ws-{addr_run}"),
+                    s.clients,
+                    s.ws_window,
+                    d,
+                    &mut m,
+                )
+                .await
+            }
+            .await;
+            (m, finish(srv, res).await)
+        })
+        .await;
+
+        for transport in [Transport::Sse, Transport::Ws] {
+            for &n in &self.sizes.fanout {
+                let t = transport.label();
+                let f = Fanout {
+                    transport,
+                    subscribers: n,
+                    streams: 1,
+                    rate: s.rate,
+                    duration: d,
+                    prefix: format!("fan-{t}-{n}-r{run}"),
+                };
+                self.scenario(
+                    run,
+                    &format!("fanout.{t}.{n}"),
+                    &mut m,
+                    errors,
+                    |srv, mut m| async move {
+                        let res = f.run(srv.addr, &mut m, &format!("fanout.{t}.{n}")).await;
+                        (m, finish(srv, res).await)
+                    },
+                )
+                .await;
+            }
+        }
+
+        let f = Fanout {
+            transport: Transport::Sse,
+            subscribers: s.many_streams,
+            streams: s.many_streams,
+            rate: s.many_rate,
+            duration: d,
+            prefix: format!("many-r{run}"),
+        };
+        self.scenario(run, "streams", &mut m, errors, |srv, mut m| async move {
+            let res = f.run(srv.addr, &mut m, "streams.sse").await;
+            m.set("streams.sse.streams", s.many_streams as f64);
+            (m, finish(srv, res).await)
+        })
+        .await;
+
+        for via in ["sse", "ws", "ndjson"] {
+            self.scenario(
+                run,
+                &format!("catchup.{via}"),
+                &mut m,
+                errors,
+                |srv, mut m| async move {
+                    let res =
+                        catchup::catch_up(srv.addr, CATCHUP_STREAM, s.catchup_events, via, &mut m)
+                            .await;
+                    (m, finish(srv, res).await)
+                },
+            )
+            .await;
+        }
+
+        for via in ["sse", "ws"] {
+            let prefix = format!("idle-{via}-r{run}");
+            self.scenario(
+                run,
+                &format!("idle.{via}"),
+                &mut m,
+                errors,
+                |srv, mut m| async move {
+                    let res = idle::idle(&srv, via, s.idle_connections, &prefix, &mut m).await;
+                    (m, finish(srv, res).await)
+                },
+            )
+            .await;
+        }
+
+        let dur_test = durability::Durability {
+            producers: s.durability_producers,
+            subscribers: s.durability_subscribers,
+            duration: d,
+            stream: format!("durable-r{run}"),
+        };
+        let url = self.db_url.clone();
+        self.scenario(
+            run,
+            "durability",
+            &mut m,
+            errors,
+            |mut srv, mut m| async move {
+                let res = dur_test.run(&mut srv, &url, &mut m).await;
+                let res = match res {
+                    Ok(()) if m.get("durability.ok") != Some(1.0) => {
+                        Err(anyhow::anyhow!("durability check failed"))
+                    }
+                    other => other,
+                };
+                (m, finish(srv, res).await)
+            },
+        )
+        .await;
+        m
+    }
+}
+
+/// Stops the server, keeping the scenario's error (or the stop's) for the report.
+async fn finish(srv: Server, res: Result<()>) -> Result<()> {
+    let stopped = srv.stop().await;
+    res.and(stopped)
+}
+
+fn utc_now() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M:%S"])
+        .output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn machine(postgres: String) -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: f64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    Machine {
+        nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        memory_gib: mem_kib / 1024.0 / 1024.0,
+        cpu,
+        kernel: kernel.trim().to_owned(),
+        postgres,
+    }
+}
+
+/// `url` with its database name replaced.
+fn with_database(url: &str, db: &str) -> Result<String> {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").context("DATABASE_URL is not a URL")? + 3;
+    let path = base[scheme_end..].find('/').map(|i| i + scheme_end);
+    let host = path.map_or(base, |p| &base[..p]);
+    Ok(match query {
+        Some(q) => format!("{host}/{db}?{q}"),
+        None => format!("{host}/{db}"),
+    })
+}
+
+async fn bench(args: RunArgs, sizes: Sizes) -> Result<Report> {
+    if !args.server_bin.exists() {
+        bail!("{} not found (build it first)", args.server_bin.display());
+    }
+    let started_utc = utc_now();
+    let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let db = format!("tailcast_bench_{stamp}_{}", std::process::id());
+    let mut admin = sqlx::PgConnection::connect(&args.database_url)
+        .await
+        .context("connecting to DATABASE_URL")?;
+    let postgres: String = sqlx::query_scalar("select version()")
+        .fetch_one(&mut admin)
+        .await?;
+    let postgres = postgres.split(" on ").next().unwrap_or_default().to_owned();
+    admin
+        .execute(format!("create database \"{db}\"").as_str())
+        .await?;
+    let db_url = with_database(&args.database_url, &db)?;
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let log = args.out.with_extension("server.log");
+    let _ = std::fs::remove_file(&log);
+    let b = Bench {
+        args: args.clone(),
+        sizes: sizes.clone(),
+        db_url: db_url.clone(),
+        log,
+    };
+
+    let outcome = async {
+        // Migrate (the server does it at start-up), then seed the stream catch-up reads.
+        b.server().await?.stop().await?;
+        if b.wants("baseline") || b.wants("catchup") {
+            eprintln!("seeding {} events for catch-up", sizes.catchup_events);
+            baseline::seed_stream(&db_url, CATCHUP_STREAM, sizes.catchup_events).await?;
+        }
+        let mut runs = Vec::new();
+        let mut errors = Vec::new();
+        for run in 1..=args.runs {
+            runs.push(b.run_once(run, &mut errors).await);
+        }
+        anyhow::Ok((runs, errors))
+    }
+    .await;
+    if !args.keep_db {
+        let _ = admin
+            .execute(format!("drop database \"{db}\" with (force)").as_str())
+            .await;
+    }
+    let (runs, errors) = outcome?;
+    let command = args
+        .command
+        .clone()
+        .unwrap_or_else(|| std::env::args().collect::<Vec<_>>().join(" "));
+    Ok(Report {
+        command,
+        started_utc,
+        finished_utc: utc_now(),
+        machine: machine(postgres),
+        sizes: serde_json::to_value(&sizes)?,
+        runs,
+        errors,
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run(args) => {
+            let sizes = Sizes::full(args.duration);
+            let out = args.out.clone();
+            let report = bench(args, sizes).await?;
+            std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+            eprintln!("wrote {}", out.display());
+            if !report.errors.is_empty() {
+                eprintln!(
+                    "{} scenario(s) failed:\n  {}",
+                    report.errors.len(),
+                    report.errors.join("\n  ")
+                );
+            }
+        }
+        Cmd::Smoke(mut args) => {
+            args.runs = 1;
+            let out = args.out.clone();
+            let report = bench(args, Sizes::smoke()).await?;
+            std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+            if !report.errors.is_empty() {
+                bail!(
+                    "{} smoke scenario(s) failed:\n  {}",
+                    report.errors.len(),
+                    report.errors.join("\n  ")
+                );
+            }
+            eprintln!("smoke: every scenario completed");
+        }
+        Cmd::Report { json, markdown } => {
+            let report: Report = serde_json::from_slice(&std::fs::read(&json)?)?;
+            let fanout: Vec<usize> = report.sizes["fanout"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_u64().map(|n| n as usize))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let doc = std::fs::read_to_string(&markdown)?;
+            let new = report::splice(&doc, &report.markdown(&fanout))
+                .with_context(|| format!("{} has no results markers", markdown.display()))?;
+            std::fs::write(&markdown, new)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_the_database_name() {
+        assert_eq!(
+            with_database("postgres://u@h:5432/postgres", "x").unwrap(),
+            "postgres://u@h:5432/x"
+        );
+        assert_eq!(
+            with_database("postgres://u:p@h/postgres?sslmode=disable", "x").unwrap(),
+            "postgres://u:p@h/x?sslmode=disable"
+        );
+        assert_eq!(
+            with_database("postgres://h", "x").unwrap(),
+            "postgres://h/x"
+        );
+    }
+}
