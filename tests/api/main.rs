@@ -14,3 +14,5 @@ mod shutdown;
 mod sse;
 mod sse_stress;
 mod wire;
+mod ws;
+mod ws_client;
