@@ -4,3 +4,5 @@ mod console;
 mod helpers;
 mod log;
 mod sse;
+mod ws;
+mod ws_client;
