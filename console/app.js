@@ -210,6 +210,8 @@ function onEvent(stream, ev) {
       showConnection();
     });
   }
+  const item = $("streams").querySelector(`li[data-stream="${CSS.escape(stream)}"] .meta`);
+  if (item) item.textContent = String(ev.seq);
   // A stream created while we watched it joins the list without waiting for the next poll.
   if (!listRefresh && stream.startsWith($("filter").value.trim()) && !$("streams").querySelector(`li[data-stream="${CSS.escape(stream)}"]`)) {
     listRefresh = setTimeout(() => {
@@ -345,7 +347,11 @@ function start() {
   state.client = new TailcastClient({ url: location.origin, token });
   $("token").value = token;
   showTokenState();
-  state.client.on("status", showConnection);
+  state.client.on("status", (s) => {
+    showConnection();
+    // The server's connection counts just changed by ours.
+    if (s.state === "open") refreshServerStats();
+  });
   state.client.on("fallback", (f) => {
     showBanner(`WebSocket unavailable (${f.reason}); following over Server-Sent Events.`, "info");
   });

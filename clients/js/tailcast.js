@@ -568,6 +568,7 @@ export class TailcastClient {
       case "subscribed": {
         const sub = this._subs.get(msg.stream);
         if (sub && typeof msg.head === "number") sub.head = Math.max(sub.head ?? 0, msg.head);
+        if (sub) sub.attempt = 0;
         this._settle(msg.ref, msg);
         break;
       }
@@ -577,6 +578,16 @@ export class TailcastClient {
           const { op: _op, ...notice } = msg;
           this._notice(sub, notice);
         }
+        break;
+      }
+      case "unsubscribed": {
+        // With a ref it answers our unsubscribe; without, the server ended the subscription.
+        if (msg.ref !== undefined) {
+          this._settle(msg.ref, msg);
+          break;
+        }
+        const sub = this._subs.get(msg.stream);
+        if (sub) this._serverEnded(sub, msg);
         break;
       }
       case "error": {
@@ -592,6 +603,24 @@ export class TailcastClient {
       default:
         this._settle(msg.ref, msg);
     }
+  }
+
+  /** The server ended a subscription on its own: finished, refused, or failed (retry). */
+  _serverEnded(sub, msg) {
+    if (msg.reason === "closed" || msg.reason === "deleted") {
+      this._unsubscribe(sub, msg.reason);
+      return;
+    }
+    const err = new TailcastError(msg.code ?? "error", msg.message ?? "the subscription failed", undefined, msg);
+    if (err.code === "unauthorized" || err.code === "forbidden") {
+      this._fail(sub, err);
+      return;
+    }
+    this._stats.lastError = err.message;
+    const delayMs = backoffDelay(sub.attempt++, this.backoff);
+    sub.timer = setTimeout(() => {
+      if (!sub.ended && this._wsOpen()) this._wsSubscribe(sub);
+    }, delayMs);
   }
 
   _wsSubscribe(sub) {
