@@ -3,6 +3,7 @@
 
 pub mod frame;
 pub mod hub;
+pub mod ring;
 pub mod subscription;
 
 pub use frame::Frame;
