@@ -3,3 +3,5 @@
 mod helpers;
 mod log;
 mod sse;
+mod ws;
+mod ws_client;
