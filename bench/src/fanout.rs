@@ -124,6 +124,21 @@ impl Fanout {
             &format!("{key}.out_of_order"),
             tally.out_of_order.load(Ordering::Relaxed) as f64,
         );
+        // Diagnostics: how often subscribers had to go back to the log (lag or seq gaps)
+        // instead of being served from the live hub.
+        match server_metrics(addr).await {
+            Err(e) => eprintln!("  (could not read the server's metrics: {e:#})"),
+            Ok(text) => {
+                for (name, what) in [
+                    ("tailcast_catchup_reads_total", "log_reads"),
+                    ("tailcast_lag_fallbacks_total", "lag_fallbacks"),
+                ] {
+                    if let Some(v) = metric_value(&text, name) {
+                        m.set(&format!("{key}.{what}"), v);
+                    }
+                }
+            }
+        }
         m.set(&format!("{key}.p50_ms"), p50);
         m.set(&format!("{key}.p99_ms"), p99);
         m.set(&format!("{key}.max_ms"), max);
@@ -264,4 +279,27 @@ pub async fn publish_paced(
         w.await??;
     }
     Ok(done.load(Ordering::Relaxed))
+}
+
+/// The server's Prometheus text.
+async fn server_metrics(addr: SocketAddr) -> Result<String> {
+    let mut http = Http::connect(addr, None).await?;
+    let res = http.get("/metrics", &[]).await?;
+    let body = res.into_body().collect().await?.to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The sum of every sample of `name` (over all label sets).
+fn metric_value(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| l.starts_with(name)) {
+        let rest = &line[name.len()..];
+        if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        if let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
 }

@@ -156,6 +156,11 @@ impl Bench {
         self.args.only.is_empty() || self.args.only.iter().any(|o| name.starts_with(o.as_str()))
     }
 
+    /// True if any selected scenario lies under `prefix` (e.g. "catchup" for "catchup.sse").
+    fn wants_any(&self, prefix: &str) -> bool {
+        self.wants(prefix) || self.args.only.iter().any(|o| o.starts_with(prefix))
+    }
+
     fn dur(&self) -> Duration {
         Duration::from_secs(self.sizes.duration_s)
     }
@@ -462,7 +467,7 @@ async fn bench(args: RunArgs, sizes: Sizes) -> Result<Report> {
     let outcome = async {
         // Migrate (the server does it at start-up), then seed the stream catch-up reads.
         b.server().await?.stop().await?;
-        if b.wants("baseline") || b.wants("catchup") {
+        if b.wants_any("baseline") || b.wants_any("catchup") {
             eprintln!("seeding {} events for catch-up", sizes.catchup_events);
             baseline::seed_stream(&db_url, CATCHUP_STREAM, sizes.catchup_events).await?;
         }

@@ -10,9 +10,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::sync::broadcast;
-
 use super::frame::Frame;
+use super::ring;
 use crate::log::{CommitSink, Committed, StreamName};
 use crate::metrics as m;
 
@@ -29,7 +28,7 @@ pub enum LiveMsg {
 }
 
 struct Channel {
-    tx: broadcast::Sender<Arc<LiveMsg>>,
+    tx: ring::Sender<Arc<LiveMsg>>,
     /// Highest seq published here (to skip redundant reads after notifications).
     published: i64,
 }
@@ -44,7 +43,7 @@ pub struct Hub {
 
 /// A subscriber's end of a stream's channel. Dropping it unregisters the subscriber.
 pub struct LiveReceiver {
-    pub(crate) rx: broadcast::Receiver<Arc<LiveMsg>>,
+    pub(crate) rx: ring::Receiver<Arc<LiveMsg>>,
     guard: Guard,
 }
 
@@ -69,7 +68,7 @@ impl Hub {
         let rx = match map.get(stream) {
             Some(ch) => ch.tx.subscribe(),
             None => {
-                let (tx, rx) = broadcast::channel(self.capacity);
+                let (tx, rx) = ring::channel(self.capacity);
                 map.insert(stream.clone(), Channel { tx, published: 0 });
                 metrics::gauge!(m::LIVE_STREAMS).set(map.len() as f64);
                 rx

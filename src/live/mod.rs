@@ -4,6 +4,7 @@
 pub mod frame;
 pub mod hub;
 pub mod notify;
+pub mod ring;
 pub mod subscription;
 
 pub use frame::Frame;

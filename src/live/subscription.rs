@@ -250,18 +250,7 @@ impl Subscription {
     /// changes after each await completes.
     pub async fn next(&mut self) -> Option<Result<Item, Error>> {
         loop {
-            if let Some(item) = self.pending.pop_front() {
-                match &item {
-                    Item::Event(f) => {
-                        self.delivered = f.seq;
-                        if f.ty == TYPE_STREAM_CLOSED && self.end_on_close {
-                            self.finished = true;
-                            self.pending.clear();
-                        }
-                    }
-                    Item::Cursor(c) => self.delivered = self.delivered.max(*c),
-                    Item::Notice(_) => {}
-                }
+            if let Some(item) = self.try_next() {
                 return Some(Ok(item));
             }
             if self.finished {
@@ -287,6 +276,25 @@ impl Subscription {
                 Err(e) => return Some(Err(e)),
             }
         }
+    }
+
+    /// The next item if the subscription already holds one (read from the log, or received
+    /// live), without waiting and without querying: lets a transport put a catch-up page or a
+    /// burst into one write instead of one per event.
+    pub fn try_next(&mut self) -> Option<Item> {
+        let item = self.pending.pop_front()?;
+        match &item {
+            Item::Event(f) => {
+                self.delivered = f.seq;
+                if f.ty == TYPE_STREAM_CLOSED && self.end_on_close {
+                    self.finished = true;
+                    self.pending.clear();
+                }
+            }
+            Item::Cursor(c) => self.delivered = self.delivered.max(*c),
+            Item::Notice(_) => {}
+        }
+        Some(item)
     }
 
     async fn read_log(&mut self) -> Result<(), Error> {

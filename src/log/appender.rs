@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
@@ -141,25 +142,42 @@ async fn run(
     health: Arc<DbHealth>,
     closing: CancellationToken,
 ) {
-    let mut jobs = Vec::with_capacity(max_batch);
+    // Batches in flight at once, each on its own connection. With one, a request that
+    // arrives while a batch waits for its WAL flush waits for that flush *and* its own, so
+    // 64 single-event clients spread over 2-3 small batches per cycle (bench: 8.5k events/s,
+    // batches of ~25). With several, the next batch locks, inserts and queues its commit
+    // while the previous one flushes, and PostgreSQL flushes them together. Per-stream order
+    // still holds: a batch waits on the row lock of any stream an earlier batch holds, and
+    // is delivered to the hub after it (the earlier commit completes first; even if it were
+    // handed over later, subscribers would see the seq gap and read the log).
+    const IN_FLIGHT: usize = 3;
+    let mut inflight = FuturesUnordered::new();
+    let mut open = true;
     let mut closed = false;
     loop {
-        let n = tokio::select! {
-            // `recv_many` is cancel-safe: nothing received is lost when closing wins.
-            n = rx.recv_many(&mut jobs, max_batch) => n,
-            _ = closing.cancelled(), if !closed => {
+        tokio::select! {
+            jobs = next_jobs(&mut rx, max_batch), if open && inflight.len() < IN_FLIGHT => {
+                match jobs {
+                    Some(jobs) => inflight.push(commit_jobs(&pool, &*sink, &node_id, &health, jobs)),
+                    None => open = false,
+                }
+            }
+            _ = closing.cancelled(), if open && !closed => {
                 // Senders now fail; what is already queued is still received and committed.
                 rx.close();
                 closed = true;
-                continue;
             }
-        };
-        if n == 0 {
-            return;
+            Some(()) = inflight.next(), if !inflight.is_empty() => {}
+            else => break,
         }
-        let jobs = std::mem::take(&mut jobs);
-        commit_jobs(&pool, &*sink, &node_id, &health, jobs).await;
     }
+}
+
+/// Everything queued (at least one job, at most `max`), or `None` once every handle is gone
+/// (or the queue was closed) and it is drained. Cancel-safe: `recv_many` loses nothing.
+async fn next_jobs(rx: &mut mpsc::Receiver<Job>, max: usize) -> Option<Vec<Job>> {
+    let mut jobs = Vec::new();
+    (rx.recv_many(&mut jobs, max).await > 0).then_some(jobs)
 }
 
 async fn commit_jobs(
