@@ -74,6 +74,34 @@ pub struct Config {
     #[arg(long, env = "TAILCAST_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
 
+    /// Milliseconds between the WebSocket Ping frames the server sends; a connection silent
+    /// for three times this is closed.
+    #[arg(long, env = "TAILCAST_WS_HEARTBEAT_MS", default_value_t = 30_000)]
+    pub ws_heartbeat_ms: u64,
+
+    /// Largest WebSocket message a client may send, in bytes (0: the batch limit plus 64 KiB,
+    /// so any batch REST accepts also fits in a `publish`). Larger ones close with 1009.
+    #[arg(long, env = "TAILCAST_WS_MAX_MESSAGE_BYTES", default_value_t = 0)]
+    pub ws_max_message_bytes: usize,
+
+    /// Messages queued for one WebSocket before its subscriptions stop being read (they
+    /// resume from the log once the client catches up).
+    #[arg(long, env = "TAILCAST_WS_SEND_QUEUE", default_value_t = 256)]
+    pub ws_send_queue: usize,
+
+    /// Most subscriptions one WebSocket may hold at once.
+    #[arg(long, env = "TAILCAST_WS_MAX_SUBSCRIPTIONS", default_value_t = 1000)]
+    pub ws_max_subscriptions: usize,
+
+    /// How long an input request stays open when it gives no `timeout_ms`.
+    #[arg(long, env = "TAILCAST_INPUT_TIMEOUT_MS", default_value_t = 600_000)]
+    pub input_timeout_ms: u64,
+
+    /// Milliseconds between passes that expire due input requests (and repair announcements
+    /// a crash interrupted).
+    #[arg(long, env = "TAILCAST_INPUT_SWEEP_MS", default_value_t = 1000)]
+    pub input_sweep_ms: u64,
+
     /// This node's name in stats and logs (default: a random id).
     #[arg(long, env = "TAILCAST_NODE_ID")]
     pub node_id: Option<String>,
@@ -154,6 +182,21 @@ impl Config {
 
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.shutdown_timeout_s)
+    }
+
+    pub fn ws_heartbeat(&self) -> Duration {
+        Duration::from_millis(self.ws_heartbeat_ms.max(10))
+    }
+
+    pub fn ws_max_message(&self) -> usize {
+        match self.ws_max_message_bytes {
+            0 => self.max_batch_bytes + (64 << 10),
+            n => n,
+        }
+    }
+
+    pub fn input_sweep(&self) -> Duration {
+        Duration::from_millis(self.input_sweep_ms.max(10))
     }
 
     /// A configuration with every default, for tests and embedding.

@@ -77,6 +77,42 @@ pub enum Error {
     /// 422: the answer does not match the request's JSON Schema.
     #[error("{0}")]
     InputInvalid(String),
+    /// 400: the input request's `schema` is not a valid JSON Schema.
+    #[error("{0}")]
+    InvalidSchema(String),
+    /// 426: a plain HTTP request to the WebSocket endpoint.
+    #[error("{0}")]
+    UpgradeRequired(String),
+    /// 400 (WebSocket): a message that is JSON but not an object.
+    #[error("{0}")]
+    InvalidMessage(String),
+    /// 400 (WebSocket): JSON nested deeper than the parser allows.
+    #[error("the message is nested too deeply")]
+    NestingTooDeep,
+    /// 400 (WebSocket): the op is not one the server knows.
+    #[error("unknown op {0:?}")]
+    UnknownOp(String),
+    /// 400 (WebSocket): a required field is absent.
+    #[error("missing field `{0}`")]
+    MissingField(&'static str),
+    /// 400 (WebSocket): a field has the wrong type or value.
+    #[error("field `{field}`: {detail}")]
+    InvalidField { field: &'static str, detail: String },
+    /// 400 (WebSocket): a field this op does not take (a typo would otherwise be ignored).
+    #[error("unknown field {0:?}")]
+    UnknownField(String),
+    /// 400 (WebSocket): binary frames carry nothing in this protocol.
+    #[error("binary frames are not supported; send JSON in text frames")]
+    BinaryNotSupported,
+    /// 409 (WebSocket): the connection already follows this stream.
+    #[error("already subscribed to {0:?}")]
+    AlreadySubscribed(String),
+    /// 404 (WebSocket): the connection does not follow this stream.
+    #[error("not subscribed to {0:?}")]
+    NotSubscribed(String),
+    /// 429 (WebSocket): the connection holds as many subscriptions as it may.
+    #[error("this connection holds {limit} subscriptions, the most allowed")]
+    TooManySubscriptions { limit: usize },
     /// 429: too many requests; retry after the given seconds.
     #[error("rate limit exceeded; retry after {retry_after_s} s")]
     RateLimited { retry_after_s: u64 },
@@ -109,6 +145,18 @@ impl Error {
         match self {
             InvalidStreamName(_) | InvalidEvent(_) | ReservedType(_) | InvalidJson(_)
             | EmptyBatch | InvalidParameter(_) | InvalidCursor(_) => StatusCode::BAD_REQUEST,
+            InvalidSchema(_)
+            | InvalidMessage(_)
+            | NestingTooDeep
+            | UnknownOp(_)
+            | MissingField(_)
+            | InvalidField { .. }
+            | UnknownField(_)
+            | BinaryNotSupported => StatusCode::BAD_REQUEST,
+            UpgradeRequired(_) => StatusCode::UPGRADE_REQUIRED,
+            AlreadySubscribed(_) => StatusCode::CONFLICT,
+            NotSubscribed(_) => StatusCode::NOT_FOUND,
+            TooManySubscriptions { .. } => StatusCode::TOO_MANY_REQUESTS,
             EventTooLarge { .. } | BatchTooLarge { .. } | PayloadTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -158,6 +206,18 @@ impl Error {
             InputExists(_) => "input_exists",
             InputExpired(_) => "input_expired",
             InputInvalid(_) => "input_invalid",
+            InvalidSchema(_) => "invalid_schema",
+            UpgradeRequired(_) => "upgrade_required",
+            InvalidMessage(_) => "invalid_message",
+            NestingTooDeep => "nesting_too_deep",
+            UnknownOp(_) => "unknown_op",
+            MissingField(_) => "missing_field",
+            InvalidField { .. } => "invalid_field",
+            UnknownField(_) => "unknown_field",
+            BinaryNotSupported => "binary_not_supported",
+            AlreadySubscribed(_) => "already_subscribed",
+            NotSubscribed(_) => "not_subscribed",
+            TooManySubscriptions { .. } => "too_many_subscriptions",
             RateLimited { .. } => "rate_limited",
             TooManyConnections { .. } => "too_many_connections",
             UriTooLong { .. } => "uri_too_long",
@@ -190,6 +250,12 @@ impl Error {
             }
             Error::RateLimited { retry_after_s } => {
                 m.insert("retry_after_s".into(), json!(retry_after_s));
+            }
+            Error::MissingField(field) | Error::InvalidField { field, .. } => {
+                m.insert("field".into(), json!(field));
+            }
+            Error::TooManySubscriptions { limit } => {
+                m.insert("limit".into(), json!(limit));
             }
             _ => {}
         }

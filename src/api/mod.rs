@@ -2,9 +2,11 @@
 
 pub mod events;
 pub mod extract;
+pub mod inputs;
 pub mod ops;
 pub mod rest;
 pub mod sse;
+pub mod ws;
 
 use std::time::Instant;
 
@@ -37,6 +39,8 @@ pub fn router(state: AppState) -> Router {
         .merge(rest::router())
         .merge(sse::router())
         .merge(ops::router())
+        .merge(ws::router())
+        .merge(inputs::router())
         .fallback(|| async { Error::NotFound })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .layer(middleware::from_fn(record_request))

@@ -7,3 +7,5 @@ mod limits;
 mod log;
 mod props;
 mod sse;
+mod ws;
+mod ws_client;

@@ -1,0 +1,425 @@
+//! `GET /v1/ws`: one WebSocket carrying many subscriptions, publishing, input answers and
+//! stop signals.
+//!
+//! Each connection is one task running one `select!` over {client frame, the connection's
+//! subscriptions, heartbeat, shutdown}, plus one writer task that owns the socket's sending
+//! half, so frames never interleave. Between them sits a bounded queue. Subscriptions are
+//! only polled while that queue has room: a client that reads slowly simply stops pulling
+//! events, each `Subscription` falls back to the log when its live buffer overflows, and
+//! nothing is ever dropped. A client that stops reading altogether trips the socket's write
+//! timeout and is disconnected; it resumes each subscription by its cursor.
+
+mod protocol;
+
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, Stream, StreamExt};
+use serde_json::json;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+use tokio::time::{interval_at, MissedTickBehavior};
+use tokio_stream::StreamMap;
+use tracing::Instrument;
+
+use super::events::parse_batch;
+use super::inputs;
+use crate::app::{AppState, ConnectionGuard, Transport};
+use crate::auth::{Grant, Principal};
+use crate::error::Error;
+use crate::live::{Item, Subscription};
+use crate::log::model::{format_time, TYPE_STREAM_CLOSED};
+use crate::log::{AppendSpec, StreamName};
+use crate::metrics as m;
+pub use protocol::check_request_id;
+use protocol::{error_reply, error_with, reply, Op, Request};
+
+/// The protocol version announced in `welcome`.
+pub const PROTOCOL: u32 = 1;
+
+/// Close codes (RFC 6455).
+const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_POLICY: u16 = 1008;
+const CLOSE_TOO_BIG: u16 = 1009;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/ws", get(upgrade))
+}
+
+async fn upgrade(
+    State(app): State<AppState>,
+    who: Principal,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => return Error::UpgradeRequired(e.body_text()).into_response(),
+    };
+    let max = app.config.ws_max_message();
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| {
+            let span = tracing::debug_span!("ws", subject = who.subject());
+            Connection::run(app, who, socket).instrument(span)
+        })
+}
+
+/// What a subscription's stream yields to the connection.
+enum SubEvent {
+    Item(Item),
+    /// The subscription is over: `closed`, `deleted`, or `error` (then with the error).
+    Ended(&'static str, Option<Error>),
+}
+
+type SubStream = std::pin::Pin<Box<dyn Stream<Item = SubEvent> + Send>>;
+
+/// A subscription as a stream that announces its own end.
+fn sub_stream(sub: Subscription) -> SubStream {
+    let state = Some((sub, "closed"));
+    Box::pin(futures::stream::unfold(state, |state| async move {
+        let (mut sub, mut reason) = state?;
+        match sub.next().await {
+            Some(Ok(item)) => {
+                match &item {
+                    Item::Notice(n) if n.notice == "deleted" => reason = "deleted",
+                    Item::Event(f) if f.ty == TYPE_STREAM_CLOSED => reason = "closed",
+                    _ => {}
+                }
+                Some((SubEvent::Item(item), Some((sub, reason))))
+            }
+            Some(Err(e)) => Some((SubEvent::Ended("error", Some(e)), None)),
+            None => Some((SubEvent::Ended(reason, None), None)),
+        }
+    }))
+}
+
+/// What woke the connection's loop.
+enum Wake {
+    Frame(Option<Result<Message, axum::Error>>),
+    Sub(StreamName, SubEvent),
+    Room,
+    Tick,
+}
+
+/// Why the loop ended.
+enum End {
+    /// Send this close frame, then finish.
+    Close(u16, &'static str),
+    /// The client closed, or the socket failed: nothing more to send.
+    Gone,
+}
+
+struct Connection {
+    app: AppState,
+    who: Principal,
+    subs: StreamMap<StreamName, SubStream>,
+    out: mpsc::Sender<Message>,
+}
+
+impl Connection {
+    async fn run(app: AppState, who: Principal, socket: WebSocket) {
+        let _conn = ConnectionGuard::new(&app, Transport::Ws);
+        let connection_id = uuid::Uuid::now_v7().simple().to_string();
+        let (sink, frames) = socket.split();
+        let (out, queue) = mpsc::channel(app.config.ws_send_queue.max(4));
+        let writer = tokio::spawn(write_loop(sink, queue));
+        let heartbeat = app.config.ws_heartbeat();
+        let write_timeout = app.config.write_timeout();
+        let mut conn = Connection {
+            app,
+            who,
+            subs: StreamMap::new(),
+            out,
+        };
+        let welcome = json!({
+            "connection_id": connection_id,
+            "heartbeat_ms": heartbeat.as_millis() as u64,
+            "protocol": PROTOCOL,
+        });
+        let _ = conn.out.send(reply("welcome", None, welcome)).await;
+        let mut frames = frames;
+        let end = conn.serve(&mut frames, heartbeat).await;
+        if let End::Close(code, reason) = end {
+            let close = CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            };
+            let _ = conn.out.try_send(Message::Close(Some(close)));
+        }
+        // Dropping the queue's sender lets the writer flush what is queued, then finish.
+        drop(conn);
+        if tokio::time::timeout(write_timeout, writer).await.is_err() {
+            tracing::debug!("WebSocket writer did not finish in time");
+        }
+        // Read until the client answers our close frame (bounded): closing the socket with
+        // unread input would make the kernel reset it, losing the close frame in flight.
+        let drain = async { while let Some(Ok(_)) = frames.next().await {} };
+        let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+    }
+
+    async fn serve(&mut self, frames: &mut SplitStream<WebSocket>, heartbeat: Duration) -> End {
+        let shutdown = self.app.shutdown.clone();
+        let mut ticks = interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut heard = Instant::now();
+        loop {
+            // Only this task sends into the queue, so room seen here is still there when
+            // an item arrives below.
+            let room = self.out.capacity() > 0;
+            let wake = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return End::Close(CLOSE_GOING_AWAY, "server shutting down"),
+                _ = self.out.closed() => return End::Gone,
+                frame = frames.next() => Wake::Frame(frame),
+                Some((stream, ev)) = self.subs.next(), if room && !self.subs.is_empty() => {
+                    Wake::Sub(stream, ev)
+                }
+                // The queue is full: wait for room, then go round again.
+                _ = self.out.reserve(), if !room => Wake::Room,
+                _ = ticks.tick() => Wake::Tick,
+            };
+            match wake {
+                Wake::Frame(None) => return End::Gone,
+                Wake::Frame(Some(Err(e))) => return read_failure(e),
+                Wake::Frame(Some(Ok(msg))) => {
+                    heard = Instant::now();
+                    if !self.on_frame(msg).await {
+                        return End::Gone;
+                    }
+                }
+                Wake::Sub(stream, ev) => self.on_sub_event(stream, ev).await,
+                Wake::Room => {}
+                Wake::Tick => {
+                    if heard.elapsed() >= heartbeat * 3 {
+                        return End::Close(CLOSE_POLICY, "no heartbeat from the client");
+                    }
+                    // With a full queue the client is not reading: the write timeout
+                    // decides its fate, not a ping that could not be queued.
+                    let _ = self.out.try_send(Message::Ping(Default::default()));
+                }
+            }
+        }
+    }
+
+    /// Handles one client frame; false when the client is closing.
+    async fn on_frame(&mut self, msg: Message) -> bool {
+        match msg {
+            Message::Text(text) => {
+                if let Some(out) = self.on_text(text.as_str()).await {
+                    self.send(out).await;
+                }
+            }
+            Message::Binary(_) => {
+                self.send(error_reply(None, &Error::BinaryNotSupported))
+                    .await
+            }
+            // Pings are answered by the WebSocket layer; any frame counts as a heartbeat.
+            Message::Ping(_) | Message::Pong(_) => {}
+            Message::Close(_) => return false,
+        }
+        true
+    }
+
+    async fn on_text(&mut self, text: &str) -> Option<Message> {
+        match protocol::parse(text) {
+            Err(rejected) => Some(error_reply(rejected.reference, &rejected.error)),
+            Ok(Request { reference, op }) => {
+                let stream = op_stream(&op).map(|s| s.as_str().to_owned());
+                match self.apply(reference, op).await {
+                    Ok(msg) => msg,
+                    Err(e) => Some(error_with(reference, &e, stream.as_deref())),
+                }
+            }
+        }
+    }
+
+    /// Carries out one op; its reply, unless it sent its own.
+    async fn apply(
+        &mut self,
+        reference: Option<&RawValue>,
+        op: Op<'_>,
+    ) -> Result<Option<Message>, Error> {
+        let app = &self.app;
+        match op {
+            Op::Subscribe {
+                stream,
+                start,
+                filter,
+            } => {
+                self.who.check(Grant::Read, &stream)?;
+                if self.subs.contains_key(&stream) {
+                    return Err(Error::AlreadySubscribed(stream.to_string()));
+                }
+                let limit = app.config.ws_max_subscriptions;
+                if self.subs.len() >= limit {
+                    return Err(Error::TooManySubscriptions { limit });
+                }
+                let (sub, opened) =
+                    Subscription::open(app.source(), stream.clone(), start, filter, true).await?;
+                let body = json!({"stream": stream, "head": opened.head, "cursor": opened.cursor});
+                // `subscribed` must precede the stream's first event: send it before the
+                // subscription joins the map that events are read from.
+                send(&self.out, reply("subscribed", reference, body)).await;
+                self.subs.insert(stream, sub_stream(sub));
+                Ok(None)
+            }
+            Op::Unsubscribe { stream } => {
+                if self.subs.remove(&stream).is_none() {
+                    return Err(Error::NotSubscribed(stream.to_string()));
+                }
+                Ok(Some(reply(
+                    "unsubscribed",
+                    reference,
+                    json!({"stream": stream}),
+                )))
+            }
+            Op::Publish {
+                stream,
+                events,
+                expected_seq,
+            } => {
+                self.who.check(Grant::Write, &stream)?;
+                let events = parse_batch(events.get().as_bytes(), app.limits())?;
+                let spec = AppendSpec {
+                    stream,
+                    events,
+                    expected_seq,
+                    close: false,
+                };
+                let res = app.appender.append(spec).await?;
+                Ok(Some(reply("ack", reference, res)))
+            }
+            Op::Input {
+                stream,
+                request_id,
+                data,
+            } => {
+                self.who.check(Grant::Answer, &stream)?;
+                let res = inputs::answer(app, &stream, &request_id, data.get()).await?;
+                Ok(Some(reply("ack", reference, res)))
+            }
+            Op::Stop { stream, reason } => {
+                self.who.check(Grant::Answer, &stream)?;
+                let res = inputs::stop(app, stream, reason.map(RawValue::get)).await?;
+                Ok(Some(reply("ack", reference, res)))
+            }
+            Op::Ping => Ok(Some(reply(
+                "pong",
+                reference,
+                json!({"time": format_time(&chrono::Utc::now())}),
+            ))),
+        }
+    }
+
+    async fn on_sub_event(&mut self, stream: StreamName, ev: SubEvent) {
+        let msg = match ev {
+            SubEvent::Item(Item::Event(frame)) => {
+                metrics::counter!(m::DELIVERED_EVENTS, "transport" => "ws").increment(1);
+                if let Some(t) = frame.committed_at {
+                    metrics::histogram!(m::DELIVERY_LATENCY, "transport" => "ws")
+                        .record(t.elapsed().as_secs_f64());
+                }
+                // The frame is JSON built from valid UTF-8 parts; the check copies nothing.
+                match Utf8Bytes::try_from(frame.ws().clone()) {
+                    Ok(text) => Message::Text(text),
+                    Err(_) => return,
+                }
+            }
+            SubEvent::Item(Item::Notice(n)) => reply("notice", None, n),
+            SubEvent::Item(Item::Cursor(seq)) => {
+                reply("cursor", None, json!({"stream": stream, "seq": seq}))
+            }
+            SubEvent::Ended(reason, error) => {
+                // Removed now, so the client may subscribe again as soon as it reads this.
+                self.subs.remove(&stream);
+                let mut body = json!({"stream": stream, "reason": reason});
+                if let Some(e) = error {
+                    tracing::warn!(%stream, error = %e, "WebSocket subscription failed");
+                    body["code"] = e.code().into();
+                    body["message"] = e.to_string().into();
+                }
+                reply("unsubscribed", None, body)
+            }
+        };
+        self.send(msg).await;
+    }
+
+    async fn send(&mut self, msg: Message) {
+        send(&self.out, msg).await;
+    }
+}
+
+async fn send(out: &mpsc::Sender<Message>, msg: Message) {
+    // Fails only when the writer is gone; the loop notices through `out.closed()`.
+    let _ = out.send(msg).await;
+}
+
+fn op_stream<'a>(op: &'a Op<'_>) -> Option<&'a StreamName> {
+    match op {
+        Op::Subscribe { stream, .. }
+        | Op::Unsubscribe { stream }
+        | Op::Publish { stream, .. }
+        | Op::Input { stream, .. }
+        | Op::Stop { stream, .. } => Some(stream),
+        Op::Ping => None,
+    }
+}
+
+fn read_failure(e: axum::Error) -> End {
+    use std::error::Error as _;
+    let too_big = e
+        .source()
+        .and_then(|s| s.downcast_ref::<tungstenite::Error>())
+        .is_some_and(|t| matches!(t, tungstenite::Error::Capacity(_)));
+    if too_big {
+        End::Close(CLOSE_TOO_BIG, "message too big")
+    } else {
+        tracing::debug!(error = %e, "WebSocket read failed");
+        End::Gone
+    }
+}
+
+async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut queue: mpsc::Receiver<Message>) {
+    let mut batch = Vec::new();
+    // Everything already queued goes out with one flush.
+    while queue.recv_many(&mut batch, 64).await > 0 {
+        let mut closing = false;
+        for msg in batch.drain(..) {
+            closing = matches!(msg, Message::Close(_));
+            if sink.feed(msg).await.is_err() {
+                return;
+            }
+            if closing {
+                break;
+            }
+        }
+        if let Err(e) = sink.flush().await {
+            if is_timeout(&e) {
+                metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS, "transport" => "ws").increment(1);
+                tracing::info!("WebSocket client stopped reading; disconnecting");
+            }
+            return;
+        }
+        if closing {
+            return;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+fn is_timeout(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::TimedOut;
+        }
+        source = s.source();
+    }
+    false
+}

@@ -1,0 +1,545 @@
+//! The WebSocket protocol with a real client (tokio-tungstenite).
+
+use std::collections::HashMap;
+
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::helpers::{TestApp, WAIT};
+
+#[sqlx::test]
+async fn welcome_subscribe_publish_and_events_in_order(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    app.append("s", json!([{"data":1},{"data":2}])).await;
+    let mut ws = app.ws().await;
+    assert_eq!(ws.welcome["protocol"], 1);
+    assert_eq!(ws.welcome["heartbeat_ms"], 30000);
+    assert!(ws.welcome["connection_id"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
+
+    let sub = ws.subscribe("s", json!({"after":0})).await;
+    assert_eq!(sub["stream"], "s");
+    assert_eq!(sub["head"], 2);
+    for seq in 1..=2 {
+        let ev = ws.next_event().await;
+        assert_eq!(ev["seq"], seq);
+        assert_eq!(ev["stream"], "s");
+        assert_eq!(ev["data"], json!(seq));
+    }
+
+    // Publishing over the socket gives the REST append result and the event arrives live.
+    let ack = ws
+        .request(json!({"op":"publish","stream":"s","events":[{"type":"token","data":{"t":"x"},"id":"e3"}]}))
+        .await;
+    assert_eq!(ack["op"], "ack");
+    assert_eq!(ack["stream"], "s");
+    assert_eq!(ack["first_seq"], 3);
+    assert_eq!(ack["last_seq"], 3);
+    assert_eq!(ack["events"], json!([{"seq":3,"id":"e3"}]));
+    let ev = ws.next_event().await;
+    assert_eq!(ev["seq"], 3);
+    assert_eq!(ev["type"], "token");
+
+    // A retry with the same id is a duplicate, exactly as over REST.
+    let again = ws.publish("s", json!([{"data":9,"id":"e3"}])).await;
+    assert_eq!(
+        again["events"],
+        json!([{"seq":3,"id":"e3","duplicate":true}])
+    );
+
+    let pong = ws.request(json!({"op":"ping"})).await;
+    assert_eq!(pong["op"], "pong");
+    assert!(pong["time"].as_str().is_some_and(|t| t.ends_with('Z')));
+
+    let un = ws.request(json!({"op":"unsubscribe","stream":"s"})).await;
+    assert_eq!(
+        un,
+        json!({"op":"unsubscribed","ref":un["ref"],"stream":"s"})
+    );
+    // After unsubscribing, nothing more from that stream: the next message is the pong.
+    app.append("s", json!({"data":4})).await;
+    let pong = ws.request(json!({"op":"ping"})).await;
+    assert_eq!(pong["op"], "pong");
+    ws.close().await;
+}
+
+#[sqlx::test]
+async fn live_events_are_byte_identical_to_replay(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let mut ws = app.ws().await;
+    ws.subscribe("b", json!({})).await;
+    // Published over the socket with odd spacing and key order: kept byte for byte.
+    let raw = r#"{"op":"publish","stream":"b","ref":1,"events":[{"data":{"z":1,  "a":"h\u00e9 😀","n":1e400},"key":"k"}]}"#;
+    ws.send_text(raw).await;
+    let mut live = None;
+    for _ in 0..2 {
+        match ws.recv_message().await {
+            Message::Text(t) if t.as_str().starts_with(r#"{"op":"event","#) => {
+                live = Some(t.as_str().to_owned())
+            }
+            Message::Text(t) => assert!(t.as_str().contains(r#""op":"ack""#), "{t}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    let live = live.expect("the event");
+    let replay = app
+        .get("/v1/streams/b/events?after=0")
+        .await
+        .text()
+        .await
+        .unwrap();
+    let envelope = format!("{{{}", &live[r#"{"op":"event","#.len()..]);
+    assert!(replay.contains(&envelope), "{replay}\n{envelope}");
+    assert!(envelope.contains(r#""data":{"z":1,  "a":"h\u00e9 😀","n":1e400}"#));
+}
+
+#[sqlx::test]
+async fn subscribe_options_now_types_snapshot_and_notices(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    app.append(
+        "o",
+        json!([{"type":"a","data":1,"key":"x"},{"type":"b","data":2,"key":"x"},{"type":"a","data":3,"key":"y"}]),
+    )
+    .await;
+    let mut ws = app.ws().await;
+
+    let now = ws.subscribe("o", json!({"from":"now"})).await;
+    assert_eq!(now["head"], 3);
+    assert_eq!(now["cursor"], 3);
+    app.append("o", json!({"type":"a","data":4})).await;
+    assert_eq!(ws.next_event().await["seq"], 4);
+    ws.request(json!({"op":"unsubscribe","stream":"o"})).await;
+
+    ws.subscribe("o", json!({"after":0,"types":["b"]})).await;
+    let ev = ws.next_event().await;
+    assert_eq!(
+        (ev["seq"].as_i64(), ev["type"].as_str()),
+        (Some(2), Some("b"))
+    );
+    app.append("o", json!([{"type":"a","data":5},{"type":"b","data":6}]))
+        .await;
+    assert_eq!(ws.next_event().await["seq"], 6);
+    ws.request(json!({"op":"unsubscribe","stream":"o"})).await;
+
+    // Snapshot: the latest event per key (x -> 2, y -> 3), then a cursor at the head.
+    ws.subscribe("o", json!({"from":"snapshot"})).await;
+    assert_eq!(ws.next_event().await["seq"], 2);
+    assert_eq!(ws.next_event().await["seq"], 3);
+    let cursor = ws.recv().await;
+    assert_eq!(cursor, json!({"op":"cursor","stream":"o","seq":6}));
+    ws.request(json!({"op":"unsubscribe","stream":"o"})).await;
+
+    // A cursor past the head is not ignored silently.
+    ws.subscribe("o", json!({"after":100})).await;
+    let notice = ws.recv().await;
+    assert_eq!(notice["op"], "notice");
+    assert_eq!(notice["notice"], "reset");
+    assert_eq!(notice["stream"], "o");
+    assert_eq!(notice["head"], 6);
+}
+
+#[sqlx::test]
+async fn closing_and_deleting_a_stream_end_its_subscription(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    app.append("c", json!({"data":1})).await;
+    app.append("d", json!({"data":1})).await;
+    let mut ws = app.ws().await;
+    ws.subscribe("c", json!({"from":"now"})).await;
+    ws.subscribe("d", json!({"from":"now"})).await;
+
+    let res = app
+        .client
+        .post(app.url("/v1/streams/c/close"))
+        .body(r#"{"reason":"done"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let ev = ws.next_event().await;
+    assert_eq!(ev["type"], "stream.closed");
+    let end = ws.recv().await;
+    assert_eq!(
+        end,
+        json!({"op":"unsubscribed","stream":"c","reason":"closed"})
+    );
+
+    let res = app
+        .client
+        .delete(app.url("/v1/streams/d"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    let notice = ws.recv().await;
+    assert_eq!(notice["op"], "notice");
+    assert_eq!(notice["notice"], "deleted");
+    let end = ws.recv().await;
+    assert_eq!(
+        end,
+        json!({"op":"unsubscribed","stream":"d","reason":"deleted"})
+    );
+
+    // Both may be subscribed again at once.
+    ws.subscribe("c", json!({"after":0})).await;
+    ws.subscribe("d", json!({"after":0})).await;
+}
+
+#[sqlx::test]
+async fn every_malformed_message_gets_a_specific_error_and_the_connection_keeps_working(
+    pool: PgPool,
+) {
+    let app = TestApp::spawn(pool).await;
+    let mut ws = app.ws().await;
+    let deep = format!(
+        r#"{{"op":"subscribe","stream":"s","types":{}"a"{}}}"#,
+        "[".repeat(5000),
+        "]".repeat(5000)
+    );
+    let cases: Vec<(String, &str)> = vec![
+        ("not json".into(), "invalid_json"),
+        (r#"{"op":"ping""#.into(), "invalid_json"),
+        ("[1,2]".into(), "invalid_message"),
+        ("\"ping\"".into(), "invalid_message"),
+        (deep, "nesting_too_deep"),
+        (r#"{"ref":5}"#.into(), "missing_field"),
+        (r#"{"op":["ping"]}"#.into(), "invalid_field"),
+        (r#"{"op":"teleport"}"#.into(), "unknown_op"),
+        (r#"{"op":"subscribe"}"#.into(), "missing_field"),
+        (r#"{"op":"subscribe","stream":42}"#.into(), "invalid_field"),
+        (
+            r#"{"op":"subscribe","stream":"a/b"}"#.into(),
+            "invalid_stream_name",
+        ),
+        (
+            r#"{"op":"subscribe","stream":"s","after":1e400}"#.into(),
+            "invalid_field",
+        ),
+        (
+            r#"{"op":"subscribe","stream":"s","after":123456789012345678901234567890}"#.into(),
+            "invalid_field",
+        ),
+        (
+            r#"{"op":"subscribe","stream":"s","after":-3}"#.into(),
+            "invalid_field",
+        ),
+        (
+            r#"{"op":"subscribe","stream":"s","from":"yesterday"}"#.into(),
+            "invalid_field",
+        ),
+        (
+            r#"{"op":"subscribe","stream":"s","since":"noon"}"#.into(),
+            "invalid_field",
+        ),
+        (
+            r#"{"op":"subscribe","stream":"s","types":[1]}"#.into(),
+            "invalid_field",
+        ),
+        (
+            r#"{"op":"subscribe","stream":"s","after":1,"from":"now"}"#.into(),
+            "invalid_message",
+        ),
+        (
+            r#"{"op":"subscribe","stream":"s","colour":"red"}"#.into(),
+            "unknown_field",
+        ),
+        (
+            r#"{"op":"unsubscribe","stream":"never"}"#.into(),
+            "not_subscribed",
+        ),
+        (r#"{"op":"publish","stream":"s"}"#.into(), "missing_field"),
+        (
+            r#"{"op":"publish","stream":"s","events":"x"}"#.into(),
+            "invalid_event",
+        ),
+        (
+            r#"{"op":"publish","stream":"s","events":[]}"#.into(),
+            "empty_batch",
+        ),
+        (
+            r#"{"op":"publish","stream":"s","events":[{"type":"input.answered"}]}"#.into(),
+            "reserved_type",
+        ),
+        (
+            r#"{"op":"publish","stream":"s","events":[{"data":1}],"expected_seq":7}"#.into(),
+            "seq_conflict",
+        ),
+        (
+            r#"{"op":"publish","stream":"s","events":[{"data":1}],"expected_seq":1.5}"#.into(),
+            "invalid_field",
+        ),
+        (
+            r#"{"op":"input","stream":"s","data":1}"#.into(),
+            "missing_field",
+        ),
+        (
+            r#"{"op":"input","stream":"s","request_id":"nope","data":1}"#.into(),
+            "input_not_found",
+        ),
+        (r#"{"op":"stop"}"#.into(), "missing_field"),
+    ];
+    for (i, (text, code)) in cases.iter().enumerate() {
+        ws.send_text(text).await;
+        let reply = ws.recv().await;
+        assert_eq!(reply["op"], "error", "case {i} {text:.80}: {reply}");
+        assert_eq!(reply["code"], *code, "case {i} {text:.80}: {reply}");
+        assert!(reply["message"].as_str().is_some_and(|m| !m.is_empty()));
+        // Still usable after every one.
+        let pong = ws.request(json!({"op":"ping"})).await;
+        assert_eq!(pong["op"], "pong", "after case {i}");
+    }
+
+    // `ref` is echoed when it could be read, even on errors.
+    let reply = ws
+        .request(json!({"op":"subscribe","stream":"bad name"}))
+        .await;
+    assert_eq!(reply["code"], "invalid_stream_name");
+    let reply = ws
+        .request(json!({"op":"subscribe","stream":"s","after":0}))
+        .await;
+    assert_eq!(reply["op"], "subscribed");
+    let reply = ws
+        .request(json!({"op":"subscribe","stream":"s","after":0}))
+        .await;
+    assert_eq!(reply["code"], "already_subscribed");
+    assert_eq!(reply["stream"], "s");
+
+    ws.send_message(Message::binary(vec![1u8, 2, 3])).await;
+    let reply = ws.recv().await;
+    assert_eq!(reply["code"], "binary_not_supported");
+    let pong = ws.request(json!({"op":"ping"})).await;
+    assert_eq!(pong["op"], "pong");
+}
+
+#[sqlx::test]
+async fn an_oversized_message_closes_with_1009(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, |c| c.ws_max_message_bytes = 4096).await;
+    let mut ws = app.ws().await;
+    let big = json!({"op":"publish","stream":"s","events":[{"data":"x".repeat(5000)}]});
+    ws.send(big).await;
+    let close = ws.recv_close().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1009);
+    // Nothing was appended.
+    assert_eq!(app.get("/v1/streams/s").await.status(), 404);
+}
+
+#[sqlx::test]
+async fn shutdown_closes_with_1001(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let mut ws = app.ws().await;
+    ws.subscribe("s", json!({})).await;
+    let stopping = tokio::spawn(app.shutdown());
+    let close = ws.recv_close().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1001);
+    tokio::time::timeout(WAIT, stopping).await.unwrap().unwrap();
+}
+
+#[sqlx::test]
+async fn the_server_pings_and_an_answering_client_stays_connected(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, |c| c.ws_heartbeat_ms = 150).await;
+    let mut ws = app.ws().await;
+    assert_eq!(ws.welcome["heartbeat_ms"], 150);
+    // tungstenite answers each Ping while we read; after many more than 3 intervals the
+    // connection is still open.
+    ws.send(json!({"op":"subscribe","stream":"quiet"})).await;
+    assert_eq!(ws.recv().await["op"], "subscribed");
+    ws.await_pings(5).await;
+    assert_eq!(ws.request(json!({"op":"ping"})).await["op"], "pong");
+}
+
+#[sqlx::test]
+async fn a_silent_client_is_closed_after_three_heartbeats(pool: PgPool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with(pool, |c| c.ws_heartbeat_ms = 20).await;
+    // A raw client that completes the handshake and then never answers a Ping.
+    let mut tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let handshake = format!(
+        "GET /v1/ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        app.addr
+    );
+    tcp.write_all(handshake.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read_all = async {
+        loop {
+            let n = tcp.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            received.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(WAIT, read_all)
+        .await
+        .expect("closed in time");
+    let header_end = received.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(received.starts_with(b"HTTP/1.1 101"));
+    // Walk the server's (unmasked) frames: pings, the welcome, then a close with 1008.
+    let mut frames = &received[header_end..];
+    let mut opcodes = Vec::new();
+    let mut close_code = None;
+    while frames.len() >= 2 {
+        let opcode = frames[0] & 0x0f;
+        let (len, start) = match frames[1] & 0x7f {
+            126 => (u16::from_be_bytes([frames[2], frames[3]]) as usize, 4),
+            127 => panic!("unexpectedly large frame"),
+            n => (n as usize, 2),
+        };
+        let payload = &frames[start..start + len];
+        if opcode == 0x8 {
+            close_code = Some(u16::from_be_bytes([payload[0], payload[1]]));
+        }
+        opcodes.push(opcode);
+        frames = &frames[start + len..];
+    }
+    assert_eq!(opcodes.first(), Some(&0x1), "welcome first: {opcodes:?}");
+    assert!(opcodes.contains(&0x9), "pings were sent: {opcodes:?}");
+    assert_eq!(close_code, Some(1008), "{opcodes:?}");
+}
+
+#[sqlx::test]
+async fn stop_appends_control_stop_that_the_producer_sees(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let mut producer = app.ws().await;
+    producer
+        .subscribe("run", json!({"from":"now","types":["control.stop"]}))
+        .await;
+    let mut user = app.ws().await;
+    let ack = user
+        .request(json!({"op":"stop","stream":"run","reason":{"by":"user"}}))
+        .await;
+    assert_eq!(ack["op"], "ack");
+    assert_eq!(ack["first_seq"], 1);
+    let ev = producer.next_event().await;
+    assert_eq!(ev["type"], "control.stop");
+    assert_eq!(ev["data"], json!({"reason":{"by":"user"}}));
+    // Also over REST; a producer may not forge it.
+    let res = app
+        .client
+        .post(app.url("/v1/streams/run/stop"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let ev = producer.next_event().await;
+    assert_eq!((ev["seq"].as_i64(), &ev["data"]), (Some(2), &json!({})));
+    let res = app
+        .append_raw("run", "", r#"{"type":"control.stop"}"#)
+        .await;
+    assert_eq!(res.status(), 400);
+}
+
+#[sqlx::test]
+async fn many_subscriptions_on_one_socket_under_concurrent_publishing(pool: PgPool) {
+    const STREAMS: usize = 8;
+    const PER_STREAM: i64 = 150;
+    let app = TestApp::spawn(pool).await;
+    let mut ws = app.ws().await;
+    for i in 0..STREAMS {
+        ws.subscribe(&format!("m{i}"), json!({"after":0})).await;
+    }
+    // Every stream is written by its own concurrent producer, in batches of mixed sizes.
+    let mut producers = Vec::new();
+    for i in 0..STREAMS {
+        let client = app.client.clone();
+        let url = app.url(&format!("/v1/streams/m{i}/events"));
+        producers.push(tokio::spawn(async move {
+            let mut n = 0;
+            while n < PER_STREAM {
+                let size = (1 + (n % 7)).min(PER_STREAM - n);
+                let batch: Vec<Value> = (0..size).map(|k| json!({"data": n + k + 1})).collect();
+                let res = client
+                    .post(&url)
+                    .body(Value::Array(batch).to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(res.status(), 201);
+                n += size;
+            }
+        }));
+    }
+    let mut next: HashMap<String, i64> = (0..STREAMS).map(|i| (format!("m{i}"), 1)).collect();
+    let mut remaining = STREAMS as i64 * PER_STREAM;
+    while remaining > 0 {
+        let ev = ws.next_event().await;
+        let stream = ev["stream"].as_str().unwrap().to_owned();
+        let expect = next.get_mut(&stream).unwrap();
+        assert_eq!(
+            ev["seq"].as_i64(),
+            Some(*expect),
+            "{stream} in order, no gap"
+        );
+        assert_eq!(ev["data"].as_i64(), Some(*expect));
+        *expect += 1;
+        remaining -= 1;
+    }
+    for p in producers {
+        p.await.unwrap();
+    }
+    assert!(next.values().all(|n| *n == PER_STREAM + 1));
+}
+
+#[sqlx::test]
+async fn reconnect_resumes_each_subscription_by_its_cursor(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    for s in ["r1", "r2", "r3"] {
+        app.append(s, json!([{"data":1},{"data":2},{"data":3}]))
+            .await;
+    }
+    let mut ws = app.ws().await;
+    let mut cursors: HashMap<String, i64> = HashMap::new();
+    for s in ["r1", "r2", "r3"] {
+        ws.subscribe(s, json!({"after":0})).await;
+    }
+    // Read a few events, remember per-stream cursors, drop the connection mid-stream.
+    for _ in 0..5 {
+        let ev = ws.next_event().await;
+        let seq = ev["seq"].as_i64().unwrap();
+        let c = cursors
+            .entry(ev["stream"].as_str().unwrap().to_owned())
+            .or_insert(0);
+        assert_eq!(seq, *c + 1);
+        *c = seq;
+    }
+    drop(ws);
+    for s in ["r1", "r2", "r3"] {
+        app.append(s, json!([{"data":4},{"data":5}])).await;
+    }
+    let mut ws = app.ws().await;
+    for s in ["r1", "r2", "r3"] {
+        let after = cursors.get(s).copied().unwrap_or(0);
+        ws.subscribe(s, json!({ "after": after })).await;
+    }
+    let mut remaining: i64 = ["r1", "r2", "r3"]
+        .iter()
+        .map(|s| 5 - cursors.get(*s).copied().unwrap_or(0))
+        .sum();
+    while remaining > 0 {
+        let ev = ws.next_event().await;
+        let c = cursors
+            .entry(ev["stream"].as_str().unwrap().to_owned())
+            .or_insert(0);
+        assert_eq!(
+            ev["seq"].as_i64(),
+            Some(*c + 1),
+            "resumed exactly after the cursor"
+        );
+        *c += 1;
+        remaining -= 1;
+    }
+    assert!(cursors.values().all(|c| *c == 5));
+    let pong = ws.request(json!({"op":"ping"})).await;
+    assert_eq!(pong["op"], "pong", "no extra events after the last");
+}
+
+#[sqlx::test]
+async fn a_plain_get_is_told_to_upgrade(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let res = app.get("/v1/ws").await;
+    assert_eq!(res.status(), 426);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["code"], "upgrade_required");
+}
