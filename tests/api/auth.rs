@@ -104,6 +104,7 @@ async fn head(app: &TestApp, stream: &str) -> (i64, bool) {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Needs {
     Read,
+    Answer,
     Write,
     Admin,
 }
@@ -138,6 +139,13 @@ fn endpoints() -> Vec<Endpoint> {
             "/v1/streams/{s}/close",
             Some(json!({"reason":"done"})),
             Needs::Write,
+            StatusCode::CREATED,
+        ),
+        ep(
+            Method::POST,
+            "/v1/streams/{s}/stop",
+            Some(json!({"reason":"enough"})),
+            Needs::Answer,
             StatusCode::CREATED,
         ),
         ep(
@@ -190,6 +198,7 @@ fn endpoints() -> Vec<Endpoint> {
 fn wrong_grant(needs: Needs, stream: &str) -> String {
     match needs {
         Needs::Read => token(json!({"read":["other:*"], "write":[stream], "answer":[stream]})),
+        Needs::Answer => token(json!({"read":[stream], "answer":["other:*"], "write":["other:*"]})),
         Needs::Write => token(json!({"read":[stream], "answer":[stream], "write":["other:*"]})),
         Needs::Admin => token(json!({"read":["*"], "write":["*"], "answer":["*"]})),
     }
@@ -199,6 +208,7 @@ fn wrong_grant(needs: Needs, stream: &str) -> String {
 fn right_grant(needs: Needs, stream: &str) -> String {
     match needs {
         Needs::Read => token(json!({"read":["m:*"]})),
+        Needs::Answer => token(json!({"answer":[stream]})),
         Needs::Write => token(json!({"write":[stream]})),
         Needs::Admin => token(json!({"admin":true})),
     }

@@ -8,4 +8,5 @@ mod log;
 mod props;
 mod sse;
 mod ws;
+mod ws_auth;
 mod ws_client;
