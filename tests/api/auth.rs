@@ -390,8 +390,8 @@ async fn a_query_token_works_for_eventsource_and_is_never_logged(pool: PgPool) {
 async fn an_sse_response_ends_when_its_token_expires(pool: PgPool) {
     let app = spawn_secured(pool).await;
     admin_append(&app, "exp:1", json!(1)).await;
-    // Two seconds: long enough to be valid when the request is checked.
-    let short = token(json!({"read":["exp:*"], "exp": now_s() + 2}));
+    // Two to three seconds: long enough to be valid when the request is checked.
+    let short = token(json!({"read":["exp:*"], "exp": now_s() + 3}));
     let res = app
         .get(&format!("/v1/streams/exp:1/sse?token={short}"))
         .await;

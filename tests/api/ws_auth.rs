@@ -154,7 +154,7 @@ async fn every_ws_op_is_checked_against_the_grants(pool: PgPool) {
 async fn a_websocket_loses_access_when_its_token_expires(pool: PgPool) {
     let app = spawn_secured(pool).await;
     admin_append(&app, "wexp:1", json!(1)).await;
-    let short = token(json!({"read": ["wexp:*"], "exp": now_s() + 2}));
+    let short = token(json!({"read": ["wexp:*"], "exp": now_s() + 3}));
     let mut ws = app.ws_path(&format!("/v1/ws?token={short}")).await;
     ws.subscribe("wexp:1", json!({"after": 0})).await;
     assert_eq!(ws.next_event().await["seq"], 1);
