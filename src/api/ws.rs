@@ -10,12 +10,15 @@
 //! timeout and is disconnected; it resumes each subscription by its cursor.
 
 mod protocol;
+#[cfg(test)]
+mod protocol_props;
 
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -55,8 +58,22 @@ pub fn router() -> Router<AppState> {
 async fn upgrade(
     State(app): State<AppState>,
     who: Principal,
+    headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    // Auth: browsers apply no CORS to WebSockets, so the Origin is checked here.
+    let header = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    if !super::origin_allowed(
+        header(header::ORIGIN),
+        header(header::HOST),
+        &app.config.cors_origins,
+    ) {
+        return Error::Forbidden("this origin may not open WebSockets here".into()).into_response();
+    }
     let ws = match ws {
         Ok(ws) => ws,
         Err(e) => return Error::UpgradeRequired(e.body_text()).into_response(),
@@ -168,6 +185,10 @@ impl Connection {
         let mut ticks = interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut heard = Instant::now();
+        // Auth: the token's `exp` ends this connection's access (API.md "Auth").
+        let who = self.who.clone();
+        let expiry = who.expired();
+        tokio::pin!(expiry);
         loop {
             // Only this task sends into the queue, so room seen here is still there when
             // an item arrives below.
@@ -175,6 +196,11 @@ impl Connection {
             let wake = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return End::Close(CLOSE_GOING_AWAY, "server shutting down"),
+                _ = &mut expiry => {
+                    let expired = Error::Unauthorized("the token has expired".into());
+                    let _ = self.out.try_send(error_reply(None, &expired));
+                    return End::Close(CLOSE_POLICY, "token expired");
+                }
                 _ = self.out.closed() => return End::Gone,
                 frame = frames.next() => Wake::Frame(frame),
                 Some((stream, ev)) = self.subs.next(), if room && !self.subs.is_empty() => {

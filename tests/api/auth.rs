@@ -104,6 +104,7 @@ async fn head(app: &TestApp, stream: &str) -> (i64, bool) {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Needs {
     Read,
+    Answer,
     Write,
     Admin,
 }
@@ -138,6 +139,13 @@ fn endpoints() -> Vec<Endpoint> {
             "/v1/streams/{s}/close",
             Some(json!({"reason":"done"})),
             Needs::Write,
+            StatusCode::CREATED,
+        ),
+        ep(
+            Method::POST,
+            "/v1/streams/{s}/stop",
+            Some(json!({"reason":"enough"})),
+            Needs::Answer,
             StatusCode::CREATED,
         ),
         ep(
@@ -190,6 +198,7 @@ fn endpoints() -> Vec<Endpoint> {
 fn wrong_grant(needs: Needs, stream: &str) -> String {
     match needs {
         Needs::Read => token(json!({"read":["other:*"], "write":[stream], "answer":[stream]})),
+        Needs::Answer => token(json!({"read":[stream], "answer":["other:*"], "write":["other:*"]})),
         Needs::Write => token(json!({"read":[stream], "answer":[stream], "write":["other:*"]})),
         Needs::Admin => token(json!({"read":["*"], "write":["*"], "answer":["*"]})),
     }
@@ -199,6 +208,7 @@ fn wrong_grant(needs: Needs, stream: &str) -> String {
 fn right_grant(needs: Needs, stream: &str) -> String {
     match needs {
         Needs::Read => token(json!({"read":["m:*"]})),
+        Needs::Answer => token(json!({"answer":[stream]})),
         Needs::Write => token(json!({"write":[stream]})),
         Needs::Admin => token(json!({"admin":true})),
     }
@@ -380,8 +390,8 @@ async fn a_query_token_works_for_eventsource_and_is_never_logged(pool: PgPool) {
 async fn an_sse_response_ends_when_its_token_expires(pool: PgPool) {
     let app = spawn_secured(pool).await;
     admin_append(&app, "exp:1", json!(1)).await;
-    // Two seconds: long enough to be valid when the request is checked.
-    let short = token(json!({"read":["exp:*"], "exp": now_s() + 2}));
+    // Two to three seconds: long enough to be valid when the request is checked.
+    let short = token(json!({"read":["exp:*"], "exp": now_s() + 3}));
     let res = app
         .get(&format!("/v1/streams/exp:1/sse?token={short}"))
         .await;

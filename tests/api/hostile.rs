@@ -323,3 +323,78 @@ async fn hostile_tokens_are_refused_with_401(pool: PgPool) {
         assert!(matches!(status, Some(401) | Some(414)), "{status:?}");
     }
 }
+
+/// WebSocket messages no client should send.
+fn hostile_frames() -> Vec<String> {
+    let mut frames: Vec<String> = [
+        "",
+        " ",
+        "null",
+        "[]",
+        "42",
+        "\"op\"",
+        "{",
+        "{}",
+        "{\"op\":null}",
+        "{\"op\":\"\"}",
+        "{\"op\":\"subscribe\"}",
+        "{\"op\":\"subscribe\",\"stream\":\"\\u0000\"}",
+        "{\"op\":\"subscribe\",\"stream\":\"s\",\"after\":-1}",
+        "{\"op\":\"subscribe\",\"stream\":\"s\",\"after\":1e999999}",
+        "{\"op\":\"subscribe\",\"stream\":\"s\",\"after\":\"1\"}",
+        "{\"op\":\"subscribe\",\"stream\":\"s\",\"from\":\"later\"}",
+        "{\"op\":\"subscribe\",\"stream\":\"s\",\"types\":[1,null]}",
+        "{\"op\":\"subscribe\",\"stream\":\"✓\"}",
+        "{\"op\":\"publish\",\"stream\":\"s\",\"events\":\"x\"}",
+        "{\"op\":\"publish\",\"stream\":\"s\",\"events\":[]}",
+        "{\"op\":\"publish\",\"stream\":\"s\",\"events\":[{\"type\":\"stream.closed\"}]}",
+        "{\"op\":\"publish\",\"stream\":\"s\",\"events\":[{\"id\":\"\\u0000\"}]}",
+        "{\"op\":\"publish\",\"stream\":\"s\",\"events\":[{\"data\":1}],\"expected_seq\":-5}",
+        "{\"op\":\"input\",\"stream\":\"s\",\"request_id\":\"\\u0000\",\"data\":1}",
+        "{\"op\":\"stop\",\"stream\":\"s\",\"reason\":",
+        "{\"op\":\"unsubscribe\",\"stream\":\"never\"}",
+        "\u{feff}{\"op\":\"ping\"}",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    frames.push(format!("{{\"op\":\"ping\",\"ref\":{}", "[".repeat(100_000)));
+    frames.push(format!("{}{}", "{\"a\":".repeat(50_000), "1"));
+    frames.push(format!(
+        "{{\"op\":\"publish\",\"stream\":\"s\",\"events\":[{}]}}",
+        vec!["{}"; 5000].join(",")
+    ));
+    frames
+}
+
+#[sqlx::test]
+async fn hostile_websocket_messages_get_error_ops_and_the_socket_lives(pool: PgPool) {
+    use tokio_tungstenite::tungstenite::Message;
+    let app = TestApp::spawn_with(pool, |c| c.ws_max_message_bytes = 256 << 10).await;
+    let mut bystander = app.ws().await;
+    bystander.subscribe("calm", json!({"after": 0})).await;
+    let mut ws = app.ws().await;
+    for (i, frame) in hostile_frames().iter().enumerate() {
+        ws.send_text(frame).await;
+        let reply = ws.recv().await;
+        assert_eq!(reply["op"], "error", "frame {i} {frame:.80}: {reply}");
+        let status = reply["status"].as_u64().unwrap_or(400);
+        assert!((400..500).contains(&status), "frame {i}: {reply}");
+    }
+    ws.send_message(Message::binary(vec![0u8, 159, 146, 150]))
+        .await;
+    assert_eq!(ws.recv().await["op"], "error");
+    let pong = ws.request(json!({"op":"ping"})).await;
+    assert_eq!(pong["op"], "pong");
+    // Nothing reached the log through the corpus.
+    assert_eq!(
+        app.get("/v1/streams/s").await.status(),
+        StatusCode::NOT_FOUND
+    );
+    // An oversized message closes that socket with 1009; others carry on.
+    ws.send_text(&"x".repeat(300 << 10)).await;
+    let close = ws.recv_close().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1009);
+    app.append("calm", json!({"data": 1})).await;
+    assert_eq!(bystander.next_event().await["seq"], 1);
+}

@@ -276,3 +276,51 @@ async fn a_publish_flood_is_rate_limited_per_token_while_others_publish(pool: Pg
         assert_eq!(res.status(), StatusCode::CREATED);
     }
 }
+
+#[sqlx::test]
+async fn subscriptions_per_websocket_are_capped(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, |c| c.ws_max_subscriptions = 3).await;
+    let mut ws = app.ws().await;
+    for i in 0..3 {
+        ws.subscribe(&format!("sub:{i}"), json!({"after": 0})).await;
+    }
+    let reply = ws
+        .request(json!({"op":"subscribe","stream":"sub:3","after":0}))
+        .await;
+    assert_eq!(reply["op"], "error", "{reply}");
+    assert_eq!(reply["code"], "too_many_subscriptions", "{reply}");
+    // Freeing one makes room again.
+    let reply = ws
+        .request(json!({"op":"unsubscribe","stream":"sub:0"}))
+        .await;
+    assert_eq!(reply["op"], "unsubscribed");
+    ws.subscribe("sub:3", json!({"after": 0})).await;
+}
+
+#[sqlx::test]
+async fn a_websocket_flooding_bad_frames_does_not_slow_a_subscriber(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let mut subscriber = app.ws().await;
+    subscriber.subscribe("steady:ws", json!({"after": 0})).await;
+    let mut flooder = app.ws().await;
+    let flood = async {
+        // Every frame is answered: the flooder's own replies are what it has to read.
+        for i in 0..2000 {
+            flooder.send_text(&format!("{{\"op\":\"nope{i}\"}}")).await;
+        }
+        for _ in 0..2000 {
+            assert_eq!(flooder.recv().await["code"], "unknown_op");
+        }
+    };
+    let steady = async {
+        for i in 1..=50 {
+            app.append("steady:ws", json!({"data": i})).await;
+        }
+        for seq in 1..=50 {
+            assert_eq!(subscriber.next_event().await["seq"], seq);
+        }
+    };
+    tokio::time::timeout(WAIT, async { tokio::join!(flood, steady) })
+        .await
+        .expect("both finish in time");
+}

@@ -20,4 +20,5 @@ mod sse;
 mod sse_stress;
 mod wire;
 mod ws;
+mod ws_auth;
 mod ws_client;
