@@ -41,9 +41,18 @@ impl<S: Send + Sync> FromRequestParts<S> for Stream {
         let axum::extract::Path(p) =
             axum::extract::Path::<StreamParam>::from_request_parts(parts, state)
                 .await
-                .map_err(|e| Error::InvalidStreamName(e.body_text()))?;
+                .map_err(|_| Error::InvalidStreamName(raw_stream_segment(parts.uri.path())))?;
         Ok(Stream(StreamName::parse(&p.stream)?))
     }
+}
+
+/// The `{stream}` segment as sent (still percent-encoded), for the error when it does not
+/// even decode to UTF-8: the client should see its own name back, not a parser message.
+fn raw_stream_segment(path: &str) -> String {
+    path.strip_prefix("/v1/streams/")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// The whole request body, bounded by the router's body limit: reading stops as soon as the

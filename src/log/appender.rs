@@ -310,7 +310,7 @@ async fn commit(
     let names: Vec<&str> = names.into_iter().collect();
 
     let mut tx = pool.begin().await?;
-    let rows = store::lock_streams(&mut tx, &names, time).await?;
+    let (rows, created) = store::lock_streams(&mut tx, &names, time).await?;
 
     let mut id_streams = Vec::new();
     let mut id_values = Vec::new();
@@ -353,6 +353,12 @@ async fn commit(
         let closed: Vec<bool> = written.iter().map(|s| s.closed).collect();
         store::update_heads(&mut tx, &ids, &heads, &closed, time).await?;
     }
+    let unwritten: Vec<i64> = states
+        .values()
+        .filter(|s| !s.written && created.contains(&s.id))
+        .map(|s| s.id)
+        .collect();
+    store::drop_created_streams(&mut tx, &unwritten).await?;
     let mut heads = HashMap::new();
     let mut announced = Vec::new();
     for spec in specs {

@@ -1,7 +1,7 @@
 //! Every SQL statement of the event log. Functions take a pool or a transaction; the locks each
 //! one takes are explained where it takes them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -252,12 +252,14 @@ pub async fn delete_stream(pool: &PgPool, name: &str, node: &str) -> Result<bool
 /// streams cannot deadlock; the locks are held until the caller's transaction commits, which
 /// is what keeps per-stream commit order equal to seq order.
 /// Rows it creates get `time` (the batch's commit time) as their creation time, so that a
-/// stream's `created_at` never comes after the `time` of its first event.
+/// stream's `created_at` never comes after the `time` of its first event. The ids of the rows
+/// this transaction created come back too: [`drop_created_streams`] removes those no append
+/// ended up writing to.
 pub async fn lock_streams(
     tx: &mut Transaction<'_, Postgres>,
     names: &[&str],
     time: DateTime<Utc>,
-) -> Result<HashMap<String, StreamRow>, sqlx::Error> {
+) -> Result<(HashMap<String, StreamRow>, HashSet<i64>), sqlx::Error> {
     let sql = format!(
         "select {STREAM_COLUMNS} from streams where name = any($1) order by name for update"
     );
@@ -267,6 +269,7 @@ pub async fn lock_streams(
         .map(StreamRow::from_row)
         .map(|r| (r.name.clone(), r))
         .collect();
+    let mut created = HashSet::new();
     let missing: Vec<&str> = names
         .iter()
         .copied()
@@ -275,15 +278,17 @@ pub async fn lock_streams(
     if !missing.is_empty() {
         // A concurrent creator may win the insert; `do nothing` then leaves its row, which the
         // select below locks (waiting for that creator to commit).
-        sqlx::query(
+        let ids: Vec<i64> = sqlx::query_scalar(
             "insert into streams (name, created_at, updated_at)
              select n, $2, $2 from unnest($1::text[]) as t(n) order by n
-             on conflict (name) do nothing",
+             on conflict (name) do nothing
+             returning id",
         )
         .bind(&missing)
         .bind(time)
-        .execute(&mut **tx)
+        .fetch_all(&mut **tx)
         .await?;
+        created.extend(ids);
         let rows = sqlx::query(&sql)
             .bind(&missing)
             .fetch_all(&mut **tx)
@@ -294,7 +299,23 @@ pub async fn lock_streams(
                 .map(|r| (r.name.clone(), r)),
         );
     }
-    Ok(found)
+    Ok((found, created))
+}
+
+/// Deletes stream rows created earlier in this transaction that nothing was appended to (every
+/// append to them failed), so a refused append leaves no empty stream behind.
+pub async fn drop_created_streams(
+    tx: &mut Transaction<'_, Postgres>,
+    ids: &[i64],
+) -> Result<(), sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("delete from streams where id = any($1) and head = 0")
+        .bind(ids)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// `(stream_id, event_id) -> seq` for the ids that already exist.

@@ -2,6 +2,7 @@
 
 mod auth;
 mod cluster;
+mod conformance;
 mod console;
 mod helpers;
 mod hostile;
