@@ -160,6 +160,8 @@ impl App {
             prometheus: m::install(),
             connections: Arc::default(),
         };
+        // Ends when `state.shutdown` is cancelled, dropping its handle to the appender.
+        tokio::spawn(crate::live::expiry::run(state.clone()));
         Ok(App {
             state,
             appender_task,

@@ -1,6 +1,7 @@
 //! Integration tests: a real server, real sockets, real PostgreSQL (one database per test).
 
 mod helpers;
+mod inputs;
 mod log;
 mod sse;
 mod ws;
