@@ -150,7 +150,9 @@ impl Connection {
                 code,
                 reason: Utf8Bytes::from_static(reason),
             };
-            let _ = conn.out.try_send(Message::Close(Some(close)));
+            // Behind whatever is queued (the client may still be reading it), but bounded.
+            let queued = conn.out.send(Message::Close(Some(close)));
+            let _ = tokio::time::timeout(Duration::from_secs(1), queued).await;
         }
         // Dropping the queue's sender lets the writer flush what is queued, then finish.
         drop(conn);

@@ -543,3 +543,37 @@ async fn a_plain_get_is_told_to_upgrade(pool: PgPool) {
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["code"], "upgrade_required");
 }
+
+#[sqlx::test]
+async fn a_client_that_stops_reading_still_gets_every_event_in_order(pool: PgPool) {
+    // A tiny send queue and live buffer: while this client does not read, its queue fills,
+    // its subscriptions stop being polled, and their live channels overflow. It must still
+    // get everything once it reads again, from the log.
+    let app = TestApp::spawn_with(pool, |c| {
+        c.ws_send_queue = 4;
+        c.live_buffer = 2;
+    })
+    .await;
+    let mut ws = app.ws().await;
+    ws.subscribe("slow:a", json!({})).await;
+    ws.subscribe("slow:b", json!({})).await;
+    const N: i64 = 600;
+    for chunk in 0..(N / 50) {
+        for s in ["slow:a", "slow:b"] {
+            let batch: Vec<Value> = (1..=50)
+                .map(|i| json!({ "data": chunk * 50 + i }))
+                .collect();
+            app.append(s, Value::Array(batch)).await;
+        }
+    }
+    let mut next: HashMap<String, i64> =
+        HashMap::from([("slow:a".into(), 1), ("slow:b".into(), 1)]);
+    for _ in 0..(2 * N) {
+        let ev = ws.next_event().await;
+        let expect = next.get_mut(ev["stream"].as_str().unwrap()).unwrap();
+        assert_eq!(ev["seq"].as_i64(), Some(*expect), "in order, no gap: {ev}");
+        assert_eq!(ev["data"].as_i64(), Some(*expect));
+        *expect += 1;
+    }
+    assert_eq!(ws.request(json!({"op":"ping"})).await["op"], "pong");
+}
