@@ -181,9 +181,27 @@ async fn closing_and_deleting_a_stream_end_its_subscription(pool: PgPool) {
         json!({"op":"unsubscribed","stream":"d","reason":"deleted"})
     );
 
-    // Both may be subscribed again at once.
-    ws.subscribe("c", json!({"after":0})).await;
+    // Both may be subscribed again at once; a closed stream replays to its end, then ends.
+    let again = ws.subscribe("c", json!({"after":0})).await;
+    assert_eq!(again["closed"], true);
+    assert_eq!(ws.next_event().await["seq"], 1);
+    assert_eq!(ws.next_event().await["type"], "stream.closed");
+    assert_eq!(ws.recv().await["reason"], "closed");
     ws.subscribe("d", json!({"after":0})).await;
+
+    // At the head of a closed stream there is nothing to wait for: told at once.
+    let at_head = ws.subscribe("c", json!({"after":2})).await;
+    assert_eq!(
+        (at_head["head"].as_i64(), at_head["closed"].as_bool()),
+        (Some(2), Some(true))
+    );
+    let end = ws.recv().await;
+    assert_eq!(
+        end,
+        json!({"op":"unsubscribed","stream":"c","reason":"closed"})
+    );
+    let stats = app.get_json("/v1/stats").await;
+    assert_eq!(stats["connections"]["ws"], 1);
 }
 
 #[sqlx::test]
