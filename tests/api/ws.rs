@@ -355,9 +355,9 @@ async fn shutdown_closes_with_1001(pool: PgPool) {
 
 #[sqlx::test]
 async fn the_server_pings_and_an_answering_client_stays_connected(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| c.ws_heartbeat_ms = 150).await;
+    let app = TestApp::spawn_with(pool, |c| c.ws_heartbeat_ms = 250).await;
     let mut ws = app.ws().await;
-    assert_eq!(ws.welcome["heartbeat_ms"], 150);
+    assert_eq!(ws.welcome["heartbeat_ms"], 250);
     // tungstenite answers each Ping while we read; after many more than 3 intervals the
     // connection is still open.
     ws.send(json!({"op":"subscribe","stream":"quiet"})).await;
@@ -369,7 +369,7 @@ async fn the_server_pings_and_an_answering_client_stays_connected(pool: PgPool) 
 #[sqlx::test]
 async fn a_silent_client_is_closed_after_three_heartbeats(pool: PgPool) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let app = TestApp::spawn_with(pool, |c| c.ws_heartbeat_ms = 20).await;
+    let app = TestApp::spawn_with(pool, |c| c.ws_heartbeat_ms = 100).await;
     // A raw client that completes the handshake and then never answers a Ping.
     let mut tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
     let handshake = format!(
