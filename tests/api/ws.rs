@@ -595,3 +595,35 @@ async fn a_client_that_stops_reading_still_gets_every_event_in_order(pool: PgPoo
     }
     assert_eq!(ws.request(json!({"op":"ping"})).await["op"], "pong");
 }
+
+#[sqlx::test]
+async fn a_client_that_never_reads_is_disconnected_by_the_write_timeout(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, |c| c.write_timeout_s = 1).await;
+    let mut ws = app.ws_small_buffer().await;
+    ws.send(json!({"op":"subscribe","stream":"big"})).await;
+    // Far more than the socket buffers hold, while the client reads nothing.
+    let big = "x".repeat(900_000);
+    for _ in 0..12 {
+        app.append("big", json!({ "data": big })).await;
+    }
+    // The server gives up on the blocked socket: the connection count drops to zero.
+    let gone = async {
+        loop {
+            let stats = app.get_json("/v1/stats").await;
+            if stats["connections"]["ws"] == 0 {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, gone)
+        .await
+        .expect("disconnected in time");
+    assert!(ws.dropped_without_close().await);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tailcast_slow_consumer_disconnects_total{transport=\"ws\"}")),
+        "{metrics}"
+    );
+}
