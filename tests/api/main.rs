@@ -6,6 +6,7 @@ mod conformance;
 mod console;
 mod helpers;
 mod hostile;
+mod inputs;
 mod limits;
 mod log;
 mod log_stress;
