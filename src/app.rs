@@ -190,6 +190,8 @@ impl App {
         };
         let background = start_background(&state, listen);
         tracing::info!(node_id = %state.node_id, "node started");
+        // Ends when `state.shutdown` is cancelled, dropping its handle to the appender.
+        tokio::spawn(crate::live::expiry::run(state.clone()));
         Ok(App {
             state,
             appender_task,

@@ -3,6 +3,7 @@
 
 pub mod appender;
 pub mod health;
+pub mod inputs;
 pub mod model;
 pub mod retention;
 pub mod store;

@@ -2,6 +2,7 @@
 
 mod cluster;
 mod helpers;
+mod inputs;
 mod log;
 mod log_stress;
 mod nodes;
