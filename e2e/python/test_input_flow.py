@@ -114,12 +114,18 @@ async def agent_asks_person_answers():
 
         person_ws = await Ws.connect()
         answered = asyncio.Event()
+        # The person answers only after the agent has checked the open list below, which
+        # must still show the request then.
+        may_answer = asyncio.Event()
         replies: dict[str, dict] = {}
 
         async def person_sees(env):
             if env["type"] != "input.requested":
                 return
             assert env["data"]["request_id"] == request_id
+            assert env["data"]["prompt"] == "Deploy to production?"
+            assert env["data"]["schema"] == APPROVAL_SCHEMA
+            await asyncio.wait_for(may_answer.wait(), WAIT_S)
             # An answer that breaks the request's schema is refused; the connection stays.
             await person_ws.send(
                 op="input", stream=stream, request_id=request_id,
@@ -163,6 +169,7 @@ async def agent_asks_person_answers():
         res = await agent_http.get(f"/v1/streams/{stream}/inputs", params={"status": "open"})
         assert res.status_code == 200, res.text
         assert [i["request_id"] for i in res.json()["inputs"]] == [request_id]
+        may_answer.set()
 
         await asyncio.wait_for(answered.wait(), WAIT_S)
         assert replies["bad"]["op"] == "error" and replies["bad"]["code"] == "input_invalid", replies
