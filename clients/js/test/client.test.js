@@ -227,17 +227,17 @@ describe("cursor tracking", () => {
     );
     let rnd = 7;
     const next = () => (rnd = (rnd * 1103515245 + 12345) % 2 ** 31);
-    const round = async () => {
+    const round = async (phase) => {
       for (let k = 0; k < 120; k++) {
         const s = streams[next() % streams.length];
         const n = 1 + (next() % 4);
-        await server.append(s, range(1, n).map(() => ({ type: next() % 2 ? "a" : "b", data: k })));
+        await server.append(s, range(1, n).map((j) => ({ type: next() % 2 ? "a" : "b", data: k, id: `${phase}-${k}-${j}` })));
       }
     };
-    await round();
+    await round(1);
     await server.kill("SIGTERM");
     await server.start();
-    await round();
+    await round(2);
 
     const expected = {};
     for (const [i, s] of streams.entries()) {
