@@ -2,6 +2,7 @@
 
 mod console;
 mod helpers;
+mod inputs;
 mod log;
 mod sse;
 mod ws;
