@@ -166,6 +166,10 @@ export function buildForm(schema, onSubmit) {
   const error = el("div", { class: "form-error", role: "alert", hidden: true });
   const submit = el("button", { type: "submit" }, "Send answer");
   form.append(error, submit);
+  // A message about an earlier attempt must not linger once the person fixes things.
+  form.addEventListener("input", () => {
+    error.hidden = true;
+  });
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
     error.hidden = true;

@@ -142,3 +142,4 @@ export class TailcastClient {
   serverStats(): Promise<object>;
   request(method: string, path: string, body?: unknown): Promise<any>;
 }
+export function isTransient(err: unknown): boolean;

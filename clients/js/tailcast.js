@@ -69,6 +69,23 @@ export class TailcastError extends Error {
 
 const RESERVED_END = "stream.closed";
 
+/** Codes that mean "try again later" rather than "no". */
+const TRANSIENT = new Set([
+  "network",
+  "disconnected",
+  "unavailable",
+  "shutting_down",
+  "internal",
+  "rate_limited",
+  "request_timeout",
+  "too_many_connections",
+]);
+
+/** Whether an error is worth retrying (the server is busy, restarting or away). */
+export function isTransient(err) {
+  return TRANSIENT.has(err?.code) || (typeof err?.status === "number" && err.status >= 500);
+}
+
 /**
  * The delay before reconnect attempt `attempt` (0-based): exponential, capped, with "equal
  * jitter" (half fixed, half random) so a crowd of clients dropped together does not come back
@@ -352,8 +369,8 @@ export class TailcastClient {
       try {
         await this._resolveStart(sub);
       } catch (e) {
-        if (e.code === "network") {
-          // The server is away: try again later, as a reconnect would.
+        if (isTransient(e)) {
+          // The server is away or busy: try again later, as a reconnect would.
           sub.timer = setTimeout(() => this._start(sub), backoffDelay(sub.attempt++, this.backoff));
           return;
         }
@@ -611,14 +628,21 @@ export class TailcastClient {
       this._unsubscribe(sub, msg.reason);
       return;
     }
-    const err = new TailcastError(msg.code ?? "error", msg.message ?? "the subscription failed", undefined, msg);
-    if (err.code === "unauthorized" || err.code === "forbidden") {
+    const err = new TailcastError(msg.code ?? "internal", msg.message ?? "the subscription failed", undefined, msg);
+    this._retrySubscribe(sub, err);
+  }
+
+  /** Subscribes again after a backoff delay if `err` is transient; else the subscription fails. */
+  _retrySubscribe(sub, err) {
+    if (!isTransient(err)) {
       this._fail(sub, err);
       return;
     }
     this._stats.lastError = err.message;
     const delayMs = backoffDelay(sub.attempt++, this.backoff);
+    clearTimeout(sub.timer);
     sub.timer = setTimeout(() => {
+      // If the connection dropped meanwhile, the next welcome subscribes it.
       if (!sub.ended && this._wsOpen()) this._wsSubscribe(sub);
     }, delayMs);
   }
@@ -627,8 +651,10 @@ export class TailcastClient {
     const op = { op: "subscribe", stream: sub.stream, after: sub.cursor };
     if (sub.opts.types?.length) op.types = sub.opts.types;
     this._wsCall(op).catch((err) => {
-      // A refused subscription ends it; a dropped connection resubscribes on reconnect.
-      if (err.code !== "disconnected" && err.code !== "already_subscribed") this._fail(sub, err);
+      // A dropped connection resubscribes on reconnect; a busy server, after a delay; a
+      // refusal ends the subscription.
+      if (err.code === "disconnected" || err.code === "already_subscribed") return;
+      this._retrySubscribe(sub, err);
     });
   }
 

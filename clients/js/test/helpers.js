@@ -3,7 +3,7 @@
 // screenshots. Every wait is on a condition and under a timeout.
 
 import { spawn, execFileSync } from "node:child_process";
-import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
+import { mkdtempSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
@@ -144,6 +144,8 @@ export class Server {
 
   async stop() {
     await this.kill("SIGTERM");
+    // Kept for reading after a failure (e2e/artifacts/ is not committed).
+    writeFileSync(artifact(`tailcast-${this.database.name}.log`), this.log);
     if (!this.dropped) dropDatabase(this.database.name);
     this.dropped = true;
   }
@@ -164,11 +166,20 @@ export class Server {
     return { status: res.status, body: json, headers: res.headers };
   }
 
-  /** Appends and insists on success; returns the append result. */
+  /**
+   * Appends and insists on success; returns the append result. A 503 ("retry shortly": the
+   * database was busy) is retried as a producer would, a few times; callers that must not
+   * duplicate on a retry give their events ids.
+   */
   async append(stream, events, headers) {
-    const r = await this.fetch("POST", `/v1/streams/${encodeURIComponent(stream)}/events`, events, headers);
-    if (r.status !== 201) throw new Error(`append to ${stream}: ${r.status} ${JSON.stringify(r.body)}`);
-    return r.body;
+    for (let attempt = 0; ; attempt++) {
+      const r = await this.fetch("POST", `/v1/streams/${encodeURIComponent(stream)}/events`, events, headers);
+      if (r.status === 201) return r.body;
+      if (r.status !== 503 || attempt === 4) {
+        throw new Error(`append to ${stream}: ${r.status} ${JSON.stringify(r.body)}`);
+      }
+      await new Promise((res) => setTimeout(res, 100 * 2 ** attempt));
+    }
   }
 
   /** Every event of a stream, via REST replay. */
