@@ -4,8 +4,10 @@
 use std::time::Duration;
 
 use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::header;
 use axum::http::request::Parts;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
@@ -62,19 +64,26 @@ pub struct Body(pub Bytes);
 impl<S: Send + Sync> FromRequest<S> for Body {
     type Rejection = Error;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Error> {
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Error> {
         let limit = req
             .extensions()
             .get::<BodyLimit>()
             .map_or(usize::MAX, |l| l.0);
-        // A declared length over the limit is refused before a byte of the body is read;
-        // without one (chunked), reading stops as soon as the limit is passed.
+        // Past the limit the rest of a body is still read and discarded, up to `drain`: a
+        // client that writes its whole body before reading the answer (browsers' and Node's
+        // fetch, Python's urllib) otherwise gets a reset connection instead of the 413. Beyond
+        // `drain`, or when the client waits for `100 Continue`, it is refused at once.
+        let drain = (limit as u64).saturating_mul(3) / 2;
         let declared = req
             .headers()
-            .get(axum::http::header::CONTENT_LENGTH)
+            .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit as u64) {
+        let expects_continue = req
+            .headers()
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if declared.is_some_and(|n| n > limit as u64 && (n > drain || expects_continue)) {
             return Err(Error::PayloadTooLarge { limit });
         }
         let timeout = req
@@ -83,23 +92,44 @@ impl<S: Send + Sync> FromRequest<S> for Body {
             .map_or(Duration::MAX, |t| t.0);
         // A whole-body deadline, not a per-read one: a client trickling a byte at a time
         // would reset a per-read timer forever.
-        tokio::time::timeout(timeout, Bytes::from_request(req, state))
+        tokio::time::timeout(timeout, read_bounded(req.into_body(), limit, drain))
             .await
             .map_err(|_| Error::RequestTimeout {
                 timeout_s: timeout.as_secs(),
             })?
             .map(Body)
-            .map_err(|e| {
-                if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                    Error::PayloadTooLarge { limit }
-                } else {
-                    Error::InvalidJson(format!(
-                        "could not read the request body: {}",
-                        e.body_text()
-                    ))
-                }
-            })
     }
+}
+
+/// Reads a body of at most `limit` bytes; a longer one is read on (and dropped) up to `drain`
+/// bytes, then refused with 413. Never holds more than `limit` bytes.
+async fn read_bounded(
+    mut body: axum::body::Body,
+    limit: usize,
+    drain: u64,
+) -> Result<Bytes, Error> {
+    let mut buf = BytesMut::new();
+    let mut seen = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| Error::InvalidJson(format!("could not read the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len() as u64;
+        if seen > limit as u64 {
+            buf = BytesMut::new();
+            if seen > drain {
+                return Err(Error::PayloadTooLarge { limit });
+            }
+            continue;
+        }
+        buf.extend_from_slice(&data);
+    }
+    if seen > limit as u64 {
+        return Err(Error::PayloadTooLarge { limit });
+    }
+    Ok(buf.freeze())
 }
 
 /// How long a client may take to send a whole request body.

@@ -5,9 +5,11 @@ use jsonwebtoken::{encode, EncodingKey, Header};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::PgPool;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::auth::{now_s, SECRET};
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, WAIT};
 
 /// Asserts that `keys` appear in `text` as object keys, in this order.
 fn assert_key_order(text: &str, keys: &[&str]) {
@@ -173,4 +175,66 @@ async fn a_token_without_exp_is_refused_for_that_reason(pool: PgPool) {
     // The same grants with exp pass authentication (the stream just does not exist).
     let res = get(with_exp).await.unwrap();
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
+}
+
+/// Reads one HTTP/1.1 response with a `content-length` body: (status, body).
+async fn read_response(conn: &mut TcpStream) -> (u16, String) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read = async {
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if buf.len() >= end + 4 + len {
+                    let status = head[9..12].parse().unwrap();
+                    let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into();
+                    return (status, body);
+                }
+            }
+            let n = conn.read(&mut chunk).await.expect("read the response");
+            assert!(n > 0, "the connection closed before a response");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(WAIT, read)
+        .await
+        .expect("response in time")
+}
+
+/// A client that writes its whole over-limit body before reading (what fetch and urllib do)
+/// reads the 413 and may go on using the connection, instead of hitting a reset mid-write.
+#[sqlx::test]
+async fn an_over_limit_body_sent_in_full_still_gets_its_413(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, |c| c.max_batch_bytes = 1 << 20).await;
+    let data = "x".repeat((1 << 20) + (1 << 18));
+    let body = format!(r#"{{"data":"{data}"}}"#);
+    let mut conn = TcpStream::connect(app.addr).await.unwrap();
+    for round in 0..2 {
+        let head = format!(
+            "POST /v1/streams/conf:big/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let write = async {
+            conn.write_all(head.as_bytes()).await?;
+            conn.write_all(body.as_bytes()).await
+        };
+        tokio::time::timeout(WAIT, write)
+            .await
+            .expect("body written in time")
+            .unwrap_or_else(|e| panic!("round {round}: the server cut the upload: {e}"));
+        let (status, text) = read_response(&mut conn).await;
+        assert_eq!(status, 413, "round {round}: {text}");
+        let problem: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(problem["code"], "payload_too_large");
+        assert_eq!(problem["limit"], 1 << 20);
+    }
+    conn.write_all(b"GET /v1/streams/conf:big HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, text) = read_response(&mut conn).await;
+    assert_eq!(status, 404, "nothing was appended: {text}");
 }

@@ -100,7 +100,8 @@ proptest! {
         if let Some(v) = last_event_id.and_then(|b| HeaderValue::from_bytes(&b).ok()) {
             headers.insert("last-event-id", v);
         }
-        // Duplicate keys fail here; the handler's extractor turns that into 400.
+        // A query that does not parse (duplicate keys) is the extractor's 400
+        // invalid_parameter; only parsed ones reach `sse_start`.
         if let Ok(q) = axum::extract::Query::<SseParams>::try_from_uri(&uri) {
             if let Err(e) = sse_start(&q.0, &headers) {
                 prop_assert!(is_client_error(&e), "{e:?}");
