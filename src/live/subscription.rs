@@ -299,7 +299,8 @@ impl Subscription {
 
     async fn read_log(&mut self) -> Result<(), Error> {
         if self.stream_id.is_none() {
-            match store::stream(&self.src.pool, self.stream.as_str()).await? {
+            let (pool, name) = (self.src.pool.clone(), self.stream.clone());
+            match detached(async move { store::stream(&pool, name.as_str()).await }).await? {
                 Some(row) => self.stream_id = Some(row.id),
                 None => {
                     // Not created yet: wait for its first events live.
@@ -310,8 +311,11 @@ impl Subscription {
         }
         let id = self.stream_id.expect("set above");
         let (page, bytes) = (self.src.page, PAGE_BYTES);
-        let rows = store::read_events_bounded(&self.src.pool, id, self.upto, i64::MAX, page, bytes)
-            .await?;
+        let (pool, upto) = (self.src.pool.clone(), self.upto);
+        let rows = detached(async move {
+            store::read_events_bounded(&pool, id, upto, i64::MAX, page, bytes).await
+        })
+        .await?;
         metrics::counter!(m::CATCHUP_READS).increment(1);
         if !store::page_is_full(&rows, page, bytes) {
             self.mode = Mode::Live;
@@ -384,5 +388,20 @@ impl Subscription {
             Err(RecvError::Closed) => self.finished = true,
         }
         Ok(())
+    }
+}
+
+/// Runs a log read in its own task, so that it finishes — and returns its pooled connection —
+/// whether or not the subscription is polled meanwhile. A consumer that stops polling (a
+/// WebSocket loop busy with a client op, a full send queue) would otherwise hold a connection
+/// per paused subscription, and enough of them exhaust the pool for everyone.
+async fn detached<T, F>(read: F) -> Result<T, Error>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T, sqlx::Error>> + Send + 'static,
+{
+    match tokio::spawn(read).await {
+        Ok(res) => res.map_err(Error::from),
+        Err(e) => Err(Error::Internal(format!("log read task: {e}"))),
     }
 }

@@ -627,3 +627,63 @@ async fn a_client_that_never_reads_is_disconnected_by_the_write_timeout(pool: Pg
         "{metrics}"
     );
 }
+
+/// Many subscriptions catching up on one socket while the client keeps sending ops, on a
+/// pool far smaller than the number of subscriptions: a subscription that is not being
+/// polled must not sit on a pooled connection, or the socket's own next op (and every other
+/// client) waits for a connection that never comes back.
+#[sqlx::test]
+async fn many_catching_up_subscriptions_do_not_starve_the_pool(pool: PgPool) {
+    const STREAMS: usize = 24;
+    const EVENTS: i64 = 1500;
+    let small = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(3)
+        .acquire_timeout(std::time::Duration::from_secs(2))
+        .connect_with((*pool.connect_options()).clone())
+        .await
+        .unwrap();
+    let app = TestApp::spawn_with(small, |c| c.read_page = 50).await;
+    let batch: Vec<Value> = (0..EVENTS / 3).map(|i| json!({"data": i})).collect();
+    for s in 0..STREAMS {
+        for _ in 0..3 {
+            app.append(&format!("pool-{s}"), json!(batch)).await;
+        }
+    }
+    let mut ws = app.ws().await;
+    let mut next: HashMap<String, i64> = HashMap::new();
+    let mut done = 0;
+    let mut on_message = |msg: &Value, next: &mut HashMap<String, i64>, done: &mut usize| {
+        match msg["op"].as_str().unwrap() {
+            "subscribed" => {}
+            "event" => {
+                let stream = msg["stream"].as_str().unwrap().to_owned();
+                let expect = next.entry(stream.clone()).or_insert(1);
+                assert_eq!(msg["seq"].as_i64().unwrap(), *expect, "{stream} out of order");
+                *expect += 1;
+                if *expect > EVENTS {
+                    *done += 1;
+                }
+            }
+            other => panic!("unexpected {other}: {msg}"),
+        }
+    };
+    // Subscribe one stream at a time while the earlier ones are still catching up, so each
+    // subscribe op needs a connection while other subscriptions have reads in flight.
+    for s in 0..STREAMS {
+        ws.send(json!({"op":"subscribe","stream":format!("pool-{s}"),"after":0,"ref":s}))
+            .await;
+        loop {
+            let msg = ws.recv().await;
+            on_message(&msg, &mut next, &mut done);
+            if msg["op"] == "subscribed" && msg["ref"] == json!(s) {
+                break;
+            }
+        }
+    }
+    while done < STREAMS {
+        let msg = ws.recv().await;
+        on_message(&msg, &mut next, &mut done);
+    }
+    // The pool is still usable by everyone else.
+    app.append("pool-after", json!({"data": "still served"})).await;
+}
