@@ -165,6 +165,8 @@ impl App {
             connections: Arc::default(),
             auth,
         };
+        // Ends when `state.shutdown` is cancelled, dropping its handle to the appender.
+        tokio::spawn(crate::live::expiry::run(state.clone()));
         Ok(App {
             state,
             appender_task,

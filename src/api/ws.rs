@@ -36,7 +36,7 @@ use super::inputs;
 use crate::app::{AppState, ConnectionGuard, Transport};
 use crate::auth::{Grant, Principal};
 use crate::error::Error;
-use crate::live::{Item, Subscription};
+use crate::live::{Item, Start, Subscription};
 use crate::log::model::{format_time, TYPE_STREAM_CLOSED};
 use crate::log::{AppendSpec, StreamName};
 use crate::metrics as m;
@@ -167,7 +167,9 @@ impl Connection {
                 code,
                 reason: Utf8Bytes::from_static(reason),
             };
-            let _ = conn.out.try_send(Message::Close(Some(close)));
+            // Behind whatever is queued (the client may still be reading it), but bounded.
+            let queued = conn.out.send(Message::Close(Some(close)));
+            let _ = tokio::time::timeout(Duration::from_secs(1), queued).await;
         }
         // Dropping the queue's sender lets the writer flush what is queued, then finish.
         drop(conn);
@@ -286,9 +288,21 @@ impl Connection {
                 if self.subs.len() >= limit {
                     return Err(Error::TooManySubscriptions { limit });
                 }
+                let snapshot = start == Start::Snapshot;
                 let (sub, opened) =
                     Subscription::open(app.source(), stream.clone(), start, filter, true).await?;
-                let body = json!({"stream": stream, "head": opened.head, "cursor": opened.cursor});
+                let body = json!({
+                    "stream": stream,
+                    "head": opened.head,
+                    "cursor": opened.cursor,
+                    "closed": opened.closed,
+                });
+                if opened.closed && opened.cursor >= opened.head && !snapshot {
+                    // Nothing will ever follow (SSE answers 204 here): say so and hold nothing.
+                    send(&self.out, reply("subscribed", reference, body)).await;
+                    let end = json!({"stream": stream, "reason": "closed"});
+                    return Ok(Some(reply("unsubscribed", None, end)));
+                }
                 // `subscribed` must precede the stream's first event: send it before the
                 // subscription joins the map that events are read from.
                 send(&self.out, reply("subscribed", reference, body)).await;

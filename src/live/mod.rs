@@ -1,6 +1,7 @@
 //! Fan-out: the per-process `hub`, shared wire `frame`s, and the `subscription` that joins
 //! catch-up from the log with the live tail.
 
+pub mod expiry;
 pub mod frame;
 pub mod hub;
 pub mod subscription;

@@ -2,6 +2,7 @@
 //! statement, `appender` the group-commit writer, `reader` catch-up and export reads.
 
 pub mod appender;
+pub mod inputs;
 pub mod model;
 pub mod store;
 

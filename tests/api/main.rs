@@ -3,6 +3,7 @@
 mod auth;
 mod helpers;
 mod hostile;
+mod inputs;
 mod limits;
 mod log;
 mod props;

@@ -181,9 +181,27 @@ async fn closing_and_deleting_a_stream_end_its_subscription(pool: PgPool) {
         json!({"op":"unsubscribed","stream":"d","reason":"deleted"})
     );
 
-    // Both may be subscribed again at once.
-    ws.subscribe("c", json!({"after":0})).await;
+    // Both may be subscribed again at once; a closed stream replays to its end, then ends.
+    let again = ws.subscribe("c", json!({"after":0})).await;
+    assert_eq!(again["closed"], true);
+    assert_eq!(ws.next_event().await["seq"], 1);
+    assert_eq!(ws.next_event().await["type"], "stream.closed");
+    assert_eq!(ws.recv().await["reason"], "closed");
     ws.subscribe("d", json!({"after":0})).await;
+
+    // At the head of a closed stream there is nothing to wait for: told at once.
+    let at_head = ws.subscribe("c", json!({"after":2})).await;
+    assert_eq!(
+        (at_head["head"].as_i64(), at_head["closed"].as_bool()),
+        (Some(2), Some(true))
+    );
+    let end = ws.recv().await;
+    assert_eq!(
+        end,
+        json!({"op":"unsubscribed","stream":"c","reason":"closed"})
+    );
+    let stats = app.get_json("/v1/stats").await;
+    assert_eq!(stats["connections"]["ws"], 1);
 }
 
 #[sqlx::test]
@@ -337,9 +355,9 @@ async fn shutdown_closes_with_1001(pool: PgPool) {
 
 #[sqlx::test]
 async fn the_server_pings_and_an_answering_client_stays_connected(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| c.ws_heartbeat_ms = 150).await;
+    let app = TestApp::spawn_with(pool, |c| c.ws_heartbeat_ms = 250).await;
     let mut ws = app.ws().await;
-    assert_eq!(ws.welcome["heartbeat_ms"], 150);
+    assert_eq!(ws.welcome["heartbeat_ms"], 250);
     // tungstenite answers each Ping while we read; after many more than 3 intervals the
     // connection is still open.
     ws.send(json!({"op":"subscribe","stream":"quiet"})).await;
@@ -351,7 +369,7 @@ async fn the_server_pings_and_an_answering_client_stays_connected(pool: PgPool) 
 #[sqlx::test]
 async fn a_silent_client_is_closed_after_three_heartbeats(pool: PgPool) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let app = TestApp::spawn_with(pool, |c| c.ws_heartbeat_ms = 20).await;
+    let app = TestApp::spawn_with(pool, |c| c.ws_heartbeat_ms = 100).await;
     // A raw client that completes the handshake and then never answers a Ping.
     let mut tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
     let handshake = format!(
@@ -542,4 +560,70 @@ async fn a_plain_get_is_told_to_upgrade(pool: PgPool) {
     assert_eq!(res.status(), 426);
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["code"], "upgrade_required");
+}
+
+#[sqlx::test]
+async fn a_client_that_stops_reading_still_gets_every_event_in_order(pool: PgPool) {
+    // A tiny send queue and live buffer: while this client does not read, its queue fills,
+    // its subscriptions stop being polled, and their live channels overflow. It must still
+    // get everything once it reads again, from the log.
+    let app = TestApp::spawn_with(pool, |c| {
+        c.ws_send_queue = 4;
+        c.live_buffer = 2;
+    })
+    .await;
+    let mut ws = app.ws().await;
+    ws.subscribe("slow:a", json!({})).await;
+    ws.subscribe("slow:b", json!({})).await;
+    const N: i64 = 600;
+    for chunk in 0..(N / 50) {
+        for s in ["slow:a", "slow:b"] {
+            let batch: Vec<Value> = (1..=50)
+                .map(|i| json!({ "data": chunk * 50 + i }))
+                .collect();
+            app.append(s, Value::Array(batch)).await;
+        }
+    }
+    let mut next: HashMap<String, i64> =
+        HashMap::from([("slow:a".into(), 1), ("slow:b".into(), 1)]);
+    for _ in 0..(2 * N) {
+        let ev = ws.next_event().await;
+        let expect = next.get_mut(ev["stream"].as_str().unwrap()).unwrap();
+        assert_eq!(ev["seq"].as_i64(), Some(*expect), "in order, no gap: {ev}");
+        assert_eq!(ev["data"].as_i64(), Some(*expect));
+        *expect += 1;
+    }
+    assert_eq!(ws.request(json!({"op":"ping"})).await["op"], "pong");
+}
+
+#[sqlx::test]
+async fn a_client_that_never_reads_is_disconnected_by_the_write_timeout(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, |c| c.write_timeout_s = 1).await;
+    let mut ws = app.ws_small_buffer().await;
+    ws.send(json!({"op":"subscribe","stream":"big"})).await;
+    // Far more than the socket buffers hold, while the client reads nothing.
+    let big = "x".repeat(900_000);
+    for _ in 0..12 {
+        app.append("big", json!({ "data": big })).await;
+    }
+    // The server gives up on the blocked socket: the connection count drops to zero.
+    let gone = async {
+        loop {
+            let stats = app.get_json("/v1/stats").await;
+            if stats["connections"]["ws"] == 0 {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, gone)
+        .await
+        .expect("disconnected in time");
+    assert!(ws.dropped_without_close().await);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tailcast_slow_consumer_disconnects_total{transport=\"ws\"}")),
+        "{metrics}"
+    );
 }

@@ -48,7 +48,50 @@ impl TestApp {
     }
 }
 
+impl TestApp {
+    /// Opens `/v1/ws` over a socket with a tiny receive buffer (a client that can hold little
+    /// unread data), and reads the `welcome`.
+    pub async fn ws_small_buffer(&self) -> WsClient {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let tcp = socket.connect(self.addr).await.expect("connect");
+        let url = format!("ws://{}/v1/ws", self.addr);
+        let (socket, _) = tokio::time::timeout(
+            WAIT,
+            tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(tcp)),
+        )
+        .await
+        .expect("handshake in time")
+        .expect("WebSocket handshake");
+        let mut client = WsClient {
+            socket,
+            welcome: Value::Null,
+            pings: 0,
+            backlog: VecDeque::new(),
+        };
+        client.welcome = client.recv().await;
+        client
+    }
+}
+
 impl WsClient {
+    /// Reads frames until the connection ends; true if it ended without a close frame
+    /// (dropped by the server) rather than with one.
+    pub async fn dropped_without_close(&mut self) -> bool {
+        let read = async {
+            loop {
+                match self.socket.next().await {
+                    None | Some(Err(_)) => return true,
+                    Some(Ok(Message::Close(_))) => return false,
+                    Some(Ok(_)) => {}
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, read)
+            .await
+            .expect("connection ends in time")
+    }
+
     pub async fn send(&mut self, msg: Value) {
         self.send_text(&msg.to_string()).await;
     }
