@@ -149,6 +149,34 @@ fn endpoints() -> Vec<Endpoint> {
             StatusCode::CREATED,
         ),
         ep(
+            Method::POST,
+            "/v1/streams/{s}/inputs",
+            Some(json!({"request_id":"q1","prompt":"and?"})),
+            Needs::Write,
+            StatusCode::CREATED,
+        ),
+        ep(
+            Method::POST,
+            "/v1/streams/{s}/inputs/q0",
+            Some(json!({"data":"yes"})),
+            Needs::Answer,
+            StatusCode::CREATED,
+        ),
+        ep(
+            Method::GET,
+            "/v1/streams/{s}/inputs",
+            None,
+            Needs::Read,
+            StatusCode::OK,
+        ),
+        ep(
+            Method::GET,
+            "/v1/streams/{s}/inputs/q0",
+            None,
+            Needs::Read,
+            StatusCode::OK,
+        ),
+        ep(
             Method::GET,
             "/v1/streams/{s}/events?after=0",
             None,
@@ -235,6 +263,16 @@ async fn every_endpoint_refuses_what_the_token_does_not_grant(pool: PgPool) {
     for (i, ep) in endpoints().iter().enumerate() {
         let stream = format!("m:{i}");
         admin_append(&app, &stream, json!(MARKER)).await;
+        let res = call(
+            &app,
+            Method::POST,
+            &format!("/v1/streams/{stream}/inputs"),
+            Some(ADMIN),
+            Some(&json!({"request_id":"q0","prompt":MARKER})),
+        )
+        .await;
+        assert_eq!(res.status(), StatusCode::CREATED);
+        let before = head(&app, &stream).await;
         let path = ep.path.replace("{s}", &stream);
         let bad_signature = token_with(
             "some-other-secret-of-enough-length-000",
@@ -283,7 +321,7 @@ async fn every_endpoint_refuses_what_the_token_does_not_grant(pool: PgPool) {
             expect_problem(res, status, code, &case).await;
             assert_eq!(
                 head(&app, &stream).await,
-                (1, false),
+                before,
                 "{case}: the stream changed"
             );
         }
@@ -301,7 +339,7 @@ async fn every_endpoint_refuses_what_the_token_does_not_grant(pool: PgPool) {
         if ep.path.ends_with("/sse?after=0") {
             let env = SseClient::new(res).next_envelope().await;
             assert_eq!(env["data"], MARKER);
-        } else if ep.needs == Needs::Read && !path.ends_with(&stream) {
+        } else if ep.needs == Needs::Read && !path.ends_with(&stream) && !path.ends_with("/q0") {
             assert!(res.text().await.unwrap().contains(MARKER), "{case}");
         }
     }
