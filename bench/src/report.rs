@@ -289,6 +289,13 @@ impl Report {
         for (label, key) in groups {
             let p99_target = (key.ends_with(".1000")).then_some(Target::AtMost(50.0));
             rows.push(row(
+                &format!("{label}: published"),
+                &format!("{key}.published_s"),
+                "events/s",
+                None,
+                None,
+            ));
+            rows.push(row(
                 &format!("{label}: delivered"),
                 &format!("{key}.delivered_s"),
                 "events/s",

@@ -81,6 +81,10 @@ async fn upgrade(
     let max = app.config.ws_max_message();
     ws.max_message_size(max)
         .max_frame_size(max)
+        // tungstenite zero-fills its whole read buffer (128 KiB by default) on the first read,
+        // which made an idle WebSocket cost 138 KiB of RSS. Client ops are small; a larger
+        // message still gets a buffer of its full length when its header arrives.
+        .read_buffer_size(4 * 1024)
         .on_upgrade(move |socket| {
             let span = tracing::debug_span!("ws", subject = who.subject());
             Connection::run(app, who, socket).instrument(span)
