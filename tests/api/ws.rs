@@ -652,7 +652,7 @@ async fn many_catching_up_subscriptions_do_not_starve_the_pool(pool: PgPool) {
     let mut ws = app.ws().await;
     let mut next: HashMap<String, i64> = HashMap::new();
     let mut done = 0;
-    let mut on_message = |msg: &Value, next: &mut HashMap<String, i64>, done: &mut usize| {
+    let on_message = |msg: &Value, next: &mut HashMap<String, i64>, done: &mut usize| {
         match msg["op"].as_str().unwrap() {
             "subscribed" => {}
             "event" => {
