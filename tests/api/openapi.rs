@@ -303,6 +303,7 @@ fn every_ref_in_the_spec_resolves() {
 fn concrete(path: &str) -> String {
     path.replace("{stream}", "contract-check")
         .replace("{request_id}", "contract-check-request")
+        .replace("{file}", "app.js")
 }
 
 #[sqlx::test]

@@ -652,20 +652,26 @@ async fn many_catching_up_subscriptions_do_not_starve_the_pool(pool: PgPool) {
     let mut ws = app.ws().await;
     let mut next: HashMap<String, i64> = HashMap::new();
     let mut done = 0;
-    let on_message = |msg: &Value, next: &mut HashMap<String, i64>, done: &mut usize| {
-        match msg["op"].as_str().unwrap() {
-            "subscribed" => {}
-            "event" => {
-                let stream = msg["stream"].as_str().unwrap().to_owned();
-                let expect = next.entry(stream.clone()).or_insert(1);
-                assert_eq!(msg["seq"].as_i64().unwrap(), *expect, "{stream} out of order");
-                *expect += 1;
-                if *expect > EVENTS {
-                    *done += 1;
-                }
+    let on_message = |msg: &Value, next: &mut HashMap<String, i64>, done: &mut usize| match msg
+        ["op"]
+        .as_str()
+        .unwrap()
+    {
+        "subscribed" => {}
+        "event" => {
+            let stream = msg["stream"].as_str().unwrap().to_owned();
+            let expect = next.entry(stream.clone()).or_insert(1);
+            assert_eq!(
+                msg["seq"].as_i64().unwrap(),
+                *expect,
+                "{stream} out of order"
+            );
+            *expect += 1;
+            if *expect > EVENTS {
+                *done += 1;
             }
-            other => panic!("unexpected {other}: {msg}"),
         }
+        other => panic!("unexpected {other}: {msg}"),
     };
     // Subscribe one stream at a time while the earlier ones are still catching up, so each
     // subscribe op needs a connection while other subscriptions have reads in flight.
@@ -685,5 +691,6 @@ async fn many_catching_up_subscriptions_do_not_starve_the_pool(pool: PgPool) {
         on_message(&msg, &mut next, &mut done);
     }
     // The pool is still usable by everyone else.
-    app.append("pool-after", json!({"data": "still served"})).await;
+    app.append("pool-after", json!({"data": "still served"}))
+        .await;
 }
