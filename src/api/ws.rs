@@ -22,7 +22,7 @@ use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use futures::stream::{SplitSink, SplitStream};
+use futures::stream::{FuturesOrdered, SplitSink, SplitStream};
 use futures::{SinkExt, Stream, StreamExt};
 use serde_json::json;
 use serde_json::value::RawValue;
@@ -123,6 +123,8 @@ fn sub_stream(sub: Subscription) -> SubStream {
 /// What woke the connection's loop.
 enum Wake {
     Frame(Option<Result<Message, axum::Error>>),
+    /// A pipelined publish finished: its `ack` (or error).
+    Acked(Message),
     Sub(StreamName, SubEvent),
     Room,
     Tick,
@@ -141,7 +143,15 @@ struct Connection {
     who: Principal,
     subs: StreamMap<StreamName, SubStream>,
     out: mpsc::Sender<Message>,
+    /// Publishes whose appends are under way, answered in the order they came. A client may
+    /// keep many in flight, and they then share group commits.
+    publishes: FuturesOrdered<PendingReply>,
 }
+
+type PendingReply = std::pin::Pin<Box<dyn std::future::Future<Output = Message> + Send>>;
+
+/// Most publishes one connection may have under way; beyond it, its frames wait.
+const MAX_PUBLISHES_IN_FLIGHT: usize = 64;
 
 impl Connection {
     async fn run(app: AppState, who: Principal, socket: WebSocket) {
@@ -157,6 +167,7 @@ impl Connection {
             who,
             subs: StreamMap::new(),
             out,
+            publishes: FuturesOrdered::new(),
         };
         let welcome = json!({
             "connection_id": connection_id,
@@ -208,7 +219,12 @@ impl Connection {
                     return End::Close(CLOSE_POLICY, "token expired");
                 }
                 _ = self.out.closed() => return End::Gone,
-                frame = frames.next() => Wake::Frame(frame),
+                frame = frames.next(), if self.publishes.len() < MAX_PUBLISHES_IN_FLIGHT => {
+                    Wake::Frame(frame)
+                }
+                Some(msg) = self.publishes.next(), if room && !self.publishes.is_empty() => {
+                    Wake::Acked(msg)
+                }
                 Some((stream, ev)) = self.subs.next(), if room && !self.subs.is_empty() => {
                     Wake::Sub(stream, ev)
                 }
@@ -225,6 +241,7 @@ impl Connection {
                         return End::Gone;
                     }
                 }
+                Wake::Acked(msg) => self.send(msg).await,
                 Wake::Sub(stream, ev) => self.on_sub_event(stream, ev).await,
                 Wake::Room => {}
                 Wake::Tick => {
@@ -261,7 +278,24 @@ impl Connection {
     async fn on_text(&mut self, text: &str) -> Option<Message> {
         match protocol::parse(text) {
             Err(rejected) => Some(error_reply(rejected.reference, &rejected.error)),
+            Ok(Request {
+                reference,
+                op:
+                    Op::Publish {
+                        stream,
+                        events,
+                        expected_seq,
+                    },
+            }) => {
+                let reply = self.publish(reference, stream, events, expected_seq);
+                self.publishes.push_back(reply);
+                None
+            }
             Ok(Request { reference, op }) => {
+                // Replies keep the order of requests: answer the publishes before this op.
+                while let Some(msg) = self.publishes.next().await {
+                    send(&self.out, msg).await;
+                }
                 let stream = op_stream(&op).map(|s| s.as_str().to_owned());
                 match self.apply(reference, op).await {
                     Ok(msg) => msg,
@@ -269,6 +303,40 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Starts a publish; the returned future appends and yields its `ack` or error. Checks
+    /// and parsing happen now, the append (and its wait for a group commit) when polled.
+    fn publish(
+        &self,
+        reference: Option<&RawValue>,
+        stream: StreamName,
+        events: &RawValue,
+        expected_seq: Option<i64>,
+    ) -> PendingReply {
+        let reference: Option<Box<RawValue>> = reference.map(RawValue::to_owned);
+        let name = stream.as_str().to_owned();
+        let spec = self
+            .who
+            .check(Grant::Write, &stream)
+            .and_then(|()| parse_batch(events.get().as_bytes(), self.app.limits()))
+            .map(|events| AppendSpec {
+                stream,
+                events,
+                expected_seq,
+                close: false,
+            });
+        let appender = self.app.appender.clone();
+        Box::pin(async move {
+            let res = match spec {
+                Ok(spec) => appender.append(spec).await,
+                Err(e) => Err(e),
+            };
+            match res {
+                Ok(res) => reply("ack", reference.as_deref(), res),
+                Err(e) => error_with(reference.as_deref(), &e, Some(&name)),
+            }
+        })
     }
 
     /// Carries out one op; its reply, unless it sent its own.
@@ -328,16 +396,9 @@ impl Connection {
                 events,
                 expected_seq,
             } => {
-                self.who.check(Grant::Write, &stream)?;
-                let events = parse_batch(events.get().as_bytes(), app.limits())?;
-                let spec = AppendSpec {
-                    stream,
-                    events,
-                    expected_seq,
-                    close: false,
-                };
-                let res = app.appender.append(spec).await?;
-                Ok(Some(reply("ack", reference, res)))
+                // `on_text` pipelines publishes; this path answers one on its own.
+                let publish = self.publish(reference, stream, events, expected_seq);
+                Ok(Some(publish.await))
             }
             Op::Input {
                 stream,
