@@ -11,6 +11,7 @@ use reqwest::{Response, StatusCode};
 use serde_json::Value;
 use sqlx::PgPool;
 use tailcast::{App, Config};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -205,4 +206,32 @@ impl SseClient {
         }
         out
     }
+}
+
+/// Reads one HTTP/1.1 response with a `content-length` body from a raw socket: (status, body).
+pub async fn read_response<R: tokio::io::AsyncRead + Unpin>(conn: &mut R) -> (u16, String) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read = async {
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if buf.len() >= end + 4 + len {
+                    let status = head[9..12].parse().unwrap();
+                    let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into();
+                    return (status, body);
+                }
+            }
+            let n = conn.read(&mut chunk).await.expect("read the response");
+            assert!(n > 0, "the connection closed before a response");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(WAIT, read)
+        .await
+        .expect("response in time")
 }
