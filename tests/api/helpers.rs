@@ -235,3 +235,21 @@ pub async fn read_response<R: tokio::io::AsyncRead + Unpin>(conn: &mut R) -> (u1
         .await
         .expect("response in time")
 }
+
+/// Reads the tailcast binary's JSON log (`TAILCAST_LOG_FORMAT=json`) until its "listening"
+/// line and returns the address it bound; panics if it exits first or takes longer than WAIT.
+pub async fn listening_addr<R: tokio::io::AsyncBufRead + Unpin>(
+    lines: &mut tokio::io::Lines<R>,
+) -> String {
+    tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let v: Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["fields"]["message"] == "listening" {
+                return v["fields"]["addr"].as_str().unwrap().to_owned();
+            }
+        }
+        panic!("tailcast exited before listening");
+    })
+    .await
+    .expect("tailcast listening in time")
+}
