@@ -197,15 +197,7 @@ async fn bad_parameters_get_problem_json(pool: PgPool) {
         ("?since=noon", None, "invalid_parameter"),
     ];
     for (query, last_id, code) in cases {
-        let headers: Vec<(&str, &str)> =
-            last_id.map(|v| ("last-event-id", v)).into_iter().collect();
-        let res = wire::get(
-            app.addr,
-            &format!("/v1/streams/s/sse{query}"),
-            &headers,
-            None,
-        )
-        .await;
+        let res = wire::get_sse(app.addr, "s", query, last_id).await;
         assert_eq!(res.status, 400, "{query} {last_id:?}");
         assert_eq!(res.header("content-type"), "application/problem+json");
         let body = res.text().await;
@@ -284,15 +276,7 @@ async fn a_closed_stream_ends_responses_and_answers_204_at_its_head(pool: PgPool
         ("?from=now", None),
         ("?since=2999-01-01T00:00:00Z", None),
     ] {
-        let headers: Vec<(&str, &str)> =
-            last_id.map(|v| ("last-event-id", v)).into_iter().collect();
-        let res = wire::get(
-            app.addr,
-            &format!("/v1/streams/s/sse{query}"),
-            &headers,
-            None,
-        )
-        .await;
+        let res = wire::get_sse(app.addr, "s", query, last_id).await;
         assert_eq!(res.status, 204, "{query} {last_id:?}");
     }
     // Behind the head: the rest, then the end.

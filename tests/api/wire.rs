@@ -142,14 +142,23 @@ pub async fn open_sse_at(
     query: &str,
     last_id: Option<&str>,
 ) -> Http {
+    let res = get_sse(addr, stream, query, last_id).await;
+    assert_eq!(
+        res.status,
+        StatusCode::OK,
+        "GET /v1/streams/{stream}/sse{query}"
+    );
+    res
+}
+
+/// `GET /v1/streams/{stream}/sse{query}` with an optional `Last-Event-ID`, whatever its status.
+pub async fn get_sse(addr: SocketAddr, stream: &str, query: &str, last_id: Option<&str>) -> Http {
     let path = format!("/v1/streams/{stream}/sse{query}");
     let headers: Vec<(&str, &str)> = last_id
         .map(|id| ("last-event-id", id))
         .into_iter()
         .collect();
-    let res = get(addr, &path, &headers, None).await;
-    assert_eq!(res.status, StatusCode::OK, "GET {path}");
-    res
+    get(addr, &path, &headers, None).await
 }
 
 /// What an SSE reader met next.
