@@ -97,6 +97,17 @@ impl TestApp {
         serde_json::from_str(&text).unwrap()
     }
 
+    /// `POST /v1/streams/{stream}/close`, with `body` as its JSON body if given.
+    pub async fn close_stream(&self, stream: &str, body: Option<Value>) -> Response {
+        let mut req = self
+            .client
+            .post(self.url(&format!("/v1/streams/{stream}/close")));
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        req.send().await.expect("POST close")
+    }
+
     pub async fn get(&self, path: &str) -> Response {
         self.client.get(self.url(path)).send().await.expect("GET")
     }

@@ -183,11 +183,7 @@ async fn streams_are_listed_by_prefix_with_keyset_paging(pool: PgPool) {
     for other in ["run", "ru", "rum:1", "other", "RUN:1"] {
         app.append(other, json!({"data":0})).await;
     }
-    app.client
-        .post(app.url("/v1/streams/run:05/close"))
-        .send()
-        .await
-        .unwrap();
+    app.close_stream("run:05", None).await;
 
     let mut got = Vec::new();
     let mut after = String::new();

@@ -229,12 +229,7 @@ async fn types_filter_events_but_never_hide_the_close(pool: PgPool) {
         .await;
     assert_eq!(seq(&sse.envelope().await), 6);
     // stream.closed is always delivered, so a filtered subscriber still learns the end.
-    let res = app
-        .client
-        .post(app.url("/v1/streams/s/close"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.close_stream("s", None).await;
     assert_eq!(res.status(), 201);
     let closed = sse.envelope().await;
     assert_eq!(closed["type"], "stream.closed");
@@ -255,12 +250,8 @@ async fn a_closed_stream_ends_responses_and_answers_204_at_its_head(pool: PgPool
     let mut live = open_sse(&app, "s", "", None).await.sse();
     live.expect_seqs(1, 2).await;
     let res = app
-        .client
-        .post(app.url("/v1/streams/s/close"))
-        .json(&json!({"reason":"finished"}))
-        .send()
-        .await
-        .unwrap();
+        .close_stream("s", Some(json!({"reason":"finished"})))
+        .await;
     assert_eq!(res.status(), 201);
     let closed = live.envelope().await;
     assert_eq!(closed["type"], "stream.closed");
