@@ -187,15 +187,9 @@ async fn count_lines(res: reqwest::Response, after: i64) -> (u64, u64) {
         while let Some(chunk) = body.next().await {
             let chunk = chunk.expect("export chunk");
             bytes += chunk.len() as u64;
-            let mut rest = &chunk[..];
-            while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
-                partial.extend_from_slice(&rest[..nl]);
-                rest = &rest[nl + 1..];
-                assert!(
-                    partial.starts_with(PREFIX),
-                    "line {lines} is not an envelope"
-                );
-                let digits: Vec<u8> = partial[PREFIX.len()..]
+            for_each_line(&mut partial, &chunk, |line| {
+                assert!(line.starts_with(PREFIX), "line {lines} is not an envelope");
+                let digits: Vec<u8> = line[PREFIX.len()..]
                     .iter()
                     .take_while(|b| b.is_ascii_digit())
                     .copied()
@@ -204,9 +198,7 @@ async fn count_lines(res: reqwest::Response, after: i64) -> (u64, u64) {
                 assert_eq!(s, expect, "export out of order");
                 expect += 1;
                 lines += 1;
-                partial.clear();
-            }
-            partial.extend_from_slice(rest);
+            });
         }
     };
     tokio::time::timeout(WAIT * 4, read)
@@ -229,23 +221,31 @@ async fn count_sse_events(res: reqwest::Response, last: i64) {
                 .await
                 .expect("SSE until the last event")
                 .unwrap();
-            let mut rest = &chunk[..];
-            while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
-                partial.extend_from_slice(&rest[..nl]);
-                rest = &rest[nl + 1..];
-                if let Some(id) = partial.strip_prefix(b"id: ") {
+            for_each_line(&mut partial, &chunk, |line| {
+                if let Some(id) = line.strip_prefix(b"id: ") {
                     let id: i64 = std::str::from_utf8(id).unwrap().parse().unwrap();
                     assert_eq!(id, expect, "SSE out of order");
                     expect += 1;
                 }
-                partial.clear();
-            }
-            partial.extend_from_slice(rest);
+            });
         }
     };
     tokio::time::timeout(WAIT * 4, read)
         .await
         .expect("catch-up in time");
+}
+
+/// Calls `each` with every line `chunk` completes (without its `\n`), carrying the unfinished
+/// tail over in `partial`, so a reader holds at most one partial line.
+fn for_each_line(partial: &mut Vec<u8>, chunk: &[u8], mut each: impl FnMut(&[u8])) {
+    let mut rest = chunk;
+    while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+        partial.extend_from_slice(&rest[..nl]);
+        rest = &rest[nl + 1..];
+        each(partial);
+        partial.clear();
+    }
+    partial.extend_from_slice(rest);
 }
 
 /// Creates stream `big` holding events 1..=`events` of type `typ`, written straight into the
