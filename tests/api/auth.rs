@@ -75,7 +75,8 @@ pub async fn call(
     req.send().await.expect("request")
 }
 
-async fn admin_append(app: &TestApp, stream: &str, data: Value) {
+/// Appends one event (type `t`, key `k`) to `stream` with the admin token.
+pub async fn admin_append(app: &TestApp, stream: &str, data: Value) {
     let res = call(
         app,
         Method::POST,

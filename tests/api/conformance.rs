@@ -5,11 +5,11 @@ use jsonwebtoken::{encode, EncodingKey, Header};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::PgPool;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::auth::{now_s, SECRET};
-use crate::helpers::{TestApp, WAIT};
+use crate::helpers::{read_response, TestApp, WAIT};
 
 /// Asserts that `keys` appear in `text` as object keys, in this order.
 fn assert_key_order(text: &str, keys: &[&str]) {
@@ -175,34 +175,6 @@ async fn a_token_without_exp_is_refused_for_that_reason(pool: PgPool) {
     // The same grants with exp pass authentication (the stream just does not exist).
     let res = get(with_exp).await.unwrap();
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
-}
-
-/// Reads one HTTP/1.1 response with a `content-length` body: (status, body).
-async fn read_response(conn: &mut TcpStream) -> (u16, String) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let read = async {
-        loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .map_or(0, |v| v.trim().parse().unwrap());
-                if buf.len() >= end + 4 + len {
-                    let status = head[9..12].parse().unwrap();
-                    let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into();
-                    return (status, body);
-                }
-            }
-            let n = conn.read(&mut chunk).await.expect("read the response");
-            assert!(n > 0, "the connection closed before a response");
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    };
-    tokio::time::timeout(WAIT, read)
-        .await
-        .expect("response in time")
 }
 
 /// A client that writes its whole over-limit body before reading (what fetch and urllib do)

@@ -11,6 +11,7 @@ use reqwest::{Response, StatusCode};
 use serde_json::Value;
 use sqlx::PgPool;
 use tailcast::{App, Config};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -94,6 +95,17 @@ impl TestApp {
         let text = res.text().await.unwrap();
         assert_eq!(status, StatusCode::CREATED, "append to {stream}: {text}");
         serde_json::from_str(&text).unwrap()
+    }
+
+    /// `POST /v1/streams/{stream}/close`, with `body` as its JSON body if given.
+    pub async fn close_stream(&self, stream: &str, body: Option<Value>) -> Response {
+        let mut req = self
+            .client
+            .post(self.url(&format!("/v1/streams/{stream}/close")));
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        req.send().await.expect("POST close")
     }
 
     pub async fn get(&self, path: &str) -> Response {
@@ -205,4 +217,50 @@ impl SseClient {
         }
         out
     }
+}
+
+/// Reads one HTTP/1.1 response with a `content-length` body from a raw socket: (status, body).
+pub async fn read_response<R: tokio::io::AsyncRead + Unpin>(conn: &mut R) -> (u16, String) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read = async {
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if buf.len() >= end + 4 + len {
+                    let status = head[9..12].parse().unwrap();
+                    let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into();
+                    return (status, body);
+                }
+            }
+            let n = conn.read(&mut chunk).await.expect("read the response");
+            assert!(n > 0, "the connection closed before a response");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(WAIT, read)
+        .await
+        .expect("response in time")
+}
+
+/// Reads the tailcast binary's JSON log (`TAILCAST_LOG_FORMAT=json`) until its "listening"
+/// line and returns the address it bound; panics if it exits first or takes longer than WAIT.
+pub async fn listening_addr<R: tokio::io::AsyncBufRead + Unpin>(
+    lines: &mut tokio::io::Lines<R>,
+) -> String {
+    tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let v: Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["fields"]["message"] == "listening" {
+                return v["fields"]["addr"].as_str().unwrap().to_owned();
+            }
+        }
+        panic!("tailcast exited before listening");
+    })
+    .await
+    .expect("tailcast listening in time")
 }

@@ -130,12 +130,7 @@ async fn the_interactive_flow(pool: PgPool) {
     agent
         .publish("run:1", json!({"type":"result","data":"deployed"}))
         .await;
-    let res = app
-        .client
-        .post(app.url("/v1/streams/run:1/close"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.close_stream("run:1", None).await;
     assert_eq!(res.status(), 201);
     assert_eq!(person.event_of_type("result").await["data"], "deployed");
     person.event_of_type("stream.closed").await;
@@ -506,11 +501,7 @@ async fn bad_input_requests_get_specific_errors(pool: PgPool) {
     assert_eq!(res.status(), 404);
 
     // Closed streams take no requests.
-    app.client
-        .post(app.url("/v1/streams/x/close"))
-        .send()
-        .await
-        .unwrap();
+    app.close_stream("x", None).await;
     let (status, body) = app.create_input("x", json!({"prompt":"?"})).await;
     assert_eq!(
         (status.as_u16(), body["code"].as_str()),

@@ -330,23 +330,12 @@ async fn expected_seq_appends_only_at_the_given_head(pool: PgPool) {
 async fn a_closed_stream_takes_no_more_appends(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
     app.append("s", json!({"data":1,"id":"first"})).await;
-    let res = app
-        .client
-        .post(app.url("/v1/streams/s/close"))
-        .json(&json!({"reason":"done"}))
-        .send()
-        .await
-        .unwrap();
+    let res = app.close_stream("s", Some(json!({"reason":"done"}))).await;
     assert_eq!(res.status(), 201);
     let v: Value = res.json().await.unwrap();
     assert_eq!(v["events"], json!([{"seq":2}]));
     // Idempotent: closing again changes nothing and says so.
-    let res = app
-        .client
-        .post(app.url("/v1/streams/s/close"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.close_stream("s", None).await;
     assert_eq!(res.status(), 200);
     let v: Value = res.json().await.unwrap();
     assert_eq!(v["events"], json!([{"seq":2,"duplicate":true}]));

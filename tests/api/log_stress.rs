@@ -119,23 +119,13 @@ async fn concurrent_appenders_get_gap_free_seqs_and_a_tailing_reader_sees_no_hol
 async fn ndjson_export_of_200k_events_runs_in_bounded_memory(pool: PgPool) {
     const EVENTS: i64 = 200_000;
     const BOUND: u64 = 48 << 20;
-    tailcast::log::MIGRATOR.run(&pool).await.unwrap();
-    let id: i64 =
-        sqlx::query_scalar("insert into streams (name, head) values ('big', $1) returning id")
-            .bind(EVENTS)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    sqlx::query(
-        r#"insert into events (stream_id, seq, type, data, time)
-           select $1, g, 'token', '{"i":' || g || ',"pad":"' || repeat('x', 700) || '"}', now()
-           from generate_series(1, $2) as g"#,
+    seed_big_stream(
+        &pool,
+        EVENTS,
+        "token",
+        r#"'{"i":' || g || ',"pad":"' || repeat('x', 700) || '"}'"#,
     )
-    .bind(id)
-    .bind(EVENTS)
-    .execute(&pool)
-    .await
-    .unwrap();
+    .await;
 
     let server = wire::Server::start(&pool).await;
     let (addr, pid) = (server.addr.clone(), server.pid);
@@ -197,15 +187,9 @@ async fn count_lines(res: reqwest::Response, after: i64) -> (u64, u64) {
         while let Some(chunk) = body.next().await {
             let chunk = chunk.expect("export chunk");
             bytes += chunk.len() as u64;
-            let mut rest = &chunk[..];
-            while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
-                partial.extend_from_slice(&rest[..nl]);
-                rest = &rest[nl + 1..];
-                assert!(
-                    partial.starts_with(PREFIX),
-                    "line {lines} is not an envelope"
-                );
-                let digits: Vec<u8> = partial[PREFIX.len()..]
+            for_each_line(&mut partial, &chunk, |line| {
+                assert!(line.starts_with(PREFIX), "line {lines} is not an envelope");
+                let digits: Vec<u8> = line[PREFIX.len()..]
                     .iter()
                     .take_while(|b| b.is_ascii_digit())
                     .copied()
@@ -214,9 +198,7 @@ async fn count_lines(res: reqwest::Response, after: i64) -> (u64, u64) {
                 assert_eq!(s, expect, "export out of order");
                 expect += 1;
                 lines += 1;
-                partial.clear();
-            }
-            partial.extend_from_slice(rest);
+            });
         }
     };
     tokio::time::timeout(WAIT * 4, read)
@@ -239,23 +221,54 @@ async fn count_sse_events(res: reqwest::Response, last: i64) {
                 .await
                 .expect("SSE until the last event")
                 .unwrap();
-            let mut rest = &chunk[..];
-            while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
-                partial.extend_from_slice(&rest[..nl]);
-                rest = &rest[nl + 1..];
-                if let Some(id) = partial.strip_prefix(b"id: ") {
+            for_each_line(&mut partial, &chunk, |line| {
+                if let Some(id) = line.strip_prefix(b"id: ") {
                     let id: i64 = std::str::from_utf8(id).unwrap().parse().unwrap();
                     assert_eq!(id, expect, "SSE out of order");
                     expect += 1;
                 }
-                partial.clear();
-            }
-            partial.extend_from_slice(rest);
+            });
         }
     };
     tokio::time::timeout(WAIT * 4, read)
         .await
         .expect("catch-up in time");
+}
+
+/// Calls `each` with every line `chunk` completes (without its `\n`), carrying the unfinished
+/// tail over in `partial`, so a reader holds at most one partial line.
+fn for_each_line(partial: &mut Vec<u8>, chunk: &[u8], mut each: impl FnMut(&[u8])) {
+    let mut rest = chunk;
+    while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+        partial.extend_from_slice(&rest[..nl]);
+        rest = &rest[nl + 1..];
+        each(partial);
+        partial.clear();
+    }
+    partial.extend_from_slice(rest);
+}
+
+/// Creates stream `big` holding events 1..=`events` of type `typ`, written straight into the
+/// log by SQL (`data_sql` is an SQL expression over the seq `g`): far faster than appending.
+async fn seed_big_stream(pool: &PgPool, events: i64, typ: &str, data_sql: &str) {
+    tailcast::log::MIGRATOR.run(pool).await.unwrap();
+    let id: i64 =
+        sqlx::query_scalar("insert into streams (name, head) values ('big', $1) returning id")
+            .bind(events)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    sqlx::query(&format!(
+        "insert into events (stream_id, seq, type, data, time)
+         select $1, g, $3, {data_sql}, now()
+         from generate_series(1, $2) as g"
+    ))
+    .bind(id)
+    .bind(events)
+    .bind(typ)
+    .execute(pool)
+    .await
+    .unwrap();
 }
 
 /// Resets a process's peak RSS to its current RSS (Linux `clear_refs` 5), returning it.
@@ -270,23 +283,13 @@ fn reset_peak_rss(pid: u32) -> u64 {
 async fn catch_up_and_export_of_big_events_stay_bounded_in_memory(pool: PgPool) {
     const EVENTS: i64 = 300;
     const BOUND: u64 = 64 << 20;
-    tailcast::log::MIGRATOR.run(&pool).await.unwrap();
-    let id: i64 =
-        sqlx::query_scalar("insert into streams (name, head) values ('big', $1) returning id")
-            .bind(EVENTS)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    sqlx::query(
-        r#"insert into events (stream_id, seq, type, data, time)
-           select $1, g, 'blob', '"' || repeat('x', 900000) || '"', now()
-           from generate_series(1, $2) as g"#,
+    seed_big_stream(
+        &pool,
+        EVENTS,
+        "blob",
+        r#"'"' || repeat('x', 900000) || '"'"#,
     )
-    .bind(id)
-    .bind(EVENTS)
-    .execute(&pool)
-    .await
-    .unwrap();
+    .await;
     let server = wire::Server::start(&pool).await;
     let (addr, pid) = (server.addr.clone(), server.pid);
     let client = reqwest::Client::new();

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use sqlx::PgPool;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
-use crate::helpers::{TestApp, WAIT};
+use crate::helpers::{read_response, TestApp};
 use crate::wire::{self, raw_envelopes, seq, wait_until};
 
 async fn problem(res: reqwest::Response, status: u16, code: &str) -> Value {
@@ -183,11 +183,7 @@ async fn streams_are_listed_by_prefix_with_keyset_paging(pool: PgPool) {
     for other in ["run", "ru", "rum:1", "other", "RUN:1"] {
         app.append(other, json!({"data":0})).await;
     }
-    app.client
-        .post(app.url("/v1/streams/run:05/close"))
-        .send()
-        .await
-        .unwrap();
+    app.close_stream("run:05", None).await;
 
     let mut got = Vec::new();
     let mut after = String::new();
@@ -513,34 +509,6 @@ async fn a_huge_body_is_refused_before_it_is_buffered(pool: PgPool) {
         404,
         "nothing appended"
     );
-}
-
-/// Reads one HTTP/1.1 response with a Content-Length body from a raw socket.
-async fn read_response<R: AsyncReadExt + Unpin>(conn: &mut R) -> (u16, String) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let read = async {
-        loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .map_or(0, |v| v.trim().parse().unwrap());
-                if buf.len() >= end + 4 + len {
-                    let status = head[9..12].parse().unwrap();
-                    let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into();
-                    return (status, body);
-                }
-            }
-            let n = conn.read(&mut chunk).await.expect("read response");
-            assert!(n > 0, "connection closed before a response");
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    };
-    tokio::time::timeout(WAIT, read)
-        .await
-        .expect("response in time")
 }
 
 /// A replay page of big events ends at a byte budget (16 MiB of data) instead of at `limit`

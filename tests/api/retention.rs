@@ -124,12 +124,7 @@ async fn age_limits_remove_old_events_but_a_closed_stream_keeps_its_end(pool: Pg
     let app = TestApp::spawn_with(pool.clone(), |c| c.retention_interval_ms = 20).await;
     append_n(&app, "open", 5).await;
     append_n(&app, "done", 5).await;
-    let res = app
-        .client
-        .post(app.url("/v1/streams/done/close"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.close_stream("done", None).await;
     assert_eq!(res.status(), 201);
     append_n(&app, "open", 2).await;
     // Age the first five events of `open` and every event of `done` by an hour.

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::helpers::{SseClient, TestApp, WAIT};
+use crate::helpers::{listening_addr, SseClient, TestApp, WAIT};
 use crate::nodes::wait_until;
 
 /// Outcome per event id: `Some(seq)` acknowledged, `None` failed.
@@ -138,17 +138,7 @@ async fn the_binary_shuts_down_gracefully_on_sigterm_and_never_logs_tokens(pool:
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = tokio::time::timeout(WAIT, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let v: Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["fields"]["message"] == "listening" {
-                return v["fields"]["addr"].as_str().unwrap().to_owned();
-            }
-        }
-        panic!("the binary exited before listening");
-    })
-    .await
-    .expect("the binary listens in time");
+    let addr = listening_addr(&mut lines).await;
     let log = Arc::new(Mutex::new(Vec::new()));
     let collect = {
         let log = log.clone();

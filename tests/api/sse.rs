@@ -197,15 +197,7 @@ async fn bad_parameters_get_problem_json(pool: PgPool) {
         ("?since=noon", None, "invalid_parameter"),
     ];
     for (query, last_id, code) in cases {
-        let headers: Vec<(&str, &str)> =
-            last_id.map(|v| ("last-event-id", v)).into_iter().collect();
-        let res = wire::get(
-            app.addr,
-            &format!("/v1/streams/s/sse{query}"),
-            &headers,
-            None,
-        )
-        .await;
+        let res = wire::get_sse(app.addr, "s", query, last_id).await;
         assert_eq!(res.status, 400, "{query} {last_id:?}");
         assert_eq!(res.header("content-type"), "application/problem+json");
         let body = res.text().await;
@@ -237,12 +229,7 @@ async fn types_filter_events_but_never_hide_the_close(pool: PgPool) {
         .await;
     assert_eq!(seq(&sse.envelope().await), 6);
     // stream.closed is always delivered, so a filtered subscriber still learns the end.
-    let res = app
-        .client
-        .post(app.url("/v1/streams/s/close"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.close_stream("s", None).await;
     assert_eq!(res.status(), 201);
     let closed = sse.envelope().await;
     assert_eq!(closed["type"], "stream.closed");
@@ -263,12 +250,8 @@ async fn a_closed_stream_ends_responses_and_answers_204_at_its_head(pool: PgPool
     let mut live = open_sse(&app, "s", "", None).await.sse();
     live.expect_seqs(1, 2).await;
     let res = app
-        .client
-        .post(app.url("/v1/streams/s/close"))
-        .json(&json!({"reason":"finished"}))
-        .send()
-        .await
-        .unwrap();
+        .close_stream("s", Some(json!({"reason":"finished"})))
+        .await;
     assert_eq!(res.status(), 201);
     let closed = live.envelope().await;
     assert_eq!(closed["type"], "stream.closed");
@@ -284,15 +267,7 @@ async fn a_closed_stream_ends_responses_and_answers_204_at_its_head(pool: PgPool
         ("?from=now", None),
         ("?since=2999-01-01T00:00:00Z", None),
     ] {
-        let headers: Vec<(&str, &str)> =
-            last_id.map(|v| ("last-event-id", v)).into_iter().collect();
-        let res = wire::get(
-            app.addr,
-            &format!("/v1/streams/s/sse{query}"),
-            &headers,
-            None,
-        )
-        .await;
+        let res = wire::get_sse(app.addr, "s", query, last_id).await;
         assert_eq!(res.status, 204, "{query} {last_id:?}");
     }
     // Behind the head: the rest, then the end.

@@ -21,7 +21,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::helpers::{TestApp, WAIT};
+use crate::helpers::{listening_addr, TestApp, WAIT};
 
 /// Connects to `addr`; with `rcvbuf`, the socket's receive buffer is that small (and the
 /// kernel stops growing it), so little can pile up on the client's side.
@@ -142,14 +142,23 @@ pub async fn open_sse_at(
     query: &str,
     last_id: Option<&str>,
 ) -> Http {
+    let res = get_sse(addr, stream, query, last_id).await;
+    assert_eq!(
+        res.status,
+        StatusCode::OK,
+        "GET /v1/streams/{stream}/sse{query}"
+    );
+    res
+}
+
+/// `GET /v1/streams/{stream}/sse{query}` with an optional `Last-Event-ID`, whatever its status.
+pub async fn get_sse(addr: SocketAddr, stream: &str, query: &str, last_id: Option<&str>) -> Http {
     let path = format!("/v1/streams/{stream}/sse{query}");
     let headers: Vec<(&str, &str)> = last_id
         .map(|id| ("last-event-id", id))
         .into_iter()
         .collect();
-    let res = get(addr, &path, &headers, None).await;
-    assert_eq!(res.status, StatusCode::OK, "GET {path}");
-    res
+    get(addr, &path, &headers, None).await
 }
 
 /// What an SSE reader met next.
@@ -411,17 +420,7 @@ impl Server {
             .expect("start tailcast");
         let pid = child.id().unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let addr = tokio::time::timeout(WAIT, async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                let v: Value = serde_json::from_str(&line).unwrap_or_default();
-                if v["fields"]["message"] == "listening" {
-                    return v["fields"]["addr"].as_str().unwrap().to_owned();
-                }
-            }
-            panic!("tailcast exited before listening");
-        })
-        .await
-        .expect("tailcast listening in time");
+        let addr = listening_addr(&mut lines).await;
         // Keep draining its log so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Server { addr, pid, child }

@@ -10,7 +10,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::auth::{call, now_s, spawn_secured, token, token_with, ADMIN, SECRET};
+use crate::auth::{admin_append, call, now_s, spawn_secured, token, token_with, ADMIN, SECRET};
 use crate::helpers::{TestApp, WAIT};
 use crate::ws_client::WsClient;
 
@@ -28,18 +28,6 @@ async fn head(app: &TestApp, stream: &str) -> Option<i64> {
     }
     let v: Value = res.json().await.unwrap();
     v["head"].as_i64()
-}
-
-async fn admin_append(app: &TestApp, stream: &str, data: Value) {
-    let res = call(
-        app,
-        Method::POST,
-        &format!("/v1/streams/{stream}/events"),
-        Some(ADMIN),
-        Some(&json!({"data": data})),
-    )
-    .await;
-    assert_eq!(res.status(), StatusCode::CREATED);
 }
 
 /// The handshake's HTTP status when the server refuses the upgrade.

@@ -35,16 +35,7 @@ impl TestApp {
             .await
             .expect("connect in time")
             .expect("WebSocket handshake");
-        let mut client = WsClient {
-            socket,
-            welcome: Value::Null,
-            pings: 0,
-            backlog: VecDeque::new(),
-        };
-        let welcome = client.recv().await;
-        assert_eq!(welcome["op"], "welcome", "{welcome}");
-        client.welcome = welcome;
-        client
+        WsClient::greeted(socket).await
     }
 }
 
@@ -63,13 +54,22 @@ impl TestApp {
         .await
         .expect("handshake in time")
         .expect("WebSocket handshake");
+        WsClient::greeted(socket).await
+    }
+}
+
+impl WsClient {
+    /// Wraps a freshly opened WebSocket and reads the server's `welcome`, which comes first.
+    async fn greeted(socket: WebSocketStream<MaybeTlsStream<TcpStream>>) -> WsClient {
         let mut client = WsClient {
             socket,
             welcome: Value::Null,
             pings: 0,
             backlog: VecDeque::new(),
         };
-        client.welcome = client.recv().await;
+        let welcome = client.recv().await;
+        assert_eq!(welcome["op"], "welcome", "{welcome}");
+        client.welcome = welcome;
         client
     }
 }
