@@ -356,6 +356,13 @@ impl Subscription {
         match self.live.rx.recv().await {
             Ok(msg) => match &*msg {
                 LiveMsg::Events { events, .. } => {
+                    if self.stream_id.is_none() {
+                        // The stream did not exist when this subscription looked: these may
+                        // be the last events of an incarnation deleted just before it opened
+                        // (their fan-out can trail the delete). Only the log can tell; read it.
+                        self.mode = Mode::CatchUp;
+                        return Ok(());
+                    }
                     for f in events {
                         if f.seq <= self.upto {
                             continue;
