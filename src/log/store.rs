@@ -118,29 +118,8 @@ fn event_from_row(r: &PgRow) -> StoredEvent {
     }
 }
 
-/// Events with `after < seq <= upto`, oldest first, at most `limit`.
-pub async fn read_events(
-    pool: &PgPool,
-    stream_id: i64,
-    after: i64,
-    upto: i64,
-    limit: i64,
-) -> Result<Vec<StoredEvent>, sqlx::Error> {
-    let rows = sqlx::query(
-        r#"select seq, type, data, event_id, key, time from events
-           where stream_id = $1 and seq > $2 and seq <= $3
-           order by seq limit $4"#,
-    )
-    .bind(stream_id)
-    .bind(after)
-    .bind(upto)
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows.iter().map(event_from_row).collect())
-}
-
-/// Like [`read_events`], but the page also ends once it holds `max_bytes` of `data` (it
+/// Events with `after < seq <= upto`, oldest first: at most `limit` events, and the page
+/// also ends once it holds `max_bytes` of `data` (it
 /// always holds at least one event if there is one). A page of a thousand 1 MiB events would
 /// be a gigabyte per reader; this keeps catch-up and export memory small whatever the events.
 /// A page is complete (the log may hold more) if it has `limit` events or `max_bytes` bytes.
@@ -496,7 +475,8 @@ pub async fn stream_heads(
         .collect())
 }
 
-/// Like [`read_events`], for a stream known by name (what notifications carry).
+/// Events with `after < seq <= upto` of a stream known by name (what notifications carry),
+/// oldest first, at most `limit`.
 pub async fn read_events_by_name(
     pool: &PgPool,
     name: &str,
