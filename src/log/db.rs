@@ -245,6 +245,13 @@ impl Tx {
             Tx::Sqlite(tx) => tx.commit().await,
         }
     }
+
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        match self {
+            Tx::Postgres(tx) => tx.rollback().await,
+            Tx::Sqlite(tx) => tx.rollback().await,
+        }
+    }
 }
 
 /// Runs `$body` with `$ex` bound to the backend's executor: `read` for queries (SQLite's
