@@ -84,10 +84,12 @@ async fn stats(State(app): State<AppState>, who: Principal) -> Result<Response> 
         "live_streams": app.hub.live_streams(),
         "lag_fallbacks": app.hub.lag_fallbacks(),
         "database": if app.health.is_down() { "unavailable" } else { "ok" },
-        "listener": {
+        "backend": app.db.backend(),
+        // The cross-node LISTEN session; none on SQLite (one node).
+        "listener": (!app.db.is_sqlite()).then(|| json!({
             "connected": app.listener.connected(),
             "reconnects": app.listener.reconnects(),
-        },
+        })),
     }))
     .into_response())
 }

@@ -127,6 +127,18 @@ pub fn wire_time(t: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
 }
 
+/// The first whole millisecond at or after `t`. Stored times are whole milliseconds, so
+/// `time >= t` and `time >= ceil_millis(t)` select the same rows (and `time < t`, `time <
+/// ceil_millis(t)`): comparing with it is exact on a backend that stores milliseconds.
+pub fn ceil_millis(t: DateTime<Utc>) -> DateTime<Utc> {
+    let down = wire_time(t);
+    if down == t {
+        t
+    } else {
+        down + chrono::Duration::milliseconds(1)
+    }
+}
+
 fn put_json_str(buf: &mut BytesMut, s: &str) {
     // Writing a &str into a Vec cannot fail.
     serde_json::to_writer(buf.writer(), s).expect("string serialisation");
@@ -164,6 +176,15 @@ fn itoa_i64(n: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ceil_millis_rounds_up_to_the_next_stored_time() {
+        let t = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        let whole = t("2026-11-23T10:00:00.123Z");
+        assert_eq!(ceil_millis(whole), whole);
+        assert_eq!(ceil_millis(t("2026-11-23T10:00:00.122001Z")), whole);
+        assert_eq!(ceil_millis(t("2026-11-23T10:00:00.122999999Z")), whole);
+    }
 
     #[test]
     fn stream_names_at_their_limits() {

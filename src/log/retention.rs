@@ -18,6 +18,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::db::{on_db, on_tx, Db, Ts, Tx};
+use super::model::ceil_millis;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -161,7 +162,7 @@ async fn candidates(
             .bind(policy.max_events)
             .bind(policy.max_age_s)
             .bind(after_id)
-            .bind(Ts(now))
+            .bind(Ts(ceil_millis(now)))
             .bind(SCAN_PAGE)
             .fetch_all(ex)
             .await
@@ -175,7 +176,7 @@ async fn cut_for(db: &Db, c: &Candidate, now: DateTime<Utc>) -> Result<i64, sqlx
         cut = c.head - c.max_events;
     }
     if c.max_age_s > 0 {
-        let before = Ts(now - chrono::Duration::seconds(c.max_age_s));
+        let before = Ts(ceil_millis(now - chrono::Duration::seconds(c.max_age_s)));
         let newest_old: Option<i64> = on_db!(db, read, |ex| {
             sqlx::query_scalar(
                 "select seq from events where stream_id = $1 and time < $2

@@ -9,7 +9,7 @@ use serde::Serialize;
 use sqlx::{PgPool, QueryBuilder, Row, Sqlite};
 
 use super::db::{on_db, on_tx, Db, Ts, Tx};
-use super::model::{format_time, StoredEvent, StreamName};
+use super::model::{ceil_millis, format_time, StoredEvent, StreamName};
 
 /// Channel on which every appender commit is announced to all nodes.
 pub const NOTIFY_CHANNEL: &str = "tailcast_appends";
@@ -168,7 +168,7 @@ pub async fn cursor_at_time(
     let seq: Option<i64> = on_db!(db, read, |ex| {
         sqlx::query_scalar(sql)
             .bind(stream.id)
-            .bind(Ts(since))
+            .bind(Ts(ceil_millis(since)))
             .fetch_optional(ex)
             .await
     })?;
