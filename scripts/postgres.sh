@@ -1,4 +1,4 @@
-# Sourced by scripts/test, scripts/run and bench/run: makes sure a PostgreSQL server is
+# Sourced by scripts/test and bench/run: makes sure a PostgreSQL server is
 # reachable and exports DATABASE_URL for it (the server's admin database; tests create their
 # own databases).
 #
