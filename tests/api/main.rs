@@ -4,6 +4,7 @@ mod auth;
 mod cluster;
 mod conformance;
 mod console;
+mod embedded;
 mod helpers;
 mod hostile;
 mod inputs;
