@@ -270,3 +270,50 @@ impl fmt::Debug for Config {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// The values between backticks in a README table cell.
+    fn backticked(cell: &str) -> Vec<&str> {
+        cell.split('`').skip(1).step_by(2).collect()
+    }
+
+    #[test]
+    fn every_flag_the_readme_documents_exists_with_its_env_var() {
+        let readme = include_str!("../README.md");
+        let cmd = Config::command();
+        let mut rows = 0;
+        for line in readme.lines().filter(|l| l.starts_with("| `--")) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let envs = backticked(cells[2]);
+            for (i, flag) in backticked(cells[1]).into_iter().enumerate() {
+                let long = flag.trim_start_matches("--");
+                let arg = cmd
+                    .get_arguments()
+                    .find(|a| a.get_long() == Some(long))
+                    .unwrap_or_else(|| panic!("README documents {flag}, which tailcast lacks"));
+                // `…_BURST` abbreviates the row's first variable.
+                if let Some(env) = envs.get(i).filter(|e| !e.starts_with('…')) {
+                    assert_eq!(
+                        arg.get_env().and_then(|e| e.to_str()),
+                        Some(*env),
+                        "README's env var for {flag}"
+                    );
+                }
+                rows += 1;
+            }
+        }
+        assert!(
+            rows > 20,
+            "README's flag tables were not found ({rows} flags)"
+        );
+        assert!(
+            readme.contains(&format!("`{DEFAULT_DATABASE_URL}`")),
+            "README names the default database"
+        );
+    }
+}
