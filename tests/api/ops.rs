@@ -1,7 +1,6 @@
 //! Operations: health, readiness, stats, and the Prometheus metrics an operator watches.
 
 use serde_json::json;
-use sqlx::PgPool;
 use tailcast::live::{Filter, Item, Start, Subscription};
 use tailcast::log::retention::{self, Policy};
 use tailcast::log::{AppendSpec, NewEvent, StreamName};
@@ -9,12 +8,13 @@ use tailcast::{App, Config};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::{backend_test, TestDb};
 use crate::helpers::{TestApp, WAIT};
 use crate::nodes::{spawn_node, spawn_node_with, stats, wait_until};
 
-#[sqlx::test]
-async fn health_readiness_and_stats(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| c.node_id = Some("ops-1".into())).await;
+#[backend_test]
+async fn health_readiness_and_stats(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| c.node_id = Some("ops-1".into())).await;
     assert_eq!(app.get_json("/healthz").await["status"], "ok");
     assert_eq!(app.get_json("/readyz").await["status"], "ready");
 
@@ -48,10 +48,10 @@ async fn health_readiness_and_stats(pool: PgPool) {
 }
 
 /// A lagging subscriber (its live buffer overflowed) reads what it missed from the log.
-async fn lag_once(pool: &PgPool) {
-    let mut config = Config::for_database("postgres://unused");
+async fn lag_once(db: &TestDb) {
+    let mut config = Config::for_database(db.url());
     config.live_buffer = 2;
-    let app = App::with_pool(config, pool.clone()).await.unwrap();
+    let app = App::with_db(config, db.db.clone()).await.unwrap();
     let state = &app.state;
     let stream = StreamName::parse("lagging").unwrap();
     let (mut sub, _) = Subscription::open(
@@ -121,10 +121,11 @@ async fn slow_consumer_once(app: &TestApp) {
     drop(conn);
 }
 
-#[sqlx::test]
-async fn metrics_cover_appends_delivery_fan_out_lag_slow_consumers_and_retention(pool: PgPool) {
-    let a = spawn_node(&pool, "m-a").await;
-    let b = spawn_node_with(&pool, "m-b", |c| c.write_timeout_s = 1).await;
+// Fan-out across two nodes (NOTIFY wake-ups) is part of what it measures: PostgreSQL only.
+#[backend_test(postgres)]
+async fn metrics_cover_appends_delivery_fan_out_lag_slow_consumers_and_retention(db: TestDb) {
+    let a = spawn_node(&db, "m-a").await;
+    let b = spawn_node_with(&db, "m-b", |c| c.write_timeout_s = 1).await;
     wait_until("b listening", || async {
         stats(&b).await["listener"]["connected"] == json!(true)
     })
@@ -135,14 +136,14 @@ async fn metrics_cover_appends_delivery_fan_out_lag_slow_consumers_and_retention
     b.append("m", json!({"data":3})).await;
     sub.envelopes_through(3, 3).await;
 
-    lag_once(&pool).await;
+    lag_once(&db).await;
     slow_consumer_once(&b).await;
     let policy = Policy {
         max_age_s: 0,
         max_events: 1,
         batch: 100,
     };
-    let deleted = retention::run_once(&pool, &policy, &CancellationToken::new())
+    let deleted = retention::run_once(&db.db, &policy, &CancellationToken::new())
         .await
         .unwrap();
     assert!(deleted > 0);
