@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::live::notify::{self, ListenerConfig, ListenerStatus};
 use crate::live::{Hub, Source};
 use crate::log::health::DbHealth;
-use crate::log::{retention, store, Appender, MIGRATOR};
+use crate::log::{retention, Appender, Db};
 use crate::metrics as m;
 use crate::net::TimeoutListener;
 
@@ -28,7 +28,7 @@ use crate::net::TimeoutListener;
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<Config>,
-    pub pool: PgPool,
+    pub db: Db,
     pub appender: Appender,
     pub hub: Arc<Hub>,
     /// Cancelled when the server begins shutting down; every SSE and WebSocket stream
@@ -123,7 +123,7 @@ impl AppState {
     /// What subscriptions read from.
     pub fn source(&self) -> Source {
         Source {
-            pool: self.pool.clone(),
+            db: self.db.clone(),
             hub: self.hub.clone(),
             page: self.config.read_page.max(1),
         }
@@ -139,29 +139,38 @@ pub struct App {
 }
 
 impl App {
-    /// Connects to the configured database (creating it if missing), migrates, and starts.
+    /// Opens the configured database (creating it if missing), migrates, and starts.
     pub async fn connect(config: Config) -> anyhow::Result<App> {
-        let url = config.database_url().to_owned();
-        if let Err(e) = store::ensure_database(&url).await {
-            tracing::warn!(error = %e, "could not check or create the database");
-        }
-        let pool = PgPoolOptions::new()
-            .max_connections(config.db_max_connections.max(2))
-            .acquire_timeout(config.db_acquire_timeout())
-            .connect(&url)
-            .await?;
-        App::with_pool(config, pool).await
+        let db = Db::connect(
+            config.database_url(),
+            config.db_max_connections,
+            config.db_acquire_timeout(),
+        )
+        .await?;
+        App::with_db(config, db).await
     }
 
-    /// Starts on an existing pool (tests use a fresh database per test).
+    /// Starts on an existing PostgreSQL pool.
     pub async fn with_pool(config: Config, pool: PgPool) -> anyhow::Result<App> {
-        let listen = match &config.listen_database_url {
-            Some(url) => url
-                .parse::<PgConnectOptions>()
-                .map_err(|e| anyhow::anyhow!("invalid --listen-database-url: {e}"))?,
-            None => (*pool.connect_options()).clone(),
+        App::with_db(config, Db::Postgres(pool)).await
+    }
+
+    /// Starts on an open database (tests use a fresh one per test).
+    pub async fn with_db(config: Config, db: Db) -> anyhow::Result<App> {
+        let listen = match (&db, &config.listen_database_url) {
+            (Db::Sqlite(_), Some(_)) => anyhow::bail!(
+                "--listen-database-url (TAILCAST_LISTEN_DATABASE_URL) is for several nodes \
+                 sharing PostgreSQL; the embedded SQLite backend serves one process: unset it, \
+                 or set DATABASE_URL to a postgres:// URL"
+            ),
+            (Db::Sqlite(_), None) => None,
+            (Db::Postgres(_), Some(url)) => Some(
+                url.parse::<PgConnectOptions>()
+                    .map_err(|e| anyhow::anyhow!("invalid --listen-database-url: {e}"))?,
+            ),
+            (Db::Postgres(pool), None) => Some((*pool.connect_options()).clone()),
         };
-        MIGRATOR.run(&pool).await?;
+        db.migrate().await?;
         let node_id: Arc<str> = config
             .node_id
             .clone()
@@ -171,7 +180,7 @@ impl App {
         let hub = Hub::new(config.live_buffer);
         let health = DbHealth::new();
         let (appender, appender_task) = Appender::spawn(
-            pool.clone(),
+            db.clone(),
             hub.clone(),
             node_id.clone(),
             config.appender_max_batch,
@@ -181,7 +190,7 @@ impl App {
         let listener = Arc::new(ListenerStatus::default());
         let state = AppState {
             config: Arc::new(config),
-            pool,
+            db,
             appender,
             hub,
             shutdown,
@@ -194,7 +203,7 @@ impl App {
             auth,
         };
         let background = start_background(&state, listen);
-        tracing::info!(node_id = %state.node_id, "node started");
+        tracing::info!(node_id = %state.node_id, backend = state.db.backend(), "node started");
         // Ends when `state.shutdown` is cancelled, dropping its handle to the appender.
         tokio::spawn(crate::live::expiry::run(state.clone()));
         Ok(App {
@@ -272,29 +281,34 @@ impl App {
 
 /// The tasks that run beside the server: cross-node LISTEN, retention, database probe. None
 /// holds an `Appender`, so the appender still ends once the server is gone.
-fn start_background(state: &AppState, listen: PgConnectOptions) -> Vec<JoinHandle<()>> {
+/// `listen` is None on SQLite: one process, nothing to hear from other nodes.
+fn start_background(state: &AppState, listen: Option<PgConnectOptions>) -> Vec<JoinHandle<()>> {
     let config = &state.config;
-    let listener = notify::spawn(ListenerConfig {
-        pool: state.pool.clone(),
-        listen,
-        hub: state.hub.clone(),
-        node_id: state.node_id.clone(),
-        page: config.read_page.max(1),
-        reconnect_delay: config.reconnect_delay(),
-        status: state.listener.clone(),
-        health: state.health.clone(),
-        shutdown: state.shutdown.clone(),
-    });
+    let mut tasks = Vec::new();
+    if let (Db::Postgres(pool), Some(listen)) = (&state.db, listen) {
+        tasks.push(notify::spawn(ListenerConfig {
+            pool: pool.clone(),
+            listen,
+            hub: state.hub.clone(),
+            node_id: state.node_id.clone(),
+            page: config.read_page.max(1),
+            reconnect_delay: config.reconnect_delay(),
+            status: state.listener.clone(),
+            health: state.health.clone(),
+            shutdown: state.shutdown.clone(),
+        }));
+    }
     let retention = retention::spawn(
-        state.pool.clone(),
+        state.db.clone(),
         state.retention_policy(),
         std::time::Duration::from_millis(config.retention_interval_ms),
         state.shutdown.clone(),
     );
     let probe = state.health.spawn_probe(
-        state.pool.clone(),
+        state.db.clone(),
         config.reconnect_delay(),
         state.shutdown.clone(),
     );
-    vec![listener, retention, probe]
+    tasks.extend([retention, probe]);
+    tasks
 }

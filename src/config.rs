@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use clap::Parser;
 
-/// The database used when `DATABASE_URL` is not set.
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/tailcast";
+/// The database used when `DATABASE_URL` is not set: the embedded backend, in a directory
+/// of the working directory (created if missing).
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://tailcast-data/tailcast.db";
 
 #[derive(Parser, Clone)]
 #[command(
@@ -21,8 +22,9 @@ pub struct Config {
     #[arg(long, env = "TAILCAST_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// PostgreSQL URL of the event log. Without it, postgres://postgres@127.0.0.1:5432/tailcast
-    /// (created if missing).
+    /// The event log's database: postgres://… (the production store; created if missing; the
+    /// only one for several nodes) or sqlite://PATH (embedded, one process). Without it,
+    /// sqlite://tailcast-data/tailcast.db in the working directory.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
 

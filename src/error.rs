@@ -5,6 +5,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
+use sqlx::sqlite::SqliteError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -319,6 +320,12 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) if db.try_downcast_ref::<SqliteError>().is_some() => {
+            // SQLite's primary result codes (the low byte of an extended one): 5 BUSY,
+            // 6 LOCKED, 10 IOERR, 13 FULL (the disk), 14 CANTOPEN.
+            let code: i32 = db.code().and_then(|c| c.parse().ok()).unwrap_or_default();
+            matches!(code & 0xff, 5 | 6 | 10 | 13 | 14)
+        }
         sqlx::Error::Database(db) => {
             // 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now,
             // 08xxx connection exceptions, 53300 too_many_connections.

@@ -1,6 +1,7 @@
 //! tailcast: durable event streams for AI outputs and workflow progress.
 //!
-//! - [`log`]: the append-only event log in PostgreSQL, the source of truth; its batched
+//! - [`log`]: the append-only event log (PostgreSQL, or an embedded SQLite file), the
+//!   source of truth; its batched
 //!   appender gives every event a gap-free per-stream `seq`.
 //! - [`live`]: per-process fan-out; a [`live::Subscription`] catches up from the log from any
 //!   cursor and then follows the stream live, falling back to the log whenever it lags.
@@ -20,3 +21,4 @@ pub mod net;
 
 pub use app::{App, AppState};
 pub use config::Config;
+pub use log::Db;

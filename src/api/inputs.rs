@@ -145,7 +145,7 @@ async fn create(
     }
     let expires_at = wire_time(Utc::now() + chrono::Duration::milliseconds(timeout_ms as i64));
 
-    let (stream_id, closed) = store::stream_id(&app.pool, stream.as_str()).await?;
+    let (stream_id, closed) = store::stream_id(&app.db, stream.as_str()).await?;
     if closed {
         return Err(stream_closed(&app, &stream).await);
     }
@@ -161,7 +161,7 @@ async fn create(
     };
     // The row first, then the event: by the time anyone can see `input.requested`, the row
     // that arbitrates answers exists.
-    if !store::insert(&app.pool, &new).await? {
+    if !store::insert(&app.db, &new).await? {
         return Err(Error::InputExists(request_id));
     }
     let mut event = format!(
@@ -192,14 +192,14 @@ async fn create(
         Err(e) => {
             // Nothing was appended, so nobody saw the request: forget it. (If even this
             // fails, the sweeper removes it once it is clearly abandoned.)
-            if let Err(del) = store::delete(&app.pool, stream_id, &request_id).await {
+            if let Err(del) = store::delete(&app.db, stream_id, &request_id).await {
                 tracing::warn!(error = %del, "could not remove an unannounced input request");
             }
             return Err(e);
         }
     };
     let seq = res.first_seq;
-    store::set_seq(&app.pool, stream_id, &request_id, seq).await?;
+    store::set_seq(&app.db, stream_id, &request_id, seq).await?;
     metrics::counter!(m::INPUT_REQUESTS, "event" => "requested").increment(1);
     let body = json!({
         "request_id": request_id,
@@ -210,7 +210,7 @@ async fn create(
 }
 
 async fn stream_closed(app: &AppState, stream: &StreamName) -> Error {
-    match crate::log::store::stream(&app.pool, stream.as_str()).await {
+    match crate::log::store::stream(&app.db, stream.as_str()).await {
         Ok(Some(row)) => Error::StreamClosed { head: row.head },
         Ok(None) => Error::StreamNotFound(stream.to_string()),
         Err(e) => e.into(),
@@ -244,7 +244,7 @@ pub async fn answer(
     data: &str,
 ) -> Result<Answered> {
     let not_found = || Error::InputNotFound(request_id.to_owned());
-    let row = store::get(&app.pool, stream.as_str(), request_id)
+    let row = store::get(&app.db, stream.as_str(), request_id)
         .await?
         .ok_or_else(not_found)?;
     if let Some(e) = not_open(&row) {
@@ -253,9 +253,9 @@ pub async fn answer(
     if let Some(schema) = &row.schema {
         check_answer(schema, data)?;
     }
-    if !store::claim_answer(&app.pool, row.stream_id, request_id, data).await? {
+    if !store::claim_answer(&app.db, row.stream_id, request_id, data).await? {
         // Someone else resolved it between our read and our update.
-        let now = store::get(&app.pool, stream.as_str(), request_id)
+        let now = store::get(&app.db, stream.as_str(), request_id)
             .await?
             .ok_or_else(not_found)?;
         return Err(not_open(&now).unwrap_or_else(|| Error::InputExpired(request_id.to_owned())));
@@ -333,13 +333,8 @@ pub async fn announce(app: &AppState, row: &InputRow) -> Result<AppendResult> {
     };
     match app.appender.append(spec).await {
         Ok(res) => {
-            store::mark_announced(
-                &app.pool,
-                row.stream_id,
-                &row.request_id,
-                Some(res.first_seq),
-            )
-            .await?;
+            store::mark_announced(&app.db, row.stream_id, &row.request_id, Some(res.first_seq))
+                .await?;
             if !res.events.iter().any(|e| e.duplicate) {
                 metrics::counter!(m::INPUT_REQUESTS, "event" => row.status.as_str()).increment(1);
             }
@@ -347,7 +342,7 @@ pub async fn announce(app: &AppState, row: &InputRow) -> Result<AppendResult> {
         }
         Err(e @ Error::StreamClosed { .. }) => {
             // A closed stream takes no more events; nobody is waiting on it any more.
-            store::mark_announced(&app.pool, row.stream_id, &row.request_id, None).await?;
+            store::mark_announced(&app.db, row.stream_id, &row.request_id, None).await?;
             Err(e)
         }
         Err(e) => Err(e),
@@ -479,7 +474,7 @@ async fn list(
             )))
         }
     };
-    let rows = store::list(&app.pool, stream.as_str(), status, limit).await?;
+    let rows = store::list(&app.db, stream.as_str(), status, limit).await?;
     let inputs: Vec<Listed> = rows
         .iter()
         .filter(|r| status.is_none_or(|s| effective(r) == s))
@@ -551,7 +546,7 @@ async fn status(
     // re-read covers a node that does not forward them.
     let recheck = Duration::from_secs(2);
     loop {
-        let row = store::get(&app.pool, stream.as_str(), &request_id)
+        let row = store::get(&app.db, stream.as_str(), &request_id)
             .await?
             .ok_or_else(not_found)?;
         let now = tokio::time::Instant::now();

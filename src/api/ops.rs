@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::Result;
-use crate::log::MIGRATOR;
+use crate::log::db::on_db;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -28,15 +28,20 @@ async fn healthz() -> Response {
 
 /// Ready when the database answers and every embedded migration is applied.
 async fn readyz(State(app): State<AppState>) -> Response {
-    let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
-    let check = tokio::time::timeout(
-        std::time::Duration::from_secs(2),
-        sqlx::query_scalar::<_, i64>(
-            "select coalesce(max(version), 0) from _sqlx_migrations where success",
-        )
-        .fetch_one(&app.pool),
-    )
-    .await;
+    let latest = app
+        .db
+        .migrator()
+        .iter()
+        .map(|m| m.version)
+        .max()
+        .unwrap_or(0);
+    let sql = "select coalesce(max(version), 0) from _sqlx_migrations where success";
+    let applied = async {
+        on_db!(&app.db, read, |ex| sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(ex)
+            .await)
+    };
+    let check = tokio::time::timeout(std::time::Duration::from_secs(2), applied).await;
     match check {
         Ok(Ok(v)) if v >= latest => Json(json!({ "status": "ready" })).into_response(),
         Ok(Ok(v)) => (

@@ -106,7 +106,7 @@ async fn close(
 
 /// Looks a stream up, or 404 `stream_not_found`.
 pub async fn existing_stream(app: &AppState, stream: &StreamName) -> Result<StreamRow> {
-    store::stream(&app.pool, stream.as_str())
+    store::stream(&app.db, stream.as_str())
         .await?
         .ok_or_else(|| Error::StreamNotFound(stream.to_string()))
 }
@@ -127,7 +127,7 @@ async fn delete_stream(
     Stream(stream): Stream,
 ) -> Result<Response> {
     who.check_admin()?;
-    if !store::delete_stream(&app.pool, stream.as_str(), &app.node_id).await? {
+    if !store::delete_stream(&app.db, stream.as_str(), &app.node_id).await? {
         return Err(Error::StreamNotFound(stream.to_string()));
     }
     app.hub.deleted(&stream);
@@ -158,7 +158,7 @@ async fn list_streams(
             )));
         }
     }
-    let rows = store::list_streams(&app.pool, &p.prefix, &p.after_name, limit).await?;
+    let rows = store::list_streams(&app.db, &p.prefix, &p.after_name, limit).await?;
     let next = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.name.clone()));
     let streams: Vec<_> = rows.iter().map(StreamRow::info).collect();
     Ok(Json(json!({ "streams": streams, "next_after_name": next.flatten() })).into_response())
@@ -203,7 +203,7 @@ async fn read_events(
     let row = existing_stream(&app, &stream).await?;
     let after = match (p.after.as_deref(), p.since.as_deref()) {
         (Some(a), None) => parse_cursor("after", a)?,
-        (None, Some(s)) => store::cursor_at_time(&app.pool, &row, parse_since(s)?).await?,
+        (None, Some(s)) => store::cursor_at_time(&app.db, &row, parse_since(s)?).await?,
         (None, None) => 0,
         (Some(_), Some(_)) => {
             return Err(Error::InvalidParameter(
@@ -218,7 +218,7 @@ async fn read_events(
     // built in memory, and `limit` big events could otherwise take gigabytes. Clients page by
     // `next_after` until a page comes back empty, so a shorter page loses nothing.
     let events =
-        store::read_events_bounded(&app.pool, row.id, after, row.head, limit, REPLAY_PAGE_BYTES)
+        store::read_events_bounded(&app.db, row.id, after, row.head, limit, REPLAY_PAGE_BYTES)
             .await?;
     let next_after = events.last().map_or(after, |e| e.seq);
     // Envelopes are spliced in as encoded, so replay is byte-identical to live delivery.
@@ -270,7 +270,7 @@ fn export(app: AppState, stream: StreamName, row: StreamRow, after: i64) -> Resp
                 return None;
             }
             let read =
-                store::read_events_bounded(&app.pool, row.id, cursor, row.head, page, PAGE_BYTES);
+                store::read_events_bounded(&app.db, row.id, cursor, row.head, page, PAGE_BYTES);
             match read.await {
                 Ok(events) if events.is_empty() => None,
                 Ok(events) => {
@@ -305,7 +305,7 @@ async fn snapshot(
 ) -> Result<Response> {
     who.check(Grant::Read, &stream)?;
     let row = existing_stream(&app, &stream).await?;
-    let events = store::snapshot(&app.pool, row.id, row.head).await?;
+    let events = store::snapshot(&app.db, row.id, row.head).await?;
     let mut body = BytesMut::new();
     body.put_slice(b"{\"stream\":");
     body.put_slice(

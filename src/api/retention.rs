@@ -53,7 +53,7 @@ async fn get_retention(
     Stream(stream): Stream,
 ) -> Result<Response> {
     who.check_admin()?;
-    let r = retention::get(&app.pool, stream.as_str(), &app.retention_policy())
+    let r = retention::get(&app.db, stream.as_str(), &app.retention_policy())
         .await?
         .ok_or_else(|| Error::StreamNotFound(stream.to_string()))?;
     Ok(Json(r).into_response())
@@ -68,7 +68,7 @@ async fn put_retention(
     who.check_admin()?;
     let b = parse_body(&body)?;
     let r = retention::set(
-        &app.pool,
+        &app.db,
         stream.as_str(),
         b.max_age_s,
         b.max_events,

@@ -41,7 +41,7 @@ pub async fn run(app: AppState) {
 pub async fn sweep(app: &AppState) -> Result<usize, Error> {
     let mut expired = 0;
     loop {
-        let due = store::claim_due(&app.pool, CLAIM).await?;
+        let due = store::claim_due(&app.db, CLAIM).await?;
         for row in &due {
             announce_logged(app, row).await;
         }
@@ -50,11 +50,11 @@ pub async fn sweep(app: &AppState) -> Result<usize, Error> {
             break;
         }
     }
-    for row in store::unannounced(&app.pool, ANNOUNCE_GRACE_S, CLAIM).await? {
+    for row in store::unannounced(&app.db, ANNOUNCE_GRACE_S, CLAIM).await? {
         tracing::info!(stream = %row.stream, request_id = %row.request_id, "announcing a resolution a crash interrupted");
         announce_logged(app, &row).await;
     }
-    let abandoned = store::repair_unsequenced(&app.pool, CREATE_GRACE_S).await?;
+    let abandoned = store::repair_unsequenced(&app.db, CREATE_GRACE_S).await?;
     if abandoned > 0 {
         tracing::info!(
             abandoned,

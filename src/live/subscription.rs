@@ -11,9 +11,9 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
+use crate::log::Db;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgPool;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::frame::Frame;
@@ -86,7 +86,7 @@ pub enum Item {
 /// The database and hub a subscription reads from.
 #[derive(Clone)]
 pub struct Source {
-    pub pool: PgPool,
+    pub db: Db,
     pub hub: Arc<Hub>,
     pub page: i64,
 }
@@ -134,7 +134,7 @@ impl Subscription {
     ) -> Result<(Subscription, Opened), Error> {
         // Register for live events before reading anything: see the module comment.
         let live = src.hub.subscribe(&stream);
-        let row = store::stream(&src.pool, stream.as_str()).await?;
+        let row = store::stream(&src.db, stream.as_str()).await?;
         let mut sub = Subscription {
             src,
             stream,
@@ -194,7 +194,7 @@ impl Subscription {
             }
             Start::After(c) => c,
             Start::Since(t) => match row {
-                Some(r) => store::cursor_at_time(&self.src.pool, r, t)
+                Some(r) => store::cursor_at_time(&self.src.db, r, t)
                     .await?
                     .max(trimmed),
                 None => 0,
@@ -205,7 +205,7 @@ impl Subscription {
                 // snapshot is the same either side of it). Starting just before it delivers
                 // it: the subscriber learns the stream is over instead of waiting forever.
                 let at = if r.closed { r.head - 1 } else { r.head };
-                let mut events = store::snapshot(&self.src.pool, r.id, at).await?;
+                let mut events = store::snapshot(&self.src.db, r.id, at).await?;
                 // In seq order, so a client's cursor only ever moves forward.
                 events.sort_by_key(|e| e.seq);
                 for ev in &events {
@@ -299,8 +299,8 @@ impl Subscription {
 
     async fn read_log(&mut self) -> Result<(), Error> {
         if self.stream_id.is_none() {
-            let (pool, name) = (self.src.pool.clone(), self.stream.clone());
-            match detached(async move { store::stream(&pool, name.as_str()).await }).await? {
+            let (db, name) = (self.src.db.clone(), self.stream.clone());
+            match detached(async move { store::stream(&db, name.as_str()).await }).await? {
                 Some(row) => self.stream_id = Some(row.id),
                 None => {
                     // Not created yet: wait for its first events live.
@@ -311,9 +311,9 @@ impl Subscription {
         }
         let id = self.stream_id.expect("set above");
         let (page, bytes) = (self.src.page, PAGE_BYTES);
-        let (pool, upto) = (self.src.pool.clone(), self.upto);
+        let (db, upto) = (self.src.db.clone(), self.upto);
         let rows = detached(async move {
-            store::read_events_bounded(&pool, id, upto, i64::MAX, page, bytes).await
+            store::read_events_bounded(&db, id, upto, i64::MAX, page, bytes).await
         })
         .await?;
         metrics::counter!(m::CATCHUP_READS).increment(1);

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
-use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::db::Db;
 use super::health::DbHealth;
 use super::model::{wire_time, NewEvent, StoredEvent, StreamName};
 use super::store::{self, EventRows};
@@ -86,7 +86,7 @@ impl Appender {
     /// [`Appender::close`] is called) and the queue is drained, so awaiting the returned
     /// handle flushes every accepted append.
     pub fn spawn(
-        pool: PgPool,
+        db: Db,
         sink: Arc<dyn CommitSink>,
         node_id: Arc<str>,
         max_batch: usize,
@@ -96,7 +96,7 @@ impl Appender {
         let closing = CancellationToken::new();
         let task = tokio::spawn(run(
             rx,
-            pool,
+            db,
             sink,
             node_id,
             max_batch.max(1),
@@ -135,7 +135,7 @@ impl Appender {
 
 async fn run(
     mut rx: mpsc::Receiver<Job>,
-    pool: PgPool,
+    db: Db,
     sink: Arc<dyn CommitSink>,
     node_id: Arc<str>,
     max_batch: usize,
@@ -150,15 +150,17 @@ async fn run(
     // still holds: a batch waits on the row lock of any stream an earlier batch holds, and
     // is delivered to the hub after it (the earlier commit completes first; even if it were
     // handed over later, subscribers would see the seq gap and read the log).
-    const IN_FLIGHT: usize = 3;
+    // SQLite has one write connection: batches there go one at a time, and what arrives
+    // meanwhile joins the next.
+    let in_flight = if db.is_sqlite() { 1 } else { 3 };
     let mut inflight = FuturesUnordered::new();
     let mut open = true;
     let mut closed = false;
     loop {
         tokio::select! {
-            jobs = next_jobs(&mut rx, max_batch), if open && inflight.len() < IN_FLIGHT => {
+            jobs = next_jobs(&mut rx, max_batch), if open && inflight.len() < in_flight => {
                 match jobs {
-                    Some(jobs) => inflight.push(commit_jobs(&pool, &*sink, &node_id, &health, jobs)),
+                    Some(jobs) => inflight.push(commit_jobs(&db, &*sink, &node_id, &health, jobs)),
                     None => open = false,
                 }
             }
@@ -181,7 +183,7 @@ async fn next_jobs(rx: &mut mpsc::Receiver<Job>, max: usize) -> Option<Vec<Job>>
 }
 
 async fn commit_jobs(
-    pool: &PgPool,
+    db: &Db,
     sink: &dyn CommitSink,
     node: &str,
     health: &DbHealth,
@@ -189,7 +191,7 @@ async fn commit_jobs(
 ) {
     let started = Instant::now();
     let specs: Vec<&AppendSpec> = jobs.iter().map(|j| &j.spec).collect();
-    let result = commit_with_retry(pool, node, &specs, health).await;
+    let result = commit_with_retry(db, node, &specs, health).await;
     match &result {
         Ok(_) => health.mark_up(),
         // A pool timeout may only mean every connection is busy: the LISTEN connection's
@@ -209,7 +211,7 @@ async fn commit_jobs(
             tracing::warn!(error = %e, jobs = jobs.len(), "batch failed; retrying appends one by one");
             for job in jobs {
                 let started = Instant::now();
-                match commit_with_retry(pool, node, &[&job.spec], health).await {
+                match commit_with_retry(db, node, &[&job.spec], health).await {
                     Ok(plan) => deliver(sink, vec![job], plan, started),
                     Err(e) => {
                         let _ = job.reply.send(Err(e.into()));
@@ -243,14 +245,14 @@ struct Plan {
 }
 
 async fn commit_with_retry(
-    pool: &PgPool,
+    db: &Db,
     node: &str,
     specs: &[&AppendSpec],
     health: &DbHealth,
 ) -> Result<Plan, sqlx::Error> {
     let mut attempt = 0;
     loop {
-        match commit(pool, node, specs, health).await {
+        match commit(db, node, specs, health).await {
             // 40P01 deadlock (streams created by two nodes at once), 40001 serialization.
             Err(sqlx::Error::Database(db))
                 if attempt < 5 && matches!(db.code().as_deref(), Some("40P01" | "40001")) =>
@@ -276,12 +278,12 @@ struct StreamState {
 /// Asks the database (on another connection) which, so that callers hear the truth: success
 /// only if it is durable, failure only if nothing was written. Gives up (failing, and
 /// logging the transaction id) only if the database stays unreachable.
-async fn resolve_in_doubt(pool: &PgPool, xid: i64, err: sqlx::Error) -> Result<(), sqlx::Error> {
+async fn resolve_in_doubt(db: &Db, xid: i64, err: sqlx::Error) -> Result<(), sqlx::Error> {
     const LIMIT: Duration = Duration::from_secs(15);
     let deadline = Instant::now() + LIMIT;
     let mut delay = Duration::from_millis(20);
     loop {
-        match store::transaction_status(pool, xid).await {
+        match store::transaction_status(db, xid).await {
             Ok(Some(s)) if s == "committed" => {
                 tracing::info!(xid, "commit confirmed after its connection was lost");
                 return Ok(());
@@ -300,7 +302,7 @@ async fn resolve_in_doubt(pool: &PgPool, xid: i64, err: sqlx::Error) -> Result<(
 }
 
 async fn commit(
-    pool: &PgPool,
+    db: &Db,
     node: &str,
     specs: &[&AppendSpec],
     health: &DbHealth,
@@ -309,7 +311,7 @@ async fn commit(
     let names: BTreeSet<&str> = specs.iter().map(|s| s.stream.as_str()).collect();
     let names: Vec<&str> = names.into_iter().collect();
 
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin_write().await?;
     let (rows, created) = store::lock_streams(&mut tx, &names, time).await?;
 
     let mut id_streams = Vec::new();
@@ -376,7 +378,7 @@ async fn commit(
         (Ok(()), _) => {}
         (Err(e), Some(xid)) if is_unavailable(&e) => {
             health.mark_down();
-            resolve_in_doubt(pool, xid, e).await?;
+            resolve_in_doubt(db, xid, e).await?;
         }
         (Err(e), _) => return Err(e),
     }

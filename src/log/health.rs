@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::PgPool;
+use super::db::Db;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -51,7 +51,7 @@ impl DbHealth {
     /// Probes the database while it is marked down, until `shutdown`.
     pub fn spawn_probe(
         self: &Arc<Self>,
-        pool: PgPool,
+        db: Db,
         first_delay: Duration,
         shutdown: CancellationToken,
     ) -> JoinHandle<()> {
@@ -72,7 +72,7 @@ impl DbHealth {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}
                     }
-                    match store::ping(&pool).await {
+                    match store::ping(&db).await {
                         Ok(()) => health.mark_up(),
                         Err(e) => {
                             tracing::debug!(error = %e, "database probe failed");

@@ -2,10 +2,9 @@
 //! the log gets the matching event afterwards (see the migration's comment).
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::PgRow;
-use sqlx::{PgPool, Row};
 
-use super::model::{TYPE_INPUT_ANSWERED, TYPE_INPUT_EXPIRED, TYPE_INPUT_REQUESTED};
+use super::db::{on_db, on_tx, Db, Ts};
+use super::model::{wire_time, TYPE_INPUT_ANSWERED, TYPE_INPUT_EXPIRED, TYPE_INPUT_REQUESTED};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -34,7 +33,7 @@ impl Status {
 }
 
 /// One input request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct InputRow {
     pub stream_id: i64,
     pub stream: String,
@@ -44,30 +43,23 @@ pub struct InputRow {
     pub prompt: String,
     pub schema: Option<String>,
     pub data: Option<String>,
+    #[sqlx(try_from = "Ts")]
     pub expires_at: DateTime<Utc>,
+    #[sqlx(try_from = "String")]
     pub status: Status,
     pub answer: Option<String>,
     pub resolution_seq: Option<i64>,
 }
 
-impl InputRow {
-    fn from_row(r: &PgRow) -> Self {
-        InputRow {
-            stream_id: r.get("stream_id"),
-            stream: r.get("stream"),
-            request_id: r.get("request_id"),
-            token: r.get("token"),
-            seq: r.get("seq"),
-            prompt: r.get("prompt"),
-            schema: r.get("schema"),
-            data: r.get("data"),
-            expires_at: r.get("expires_at"),
-            status: Status::parse(r.get::<&str, _>("status")).unwrap_or(Status::Open),
-            answer: r.get("answer"),
-            resolution_seq: r.get("resolution_seq"),
-        }
-    }
+impl TryFrom<String> for Status {
+    type Error = String;
 
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Status::parse(&s).ok_or_else(|| format!("unknown input request status {s:?}"))
+    }
+}
+
+impl InputRow {
     /// The idempotency id of this request's event of type `ty`.
     pub fn event_id(&self, ty: &str) -> String {
         event_id(ty, &self.request_id, &self.token)
@@ -95,16 +87,25 @@ const VISIBLE: &str = "(r.seq is not null or exists (
           and e.event_id = 'input.requested:' || r.request_id || ':' || r.token))";
 
 /// The id of a stream, creating its row if missing (a request may be a stream's first act).
-pub async fn stream_id(pool: &PgPool, name: &str) -> Result<(i64, bool), sqlx::Error> {
-    sqlx::query("insert into streams (name) values ($1) on conflict (name) do nothing")
+pub async fn stream_id(db: &Db, name: &str) -> Result<(i64, bool), sqlx::Error> {
+    let now = Ts(wire_time(Utc::now()));
+    on_db!(db, write, |ex| {
+        sqlx::query(
+            "insert into streams (name, created_at, updated_at) values ($1, $2, $2)
+             on conflict (name) do nothing",
+        )
         .bind(name)
-        .execute(pool)
-        .await?;
-    let row = sqlx::query("select id, closed from streams where name = $1")
-        .bind(name)
-        .fetch_one(pool)
-        .await?;
-    Ok((row.get(0), row.get(1)))
+        .bind(now)
+        .execute(ex)
+        .await
+        .map(|d| d.rows_affected())
+    })?;
+    on_db!(db, write, |ex| {
+        sqlx::query_as("select id, closed from streams where name = $1")
+            .bind(name)
+            .fetch_one(ex)
+            .await
+    })
 }
 
 /// What a producer asks.
@@ -119,193 +120,256 @@ pub struct NewInput<'a> {
 }
 
 /// Inserts a new open request; false if one with this id exists in the stream.
-pub async fn insert(pool: &PgPool, n: &NewInput<'_>) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        r#"insert into input_requests
-             (stream_id, request_id, token, prompt, schema, data, expires_at)
-           values ($1, $2, $3, $4, $5, $6, $7)
-           on conflict (stream_id, request_id) do nothing"#,
-    )
-    .bind(n.stream_id)
-    .bind(n.request_id)
-    .bind(n.token)
-    .bind(n.prompt)
-    .bind(n.schema)
-    .bind(n.data)
-    .bind(n.expires_at)
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
+pub async fn insert(db: &Db, n: &NewInput<'_>) -> Result<bool, sqlx::Error> {
+    let done = on_db!(db, write, |ex| {
+        sqlx::query(
+            r#"insert into input_requests
+                 (stream_id, request_id, token, prompt, schema, data, expires_at, created_at)
+               values ($1, $2, $3, $4, $5, $6, $7, $8)
+               on conflict (stream_id, request_id) do nothing"#,
+        )
+        .bind(n.stream_id)
+        .bind(n.request_id)
+        .bind(n.token)
+        .bind(n.prompt)
+        .bind(n.schema)
+        .bind(n.data)
+        .bind(Ts(n.expires_at))
+        .bind(Ts(Utc::now()))
+        .execute(ex)
+        .await
+        .map(|d| d.rows_affected())
+    })?;
+    Ok(done == 1)
 }
 
 pub async fn set_seq(
-    pool: &PgPool,
+    db: &Db,
     stream_id: i64,
     request_id: &str,
     seq: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("update input_requests set seq = $3 where stream_id = $1 and request_id = $2")
-        .bind(stream_id)
-        .bind(request_id)
-        .bind(seq)
-        .execute(pool)
-        .await?;
+    on_db!(db, write, |ex| {
+        sqlx::query("update input_requests set seq = $3 where stream_id = $1 and request_id = $2")
+            .bind(stream_id)
+            .bind(request_id)
+            .bind(seq)
+            .execute(ex)
+            .await
+            .map(|d| d.rows_affected())
+    })?;
     Ok(())
 }
 
 /// Removes a request whose `input.requested` append failed (so nobody can have seen it).
-pub async fn delete(pool: &PgPool, stream_id: i64, request_id: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("delete from input_requests where stream_id = $1 and request_id = $2")
-        .bind(stream_id)
-        .bind(request_id)
-        .execute(pool)
-        .await?;
+pub async fn delete(db: &Db, stream_id: i64, request_id: &str) -> Result<(), sqlx::Error> {
+    on_db!(db, write, |ex| {
+        sqlx::query("delete from input_requests where stream_id = $1 and request_id = $2")
+            .bind(stream_id)
+            .bind(request_id)
+            .execute(ex)
+            .await
+            .map(|d| d.rows_affected())
+    })?;
     Ok(())
 }
 
 /// A visible request of a stream.
-pub async fn get(
-    pool: &PgPool,
-    stream: &str,
-    request_id: &str,
-) -> Result<Option<InputRow>, sqlx::Error> {
+pub async fn get(db: &Db, stream: &str, request_id: &str) -> Result<Option<InputRow>, sqlx::Error> {
     let sql = format!(
         "select {COLUMNS} from input_requests r join streams s on s.id = r.stream_id
          where s.name = $1 and r.request_id = $2 and {VISIBLE}"
     );
-    let row = sqlx::query(&sql)
-        .bind(stream)
-        .bind(request_id)
-        .fetch_optional(pool)
-        .await?;
-    Ok(row.as_ref().map(InputRow::from_row))
+    on_db!(db, read, |ex| {
+        sqlx::query_as(&sql)
+            .bind(stream)
+            .bind(request_id)
+            .fetch_optional(ex)
+            .await
+    })
 }
 
 /// A stream's visible requests, optionally of one status, in seq order.
 pub async fn list(
-    pool: &PgPool,
+    db: &Db,
     stream: &str,
     status: Option<Status>,
     limit: i64,
 ) -> Result<Vec<InputRow>, sqlx::Error> {
     let sql = format!(
         "select {COLUMNS} from input_requests r join streams s on s.id = r.stream_id
-         where s.name = $1 and ($2::text is null or r.status = $2) and {VISIBLE}
+         where s.name = $1 and ($2 is null or r.status = $2) and {VISIBLE}
          order by r.seq nulls last, r.created_at limit $3"
     );
-    let rows = sqlx::query(&sql)
-        .bind(stream)
-        .bind(status.map(Status::as_str))
-        .bind(limit)
-        .fetch_all(pool)
-        .await?;
-    Ok(rows.iter().map(InputRow::from_row).collect())
+    on_db!(db, read, |ex| {
+        sqlx::query_as(&sql)
+            .bind(stream)
+            .bind(status.map(Status::as_str))
+            .bind(limit)
+            .fetch_all(ex)
+            .await
+    })
 }
 
 /// Records `answer` if the request is still open, visible and not yet due: the first
-/// answer wins, because only one update can see `status = 'open'` (the row lock the update
-/// takes makes a concurrent one wait, then re-check the condition and find it false).
+/// answer wins, because only one update can see `status = 'open'` (on PostgreSQL the row
+/// lock the update takes makes a concurrent one wait, then re-check the condition and find it
+/// false; on SQLite writes are serial).
 pub async fn claim_answer(
-    pool: &PgPool,
+    db: &Db,
     stream_id: i64,
     request_id: &str,
     answer: &str,
 ) -> Result<bool, sqlx::Error> {
     let sql = format!(
-        "update input_requests r set status = 'answered', answer = $3, resolved_at = now()
+        "update input_requests as r set status = 'answered', answer = $3, resolved_at = $4
          where r.stream_id = $1 and r.request_id = $2 and r.status = 'open'
-           and r.expires_at > now() and {VISIBLE}"
+           and r.expires_at > $4 and {VISIBLE}"
     );
-    let done = sqlx::query(&sql)
-        .bind(stream_id)
-        .bind(request_id)
-        .bind(answer)
-        .execute(pool)
-        .await?;
-    Ok(done.rows_affected() == 1)
+    let now = Ts(Utc::now());
+    let done = on_db!(db, write, |ex| {
+        sqlx::query(&sql)
+            .bind(stream_id)
+            .bind(request_id)
+            .bind(answer)
+            .bind(now)
+            .execute(ex)
+            .await
+            .map(|d| d.rows_affected())
+    })?;
+    Ok(done == 1)
 }
 
-/// Marks up to `limit` due open requests expired and returns them. `skip locked`: several
-/// nodes sweep at once without waiting on each other or claiming the same row; a request
-/// being answered right now is skipped and looked at again next pass.
-pub async fn claim_due(pool: &PgPool, limit: i64) -> Result<Vec<InputRow>, sqlx::Error> {
-    let sql = format!(
-        "with due as (
-           select stream_id, request_id from input_requests
-           where status = 'open' and expires_at <= now() and seq is not null
-           order by expires_at limit $1
-           for update skip locked)
-         update input_requests r set status = 'expired', resolved_at = now()
-         from due, streams s
-         where r.stream_id = due.stream_id and r.request_id = due.request_id
-           and s.id = r.stream_id
-         returning {COLUMNS}"
-    );
-    let rows = sqlx::query(&sql).bind(limit).fetch_all(pool).await?;
-    Ok(rows.iter().map(InputRow::from_row).collect())
+/// Marks up to `limit` due open requests expired and returns them. On PostgreSQL `skip
+/// locked` lets several nodes sweep at once without waiting on each other or claiming the
+/// same row; a request being answered right now is skipped and looked at again next pass.
+pub async fn claim_due(db: &Db, limit: i64) -> Result<Vec<InputRow>, sqlx::Error> {
+    let now = Ts(Utc::now());
+    match db {
+        Db::Postgres(pool) => {
+            let sql = format!(
+                "with due as (
+                   select stream_id, request_id from input_requests
+                   where status = 'open' and expires_at <= $2 and seq is not null
+                   order by expires_at limit $1
+                   for update skip locked)
+                 update input_requests r set status = 'expired', resolved_at = $2
+                 from due, streams s
+                 where r.stream_id = due.stream_id and r.request_id = due.request_id
+                   and s.id = r.stream_id
+                 returning {COLUMNS}"
+            );
+            sqlx::query_as(&sql)
+                .bind(limit)
+                .bind(now)
+                .fetch_all(pool)
+                .await
+        }
+        // One process, serial writes: read the due rows and mark them in one transaction.
+        Db::Sqlite(_) => {
+            let mut tx = db.begin_write().await?;
+            let sql = format!(
+                "select {COLUMNS} from input_requests r join streams s on s.id = r.stream_id
+                 where r.status = 'open' and r.expires_at <= $2 and r.seq is not null
+                 order by r.expires_at limit $1"
+            );
+            let mut rows: Vec<InputRow> = on_tx!(&mut tx, |ex| {
+                sqlx::query_as(&sql)
+                    .bind(limit)
+                    .bind(now)
+                    .fetch_all(ex)
+                    .await
+            })?;
+            for row in &mut rows {
+                on_tx!(&mut tx, |ex| {
+                    sqlx::query(
+                        "update input_requests set status = 'expired', resolved_at = $3
+                         where stream_id = $1 and request_id = $2",
+                    )
+                    .bind(row.stream_id)
+                    .bind(&row.request_id)
+                    .bind(now)
+                    .execute(ex)
+                    .await
+                    .map(|d| d.rows_affected())
+                })?;
+                row.status = Status::Expired;
+            }
+            tx.commit().await?;
+            Ok(rows)
+        }
+    }
 }
 
 /// Resolved requests whose event is not known to be in the log, resolved at least `grace_s`
 /// seconds ago (younger ones are still being announced by whoever resolved them).
-pub async fn unannounced(
-    pool: &PgPool,
-    grace_s: f64,
-    limit: i64,
-) -> Result<Vec<InputRow>, sqlx::Error> {
+pub async fn unannounced(db: &Db, grace_s: f64, limit: i64) -> Result<Vec<InputRow>, sqlx::Error> {
     let sql = format!(
         "select {COLUMNS} from input_requests r join streams s on s.id = r.stream_id
-         where r.status <> 'open' and not r.announced
-           and r.resolved_at <= now() - make_interval(secs => $1)
+         where r.status <> 'open' and not r.announced and r.resolved_at <= $1
          order by r.resolved_at limit $2"
     );
-    let rows = sqlx::query(&sql)
-        .bind(grace_s)
-        .bind(limit)
-        .fetch_all(pool)
-        .await?;
-    Ok(rows.iter().map(InputRow::from_row).collect())
+    let before = Ts(seconds_ago(grace_s));
+    on_db!(db, read, |ex| {
+        sqlx::query_as(&sql)
+            .bind(before)
+            .bind(limit)
+            .fetch_all(ex)
+            .await
+    })
+}
+
+fn seconds_ago(s: f64) -> DateTime<Utc> {
+    Utc::now() - chrono::Duration::milliseconds((s * 1000.0) as i64)
 }
 
 /// Records that the resolution event is in the log (at `seq`), or never will be (`None`: the
 /// stream was closed first).
 pub async fn mark_announced(
-    pool: &PgPool,
+    db: &Db,
     stream_id: i64,
     request_id: &str,
     seq: Option<i64>,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "update input_requests set announced = true, resolution_seq = $3
-         where stream_id = $1 and request_id = $2",
-    )
-    .bind(stream_id)
-    .bind(request_id)
-    .bind(seq)
-    .execute(pool)
-    .await?;
+    on_db!(db, write, |ex| {
+        sqlx::query(
+            "update input_requests set announced = true, resolution_seq = $3
+             where stream_id = $1 and request_id = $2",
+        )
+        .bind(stream_id)
+        .bind(request_id)
+        .bind(seq)
+        .execute(ex)
+        .await
+        .map(|d| d.rows_affected())
+    })?;
     Ok(())
 }
 
 /// Repairs requests whose creation was interrupted: fills in the seq of those whose
 /// `input.requested` event made it into the log, and removes those that never got one
 /// within `grace_s` seconds (nobody can have seen them).
-pub async fn repair_unsequenced(pool: &PgPool, grace_s: f64) -> Result<u64, sqlx::Error> {
-    sqlx::query(
-        "update input_requests r set seq = e.seq from events e
-         where r.seq is null and e.stream_id = r.stream_id and e.type = $1
-           and e.event_id = 'input.requested:' || r.request_id || ':' || r.token",
-    )
-    .bind(TYPE_INPUT_REQUESTED)
-    .execute(pool)
-    .await?;
-    let gone = sqlx::query(
-        "delete from input_requests
-         where seq is null and created_at <= now() - make_interval(secs => $1)",
-    )
-    .bind(grace_s)
-    .execute(pool)
-    .await?;
-    Ok(gone.rows_affected())
+pub async fn repair_unsequenced(db: &Db, grace_s: f64) -> Result<u64, sqlx::Error> {
+    on_db!(db, write, |ex| {
+        sqlx::query(
+            "update input_requests as r set seq = e.seq from events e
+             where r.seq is null and e.stream_id = r.stream_id and e.type = $1
+               and e.event_id = 'input.requested:' || r.request_id || ':' || r.token",
+        )
+        .bind(TYPE_INPUT_REQUESTED)
+        .execute(ex)
+        .await
+        .map(|d| d.rows_affected())
+    })?;
+    let before = Ts(seconds_ago(grace_s));
+    let gone = on_db!(db, write, |ex| {
+        sqlx::query("delete from input_requests where seq is null and created_at <= $1")
+            .bind(before)
+            .execute(ex)
+            .await
+            .map(|d| d.rows_affected())
+    })?;
+    Ok(gone)
 }
 
 /// The event type announcing a resolved request.

@@ -1,7 +1,8 @@
-//! The event log: the source of truth. `model` holds the vocabulary, `store` every SQL
-//! statement, `appender` the group-commit writer, `reader` catch-up and export reads.
+//! The event log: the source of truth. `model` holds the vocabulary, `db` the database
+//! (PostgreSQL or embedded SQLite), `store` every SQL statement, `appender` the group-commit writer, `reader` catch-up and export reads.
 
 pub mod appender;
+pub mod db;
 pub mod health;
 pub mod inputs;
 pub mod model;
@@ -9,7 +10,7 @@ pub mod retention;
 pub mod store;
 
 pub use appender::{AppendResult, AppendSpec, Appender, CommitSink, Committed};
+/// PostgreSQL's migrations (tests that seed a database before the server starts use them).
+pub use db::PG_MIGRATOR as MIGRATOR;
+pub use db::{Db, SqliteDb};
 pub use model::{NewEvent, StoredEvent, StreamName};
-
-/// The embedded migrations, applied at start-up.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -105,14 +105,15 @@ pub struct NewEvent {
     pub key: Option<String>,
 }
 
-/// An event as stored in the log.
-#[derive(Debug, Clone)]
+/// An event as stored in the log (read with [`crate::log::store::EVENT_COLUMNS`]).
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct StoredEvent {
     pub seq: i64,
     pub ty: String,
     pub data: String,
     pub id: Option<String>,
     pub key: Option<String>,
+    #[sqlx(try_from = "crate::log::db::Ts")]
     pub time: DateTime<Utc>,
 }
 

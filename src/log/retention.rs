@@ -5,8 +5,9 @@
 //! A background task runs a pass every interval. Each pass deletes in short transactions of
 //! at most `batch` events, each advancing `streams.trimmed_to` with its delete, so readers
 //! always know where the retained log starts: a cursor before it gets the `gap` notice. Any
-//! number of nodes may run the task: a batch only runs under a transaction-scoped advisory
-//! lock, so at most one node trims at a time and each batch re-reads `trimmed_to` under it.
+//! number of nodes may run the task: on PostgreSQL a batch only runs under a
+//! transaction-scoped advisory lock, so at most one node trims at a time and each batch
+//! re-reads `trimmed_to` under it (on SQLite, one process and its serial writes do the same).
 //!
 //! A closed stream always keeps its last event (`stream.closed`): a subscriber replaying it
 //! must still see the stream end, and a client resuming at the head still gets `204`.
@@ -15,7 +16,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{PgPool, Row};
+
+use super::db::{on_db, on_tx, Db, Ts, Tx};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -54,56 +56,70 @@ pub struct Limits {
     pub max_events: i64,
 }
 
-fn retention_from_row(r: &sqlx::postgres::PgRow, policy: &Policy) -> StreamRetention {
-    let max_age_s: Option<i64> = r.get("max_age_s");
-    let max_events: Option<i64> = r.get("max_events");
+/// The retention columns of a stream's row.
+#[derive(sqlx::FromRow)]
+struct RetentionRow {
+    name: String,
+    max_age_s: Option<i64>,
+    max_events: Option<i64>,
+    trimmed_to: i64,
+}
+
+fn retention_from_row(r: RetentionRow, policy: &Policy) -> StreamRetention {
+    let RetentionRow {
+        name,
+        max_age_s,
+        max_events,
+        trimmed_to,
+    } = r;
     StreamRetention {
-        stream: r.get("name"),
+        stream: name,
         max_age_s,
         max_events,
         effective: Limits {
             max_age_s: max_age_s.unwrap_or(policy.max_age_s),
             max_events: max_events.unwrap_or(policy.max_events),
         },
-        oldest_seq: r.get::<i64, _>("trimmed_to") + 1,
+        oldest_seq: trimmed_to + 1,
     }
 }
 
 /// A stream's settings, or None if it does not exist.
 pub async fn get(
-    pool: &PgPool,
+    db: &Db,
     name: &str,
     policy: &Policy,
 ) -> Result<Option<StreamRetention>, sqlx::Error> {
-    let row =
-        sqlx::query("select name, max_age_s, max_events, trimmed_to from streams where name = $1")
-            .bind(name)
-            .fetch_optional(pool)
-            .await?;
-    Ok(row.map(|r| retention_from_row(&r, policy)))
+    let sql = "select name, max_age_s, max_events, trimmed_to from streams where name = $1";
+    let row: Option<RetentionRow> = on_db!(db, read, |ex| {
+        sqlx::query_as(sql).bind(name).fetch_optional(ex).await
+    })?;
+    Ok(row.map(|r| retention_from_row(r, policy)))
 }
 
 /// Sets (None: clears) a stream's overrides. None if the stream does not exist.
 pub async fn set(
-    pool: &PgPool,
+    db: &Db,
     name: &str,
     max_age_s: Option<i64>,
     max_events: Option<i64>,
     policy: &Policy,
 ) -> Result<Option<StreamRetention>, sqlx::Error> {
     // A plain row update: it waits for an appender batch holding this row's lock, briefly.
-    let row = sqlx::query(
-        "update streams set max_age_s = $2, max_events = $3 where name = $1
-         returning name, max_age_s, max_events, trimmed_to",
-    )
-    .bind(name)
-    .bind(max_age_s)
-    .bind(max_events)
-    .fetch_optional(pool)
-    .await?;
-    Ok(row.map(|r| retention_from_row(&r, policy)))
+    let sql = "update streams set max_age_s = $2, max_events = $3 where name = $1
+               returning name, max_age_s, max_events, trimmed_to";
+    let row: Option<RetentionRow> = on_db!(db, write, |ex| {
+        sqlx::query_as(sql)
+            .bind(name)
+            .bind(max_age_s)
+            .bind(max_events)
+            .fetch_optional(ex)
+            .await
+    })?;
+    Ok(row.map(|r| retention_from_row(r, policy)))
 }
 
+#[derive(sqlx::FromRow)]
 struct Candidate {
     id: i64,
     head: i64,
@@ -114,14 +130,18 @@ struct Candidate {
 
 /// Streams with something to trim, after `after_id`, by id.
 async fn candidates(
-    pool: &PgPool,
+    db: &Db,
     policy: &Policy,
     now: DateTime<Utc>,
     after_id: i64,
 ) -> Result<Vec<Candidate>, sqlx::Error> {
     // The oldest retained event is always seq trimmed_to + 1 (the log is gap-free and only
     // retention removes events), so the age test is one primary-key probe per stream.
-    let rows = sqlx::query(
+    let older = match db {
+        Db::Postgres(_) => "e.time < $4 - make_interval(secs => coalesce(s.max_age_s, $2)::float8)",
+        Db::Sqlite(_) => "e.time < $4 - coalesce(s.max_age_s, $2) * 1000",
+    };
+    let sql = format!(
         r#"select s.id, s.head, s.closed,
                   coalesce(s.max_events, $1) as max_events,
                   coalesce(s.max_age_s, $2) as max_age_s
@@ -133,44 +153,39 @@ async fn candidates(
                or (coalesce(s.max_age_s, $2) > 0
                    and exists (select 1 from events e
                                where e.stream_id = s.id and e.seq = s.trimmed_to + 1
-                                 and e.time < $4 - make_interval(secs => coalesce(s.max_age_s, $2)::float8))))
-           order by s.id limit $5"#,
-    )
-    .bind(policy.max_events)
-    .bind(policy.max_age_s)
-    .bind(after_id)
-    .bind(now)
-    .bind(SCAN_PAGE)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .iter()
-        .map(|r| Candidate {
-            id: r.get("id"),
-            head: r.get("head"),
-            closed: r.get("closed"),
-            max_events: r.get("max_events"),
-            max_age_s: r.get("max_age_s"),
-        })
-        .collect())
+                                 and {older})))
+           order by s.id limit $5"#
+    );
+    on_db!(db, read, |ex| {
+        sqlx::query_as(&sql)
+            .bind(policy.max_events)
+            .bind(policy.max_age_s)
+            .bind(after_id)
+            .bind(Ts(now))
+            .bind(SCAN_PAGE)
+            .fetch_all(ex)
+            .await
+    })
 }
 
 /// The highest seq that may go: everything at or below it is trimmed.
-async fn cut_for(pool: &PgPool, c: &Candidate, now: DateTime<Utc>) -> Result<i64, sqlx::Error> {
+async fn cut_for(db: &Db, c: &Candidate, now: DateTime<Utc>) -> Result<i64, sqlx::Error> {
     let mut cut = 0;
     if c.max_events > 0 {
         cut = c.head - c.max_events;
     }
     if c.max_age_s > 0 {
-        let before = now - chrono::Duration::seconds(c.max_age_s);
-        let newest_old: Option<i64> = sqlx::query_scalar(
-            "select seq from events where stream_id = $1 and time < $2
-             order by time desc, seq desc limit 1",
-        )
-        .bind(c.id)
-        .bind(before)
-        .fetch_optional(pool)
-        .await?;
+        let before = Ts(now - chrono::Duration::seconds(c.max_age_s));
+        let newest_old: Option<i64> = on_db!(db, read, |ex| {
+            sqlx::query_scalar(
+                "select seq from events where stream_id = $1 and time < $2
+                 order by time desc, seq desc limit 1",
+            )
+            .bind(c.id)
+            .bind(before)
+            .fetch_optional(ex)
+            .await
+        })?;
         cut = cut.max(newest_old.unwrap_or(0));
     }
     if c.closed {
@@ -187,39 +202,48 @@ enum Batch {
 }
 
 /// Deletes at most `limit` events at or below `cut`, advancing `trimmed_to` with them.
-async fn trim_batch(pool: &PgPool, id: i64, cut: i64, limit: i64) -> Result<Batch, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    // Released at commit: serialises trimming across nodes without a session to keep.
-    let locked: bool = sqlx::query_scalar("select pg_try_advisory_xact_lock($1)")
-        .bind(RETENTION_LOCK)
-        .fetch_one(&mut *tx)
-        .await?;
-    if !locked {
-        return Ok(Batch::Busy);
+async fn trim_batch(db: &Db, id: i64, cut: i64, limit: i64) -> Result<Batch, sqlx::Error> {
+    let mut tx = db.begin_write().await?;
+    if let Tx::Postgres(t) = &mut tx {
+        // Released at commit: serialises trimming across nodes without a session to keep.
+        let locked: bool = sqlx::query_scalar("select pg_try_advisory_xact_lock($1)")
+            .bind(RETENTION_LOCK)
+            .fetch_one(&mut **t)
+            .await?;
+        if !locked {
+            return Ok(Batch::Busy);
+        }
     }
     // Only retention writes trimmed_to, and we hold its lock: this value is current.
-    let trimmed: Option<i64> = sqlx::query_scalar("select trimmed_to from streams where id = $1")
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
+    let trimmed: Option<i64> = on_tx!(&mut tx, |ex| {
+        sqlx::query_scalar("select trimmed_to from streams where id = $1")
+            .bind(id)
+            .fetch_optional(ex)
+            .await
+    })?;
     let Some(trimmed) = trimmed.filter(|t| *t < cut) else {
         return Ok(Batch::Done);
     };
     let upto = cut.min(trimmed + limit);
     // Seqs are gap-free above trimmed_to, so this range holds at most `limit` rows.
-    let deleted = sqlx::query("delete from events where stream_id = $1 and seq > $2 and seq <= $3")
-        .bind(id)
-        .bind(trimmed)
-        .bind(upto)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+    let deleted = on_tx!(&mut tx, |ex| {
+        sqlx::query("delete from events where stream_id = $1 and seq > $2 and seq <= $3")
+            .bind(id)
+            .bind(trimmed)
+            .bind(upto)
+            .execute(ex)
+            .await
+            .map(|d| d.rows_affected())
+    })?;
     // Last, so the stream row is locked (against the appender) only until the commit.
-    sqlx::query("update streams set trimmed_to = $2 where id = $1")
-        .bind(id)
-        .bind(upto)
-        .execute(&mut *tx)
-        .await?;
+    on_tx!(&mut tx, |ex| {
+        sqlx::query("update streams set trimmed_to = $2 where id = $1")
+            .bind(id)
+            .bind(upto)
+            .execute(ex)
+            .await
+            .map(|d| d.rows_affected())
+    })?;
     tx.commit().await?;
     Ok(Batch::Deleted(deleted))
 }
@@ -227,11 +251,11 @@ async fn trim_batch(pool: &PgPool, id: i64, cut: i64, limit: i64) -> Result<Batc
 /// One pass over every stream; returns how many events it deleted. Stops early (without
 /// error) if another node is trimming, or at `stop`.
 pub async fn run_once(
-    pool: &PgPool,
+    db: &Db,
     policy: &Policy,
     stop: &CancellationToken,
 ) -> Result<u64, sqlx::Error> {
-    if policy.max_age_s <= 0 && policy.max_events <= 0 && !has_overrides(pool).await? {
+    if policy.max_age_s <= 0 && policy.max_events <= 0 && !has_overrides(db).await? {
         return Ok(0);
     }
     let now = Utc::now();
@@ -239,18 +263,18 @@ pub async fn run_once(
     let mut total = 0;
     let mut after_id = 0;
     loop {
-        let page = candidates(pool, policy, now, after_id).await?;
+        let page = candidates(db, policy, now, after_id).await?;
         let Some(last) = page.last() else {
             return Ok(total);
         };
         after_id = last.id;
         for c in &page {
-            let cut = cut_for(pool, c, now).await?;
+            let cut = cut_for(db, c, now).await?;
             loop {
                 if stop.is_cancelled() {
                     return Ok(total);
                 }
-                match trim_batch(pool, c.id, cut, batch).await? {
+                match trim_batch(db, c.id, cut, batch).await? {
                     Batch::Deleted(n) => {
                         total += n;
                         metrics::counter!(m::RETENTION_DELETED).increment(n);
@@ -263,17 +287,14 @@ pub async fn run_once(
     }
 }
 
-async fn has_overrides(pool: &PgPool) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "select exists (select 1 from streams where max_age_s > 0 or max_events > 0)",
-    )
-    .fetch_one(pool)
-    .await
+async fn has_overrides(db: &Db) -> Result<bool, sqlx::Error> {
+    let sql = "select exists (select 1 from streams where max_age_s > 0 or max_events > 0)";
+    on_db!(db, read, |ex| sqlx::query_scalar(sql).fetch_one(ex).await)
 }
 
 /// Runs a pass every `every` until `shutdown`.
 pub fn spawn(
-    pool: PgPool,
+    db: Db,
     policy: Policy,
     every: Duration,
     shutdown: CancellationToken,
@@ -286,7 +307,7 @@ pub fn spawn(
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            match run_once(&pool, &policy, &shutdown).await {
+            match run_once(&db, &policy, &shutdown).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(deleted = n, "retention pass"),
                 Err(e) => tracing::warn!(error = %e, "retention pass failed"),

@@ -1,27 +1,30 @@
-//! Every SQL statement of the event log. Functions take a pool or a transaction; the locks each
-//! one takes are explained where it takes them.
+//! Every SQL statement of the event log, for both backends ([`Db`]). Functions take the
+//! database or a write transaction; the locks each one takes are explained where it takes
+//! them. One statement text serves both where PostgreSQL and SQLite agree.
 
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::postgres::PgRow;
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{PgPool, QueryBuilder, Row, Sqlite};
 
+use super::db::{on_db, on_tx, Db, Ts, Tx};
 use super::model::{format_time, StoredEvent, StreamName};
 
 /// Channel on which every appender commit is announced to all nodes.
 pub const NOTIFY_CHANNEL: &str = "tailcast_appends";
 
 /// A stream's row.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct StreamRow {
     pub id: i64,
     pub name: String,
     pub head: i64,
     pub trimmed_to: i64,
     pub closed: bool,
+    #[sqlx(try_from = "Ts")]
     pub created_at: DateTime<Utc>,
+    #[sqlx(try_from = "Ts")]
     pub updated_at: DateTime<Utc>,
 }
 
@@ -38,18 +41,6 @@ pub struct StreamInfo {
 }
 
 impl StreamRow {
-    fn from_row(r: &PgRow) -> Self {
-        StreamRow {
-            id: r.get("id"),
-            name: r.get("name"),
-            head: r.get("head"),
-            trimmed_to: r.get("trimmed_to"),
-            closed: r.get("closed"),
-            created_at: r.get("created_at"),
-            updated_at: r.get("updated_at"),
-        }
-    }
-
     pub fn info(&self) -> StreamInfo {
         StreamInfo {
             name: self.name.clone(),
@@ -64,34 +55,49 @@ impl StreamRow {
 
 const STREAM_COLUMNS: &str = "id, name, head, trimmed_to, closed, created_at, updated_at";
 
-pub async fn stream(pool: &PgPool, name: &str) -> Result<Option<StreamRow>, sqlx::Error> {
+/// The columns of a [`StoredEvent`], named as its fields.
+pub const EVENT_COLUMNS: &str = "seq, type as ty, data, event_id as id, key, time";
+
+/// Most values one SQLite statement may bind.
+const SQLITE_MAX_BINDS: usize = 32_766;
+
+/// A JSON array of `items`, for SQLite statements that take a list as one `json_each` value.
+fn json_list<T: Serialize>(items: &[T]) -> String {
+    serde_json::to_string(items).expect("a list of strings and numbers serialises")
+}
+
+pub async fn stream(db: &Db, name: &str) -> Result<Option<StreamRow>, sqlx::Error> {
     let sql = format!("select {STREAM_COLUMNS} from streams where name = $1");
-    let row = sqlx::query(&sql).bind(name).fetch_optional(pool).await?;
-    Ok(row.as_ref().map(StreamRow::from_row))
+    on_db!(db, read, |ex| {
+        sqlx::query_as(&sql).bind(name).fetch_optional(ex).await
+    })
 }
 
 /// Streams whose name starts with `prefix`, after `after_name`, in name order (keyset paging).
 pub async fn list_streams(
-    pool: &PgPool,
+    db: &Db,
     prefix: &str,
     after_name: &str,
     limit: i64,
 ) -> Result<Vec<StreamRow>, sqlx::Error> {
-    // `name` is collated "C" (code point order), so the names starting with `prefix` are
-    // the index range [prefix, successor): the scan starts at the page and stops at its end.
+    // `name` compares by code point (collation "C"; SQLite's BINARY on UTF-8 agrees), so the
+    // names starting with `prefix` are the index range [prefix, successor): the scan starts at
+    // the page and stops at its end.
     let sql = format!(
         "select {STREAM_COLUMNS} from streams
-         where name > $1 and name >= $2 and ($3::text is null or name < $3)
+         where name > $1 and name >= $2 and ($3 is null or name < $3)
          order by name limit $4"
     );
-    let rows = sqlx::query(&sql)
-        .bind(after_name)
-        .bind(prefix)
-        .bind(prefix_successor(prefix))
-        .bind(limit)
-        .fetch_all(pool)
-        .await?;
-    Ok(rows.iter().map(StreamRow::from_row).collect())
+    let successor = prefix_successor(prefix);
+    on_db!(db, read, |ex| {
+        sqlx::query_as(&sql)
+            .bind(after_name)
+            .bind(prefix)
+            .bind(successor.as_deref())
+            .bind(limit)
+            .fetch_all(ex)
+            .await
+    })
 }
 
 /// The smallest string greater than every string starting with `prefix`, if there is one.
@@ -107,24 +113,13 @@ fn prefix_successor(prefix: &str) -> Option<String> {
     None
 }
 
-fn event_from_row(r: &PgRow) -> StoredEvent {
-    StoredEvent {
-        seq: r.get(0),
-        ty: r.get(1),
-        data: r.get(2),
-        id: r.get(3),
-        key: r.get(4),
-        time: r.get(5),
-    }
-}
-
 /// Events with `after < seq <= upto`, oldest first: at most `limit` events, and the page
 /// also ends once it holds `max_bytes` of `data` (it
 /// always holds at least one event if there is one). A page of a thousand 1 MiB events would
 /// be a gigabyte per reader; this keeps catch-up and export memory small whatever the events.
 /// A page is complete (the log may hold more) if it has `limit` events or `max_bytes` bytes.
 pub async fn read_events_bounded(
-    pool: &PgPool,
+    db: &Db,
     stream_id: i64,
     after: i64,
     upto: i64,
@@ -133,8 +128,8 @@ pub async fn read_events_bounded(
 ) -> Result<Vec<StoredEvent>, sqlx::Error> {
     // `octet_length` of a TOASTed value reads only its header, and rows past the budget are
     // filtered before their `data` is fetched from TOAST.
-    let rows = sqlx::query(
-        r#"select seq, type, data, event_id, key, time from (
+    let sql = format!(
+        r#"select {EVENT_COLUMNS} from (
              select seq, type, data, event_id, key, time,
                     sum(octet_length(data)) over (order by seq) - octet_length(data) as before
              from events
@@ -142,16 +137,18 @@ pub async fn read_events_bounded(
              order by seq limit $4
            ) page
            where before < $5
-           order by seq"#,
-    )
-    .bind(stream_id)
-    .bind(after)
-    .bind(upto)
-    .bind(limit)
-    .bind(max_bytes)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows.iter().map(event_from_row).collect())
+           order by seq"#
+    );
+    on_db!(db, read, |ex| {
+        sqlx::query_as(&sql)
+            .bind(stream_id)
+            .bind(after)
+            .bind(upto)
+            .bind(limit)
+            .bind(max_bytes)
+            .fetch_all(ex)
+            .await
+    })
 }
 
 /// True if a page read with [`read_events_bounded`] may have stopped before the log's end.
@@ -162,92 +159,147 @@ pub fn page_is_full(events: &[StoredEvent], limit: i64, max_bytes: i64) -> bool 
 
 /// The seq just before the first event at or after `since` (a cursor), or the head if none is.
 pub async fn cursor_at_time(
-    pool: &PgPool,
+    db: &Db,
     stream: &StreamRow,
     since: DateTime<Utc>,
 ) -> Result<i64, sqlx::Error> {
-    let seq: Option<i64> = sqlx::query_scalar(
-        r#"select seq from events where stream_id = $1 and time >= $2
-           order by time, seq limit 1"#,
-    )
-    .bind(stream.id)
-    .bind(since)
-    .fetch_optional(pool)
-    .await?;
+    let sql = "select seq from events where stream_id = $1 and time >= $2
+               order by time, seq limit 1";
+    let seq: Option<i64> = on_db!(db, read, |ex| {
+        sqlx::query_scalar(sql)
+            .bind(stream.id)
+            .bind(Ts(since))
+            .fetch_optional(ex)
+            .await
+    })?;
     Ok(seq.map_or(stream.head, |s| s - 1))
 }
 
 /// The latest event of every key with `seq <= at`, ordered by key.
-pub async fn snapshot(
-    pool: &PgPool,
-    stream_id: i64,
-    at: i64,
-) -> Result<Vec<StoredEvent>, sqlx::Error> {
-    let rows = sqlx::query(
-        r#"select distinct on (key) seq, type, data, event_id, key, time from events
-           where stream_id = $1 and key is not null and seq <= $2
-           order by key, seq desc"#,
-    )
-    .bind(stream_id)
-    .bind(at)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows.iter().map(event_from_row).collect())
+pub async fn snapshot(db: &Db, stream_id: i64, at: i64) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    let sql = match db {
+        Db::Postgres(_) => format!(
+            r#"select distinct on (key) {EVENT_COLUMNS} from events
+               where stream_id = $1 and key is not null and seq <= $2
+               order by key, seq desc"#
+        ),
+        // SQLite has no `distinct on`: the newest per key is the one no newer event of its
+        // key (at or below `at`) follows, found through the (stream_id, key, seq) index.
+        Db::Sqlite(_) => format!(
+            r#"select {EVENT_COLUMNS} from events e
+               where stream_id = $1 and key is not null and seq <= $2
+                 and not exists (select 1 from events n
+                                 where n.stream_id = e.stream_id and n.key = e.key
+                                   and n.seq > e.seq and n.seq <= $2)
+               order by key"#
+        ),
+    };
+    on_db!(db, read, |ex| {
+        sqlx::query_as(&sql)
+            .bind(stream_id)
+            .bind(at)
+            .fetch_all(ex)
+            .await
+    })
 }
 
 /// Deletes a stream and its events. Returns false if it did not exist.
-pub async fn delete_stream(pool: &PgPool, name: &str, node: &str) -> Result<bool, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    // Taking the row lock first waits for an appender batch on this stream to commit, so the
-    // delete never interleaves with an append in flight.
-    let id: Option<i64> = sqlx::query_scalar("select id from streams where name = $1 for update")
-        .bind(name)
-        .fetch_optional(&mut *tx)
-        .await?;
+pub async fn delete_stream(db: &Db, name: &str, node: &str) -> Result<bool, sqlx::Error> {
+    let mut tx = db.begin_write().await?;
+    // On PostgreSQL, taking the row lock first waits for an appender batch on this stream to
+    // commit, so the delete never interleaves with an append in flight (on SQLite, the write
+    // transaction excludes the appender's).
+    let sql = match tx {
+        Tx::Postgres(_) => "select id from streams where name = $1 for update",
+        Tx::Sqlite(_) => "select id from streams where name = $1",
+    };
+    let id: Option<i64> = on_tx!(&mut tx, |ex| {
+        sqlx::query_scalar(sql).bind(name).fetch_optional(ex).await
+    })?;
     let Some(id) = id else {
         return Ok(false);
     };
-    sqlx::query("delete from events where stream_id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("delete from streams where id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    // A head of -1 tells the other nodes the stream is gone.
-    sqlx::query("select pg_notify($1, $2)")
-        .bind(NOTIFY_CHANNEL)
-        .bind(format!("{node}\n{name} -1"))
-        .execute(&mut *tx)
-        .await?;
+    on_tx!(&mut tx, |ex| {
+        sqlx::query("delete from events where stream_id = $1")
+            .bind(id)
+            .execute(ex)
+            .await
+            .map(|d| d.rows_affected())
+    })?;
+    on_tx!(&mut tx, |ex| {
+        sqlx::query("delete from streams where id = $1")
+            .bind(id)
+            .execute(ex)
+            .await
+            .map(|d| d.rows_affected())
+    })?;
+    if let Tx::Postgres(tx) = &mut tx {
+        // A head of -1 tells the other nodes the stream is gone.
+        sqlx::query("select pg_notify($1, $2)")
+            .bind(NOTIFY_CHANNEL)
+            .bind(format!("{node}\n{name} -1"))
+            .execute(&mut **tx)
+            .await?;
+    }
     tx.commit().await?;
     Ok(true)
 }
 
 /// Locks (creating where missing) the rows of `names`, sorted, and returns them by name.
 ///
-/// Rows are locked in name order so that two appenders (on any nodes) whose batches share
-/// streams cannot deadlock; the locks are held until the caller's transaction commits, which
-/// is what keeps per-stream commit order equal to seq order.
+/// On PostgreSQL rows are locked in name order so that two appenders (on any nodes) whose
+/// batches share streams cannot deadlock; the locks are held until the caller's transaction
+/// commits, which is what keeps per-stream commit order equal to seq order. On SQLite the
+/// transaction already holds the database's write lock.
 /// Rows it creates get `time` (the batch's commit time) as their creation time, so that a
 /// stream's `created_at` never comes after the `time` of its first event. The ids of the rows
 /// this transaction created come back too: [`drop_created_streams`] removes those no append
 /// ended up writing to.
 pub async fn lock_streams(
-    tx: &mut Transaction<'_, Postgres>,
+    tx: &mut Tx,
     names: &[&str],
     time: DateTime<Utc>,
 ) -> Result<(HashMap<String, StreamRow>, HashSet<i64>), sqlx::Error> {
-    let sql = format!(
-        "select {STREAM_COLUMNS} from streams where name = any($1) order by name for update"
-    );
-    let rows = sqlx::query(&sql).bind(names).fetch_all(&mut **tx).await?;
-    let mut found: HashMap<String, StreamRow> = rows
-        .iter()
-        .map(StreamRow::from_row)
-        .map(|r| (r.name.clone(), r))
-        .collect();
+    let (select, insert) = match tx {
+        Tx::Postgres(_) => (
+            format!(
+                "select {STREAM_COLUMNS} from streams where name = any($1) order by name for update"
+            ),
+            // A concurrent creator may win the insert; `do nothing` then leaves its row, which
+            // the select after it locks (waiting for that creator to commit).
+            "insert into streams (name, created_at, updated_at)
+             select n, $2, $2 from unnest($1::text[]) as t(n) order by n
+             on conflict (name) do nothing
+             returning id",
+        ),
+        Tx::Sqlite(_) => (
+            format!(
+                "select {STREAM_COLUMNS} from streams
+                 where name in (select value from json_each($1)) order by name"
+            ),
+            // `where true` lets SQLite parse the upsert clause after a select.
+            "insert into streams (name, created_at, updated_at)
+             select value, $2, $2 from json_each($1) where true
+             on conflict (name) do nothing
+             returning id",
+        ),
+    };
+    let rows: Vec<StreamRow> = match tx {
+        Tx::Postgres(t) => {
+            sqlx::query_as(&select)
+                .bind(names)
+                .fetch_all(&mut **t)
+                .await?
+        }
+        Tx::Sqlite(t) => {
+            sqlx::query_as(&select)
+                .bind(json_list(names))
+                .fetch_all(&mut **t)
+                .await?
+        }
+    };
+    let mut found: HashMap<String, StreamRow> =
+        rows.into_iter().map(|r| (r.name.clone(), r)).collect();
     let mut created = HashSet::new();
     let missing: Vec<&str> = names
         .iter()
@@ -255,74 +307,102 @@ pub async fn lock_streams(
         .filter(|n| !found.contains_key(*n))
         .collect();
     if !missing.is_empty() {
-        // A concurrent creator may win the insert; `do nothing` then leaves its row, which the
-        // select below locks (waiting for that creator to commit).
-        let ids: Vec<i64> = sqlx::query_scalar(
-            "insert into streams (name, created_at, updated_at)
-             select n, $2, $2 from unnest($1::text[]) as t(n) order by n
-             on conflict (name) do nothing
-             returning id",
-        )
-        .bind(&missing)
-        .bind(time)
-        .fetch_all(&mut **tx)
-        .await?;
+        let (ids, rows): (Vec<i64>, Vec<StreamRow>) = match tx {
+            Tx::Postgres(t) => {
+                let ids = sqlx::query_scalar(insert)
+                    .bind(&missing)
+                    .bind(Ts(time))
+                    .fetch_all(&mut **t)
+                    .await?;
+                let rows = sqlx::query_as(&select)
+                    .bind(&missing)
+                    .fetch_all(&mut **t)
+                    .await?;
+                (ids, rows)
+            }
+            Tx::Sqlite(t) => {
+                let list = json_list(&missing);
+                let ids = sqlx::query_scalar(insert)
+                    .bind(&list)
+                    .bind(Ts(time))
+                    .fetch_all(&mut **t)
+                    .await?;
+                let rows = sqlx::query_as(&select)
+                    .bind(&list)
+                    .fetch_all(&mut **t)
+                    .await?;
+                (ids, rows)
+            }
+        };
         created.extend(ids);
-        let rows = sqlx::query(&sql)
-            .bind(&missing)
-            .fetch_all(&mut **tx)
-            .await?;
-        found.extend(
-            rows.iter()
-                .map(StreamRow::from_row)
-                .map(|r| (r.name.clone(), r)),
-        );
+        found.extend(rows.into_iter().map(|r| (r.name.clone(), r)));
     }
     Ok((found, created))
 }
 
 /// Deletes stream rows created earlier in this transaction that nothing was appended to (every
 /// append to them failed), so a refused append leaves no empty stream behind.
-pub async fn drop_created_streams(
-    tx: &mut Transaction<'_, Postgres>,
-    ids: &[i64],
-) -> Result<(), sqlx::Error> {
+pub async fn drop_created_streams(tx: &mut Tx, ids: &[i64]) -> Result<(), sqlx::Error> {
     if ids.is_empty() {
         return Ok(());
     }
-    sqlx::query("delete from streams where id = any($1) and head = 0")
-        .bind(ids)
-        .execute(&mut **tx)
-        .await?;
+    match tx {
+        Tx::Postgres(t) => sqlx::query("delete from streams where id = any($1) and head = 0")
+            .bind(ids)
+            .execute(&mut **t)
+            .await?
+            .rows_affected(),
+        Tx::Sqlite(t) => sqlx::query(
+            "delete from streams where id in (select value from json_each($1)) and head = 0",
+        )
+        .bind(json_list(ids))
+        .execute(&mut **t)
+        .await?
+        .rows_affected(),
+    };
     Ok(())
 }
 
 /// `(stream_id, event_id) -> seq` for the ids that already exist.
 pub async fn existing_ids(
-    tx: &mut Transaction<'_, Postgres>,
+    tx: &mut Tx,
     stream_ids: &[i64],
     event_ids: &[&str],
 ) -> Result<HashMap<(i64, String), i64>, sqlx::Error> {
     if event_ids.is_empty() {
         return Ok(HashMap::new());
     }
-    let rows = sqlx::query(
-        r#"select e.stream_id, e.event_id, e.seq
-           from unnest($1::bigint[], $2::text[]) as t(sid, eid)
-           join events e on e.stream_id = t.sid and e.event_id = t.eid"#,
-    )
-    .bind(stream_ids)
-    .bind(event_ids)
-    .fetch_all(&mut **tx)
-    .await?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            (
-                (r.get::<i64, _>(0), r.get::<String, _>(1)),
-                r.get::<i64, _>(2),
+    let rows: Vec<(i64, String, i64)> = match tx {
+        Tx::Postgres(t) => {
+            sqlx::query_as(
+                r#"select e.stream_id, e.event_id, e.seq
+                   from unnest($1::bigint[], $2::text[]) as t(sid, eid)
+                   join events e on e.stream_id = t.sid and e.event_id = t.eid"#,
             )
-        })
+            .bind(stream_ids)
+            .bind(event_ids)
+            .fetch_all(&mut **t)
+            .await?
+        }
+        Tx::Sqlite(t) => {
+            let pairs: Vec<(i64, &str)> = stream_ids
+                .iter()
+                .copied()
+                .zip(event_ids.iter().copied())
+                .collect();
+            sqlx::query_as(
+                r#"select e.stream_id, e.event_id, e.seq
+                   from json_each($1) as t
+                   join events e on e.stream_id = t.value ->> 0 and e.event_id = t.value ->> 1"#,
+            )
+            .bind(json_list(&pairs))
+            .fetch_all(&mut **t)
+            .await?
+        }
+    };
+    Ok(rows
+        .into_iter()
+        .map(|(sid, eid, seq)| ((sid, eid), seq))
         .collect())
 }
 
@@ -337,68 +417,94 @@ pub struct EventRows<'a> {
     pub key: Vec<Option<&'a str>>,
 }
 
-/// Inserts every row in one statement, all with the batch's commit time.
+/// Inserts every row (in one statement on PostgreSQL, in as few as SQLite's bind limit
+/// allows), all with the batch's commit time.
 pub async fn insert_events(
-    tx: &mut Transaction<'_, Postgres>,
+    tx: &mut Tx,
     rows: &EventRows<'_>,
     time: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
     if rows.seq.is_empty() {
         return Ok(());
     }
-    sqlx::query(
-        r#"insert into events (stream_id, seq, type, data, event_id, key, time)
-           select sid, seq, ty, data, eid, k, $7
-           from unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[])
-             as t(sid, seq, ty, data, eid, k)"#,
-    )
-    .bind(&rows.stream_id)
-    .bind(&rows.seq)
-    .bind(&rows.ty)
-    .bind(&rows.data)
-    .bind(&rows.id)
-    .bind(&rows.key)
-    .bind(time)
-    .execute(&mut **tx)
-    .await?;
+    match tx {
+        Tx::Postgres(t) => {
+            sqlx::query(
+                r#"insert into events (stream_id, seq, type, data, event_id, key, time)
+                   select sid, seq, ty, data, eid, k, $7
+                   from unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],
+                               $6::text[]) as t(sid, seq, ty, data, eid, k)"#,
+            )
+            .bind(&rows.stream_id)
+            .bind(&rows.seq)
+            .bind(&rows.ty)
+            .bind(&rows.data)
+            .bind(&rows.id)
+            .bind(&rows.key)
+            .bind(Ts(time))
+            .execute(&mut **t)
+            .await?;
+        }
+        Tx::Sqlite(t) => {
+            const COLUMNS: usize = 7;
+            let indices: Vec<usize> = (0..rows.seq.len()).collect();
+            for chunk in indices.chunks(SQLITE_MAX_BINDS / COLUMNS) {
+                let mut q = QueryBuilder::<Sqlite>::new(
+                    "insert into events (stream_id, seq, type, data, event_id, key, time) ",
+                );
+                q.push_values(chunk, |mut b, &i| {
+                    b.push_bind(rows.stream_id[i])
+                        .push_bind(rows.seq[i])
+                        .push_bind(rows.ty[i])
+                        .push_bind(rows.data[i])
+                        .push_bind(rows.id[i])
+                        .push_bind(rows.key[i])
+                        .push_bind(Ts(time));
+                });
+                q.build().persistent(false).execute(&mut **t).await?;
+            }
+        }
+    }
     Ok(())
 }
 
 /// Sets the new heads (and closed flags) of the streams a batch wrote to.
 pub async fn update_heads(
-    tx: &mut Transaction<'_, Postgres>,
+    tx: &mut Tx,
     ids: &[i64],
     heads: &[i64],
     closed: &[bool],
     time: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        r#"update streams s set head = t.head, closed = t.closed, updated_at = $4
-           from unnest($1::bigint[], $2::bigint[], $3::bool[]) as t(id, head, closed)
-           where s.id = t.id"#,
-    )
-    .bind(ids)
-    .bind(heads)
-    .bind(closed)
-    .bind(time)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-/// Queues notifications for the other nodes; PostgreSQL delivers them at commit.
-pub async fn notify(
-    tx: &mut Transaction<'_, Postgres>,
-    payloads: &[String],
-) -> Result<(), sqlx::Error> {
-    if payloads.is_empty() {
-        return Ok(());
+    match tx {
+        Tx::Postgres(t) => {
+            sqlx::query(
+                r#"update streams s set head = t.head, closed = t.closed, updated_at = $4
+                   from unnest($1::bigint[], $2::bigint[], $3::bool[]) as t(id, head, closed)
+                   where s.id = t.id"#,
+            )
+            .bind(ids)
+            .bind(heads)
+            .bind(closed)
+            .bind(Ts(time))
+            .execute(&mut **t)
+            .await?;
+        }
+        Tx::Sqlite(t) => {
+            // One prepared statement per stream: in-process, each costs microseconds.
+            for ((id, head), closed) in ids.iter().zip(heads).zip(closed) {
+                sqlx::query(
+                    "update streams set head = $2, closed = $3, updated_at = $4 where id = $1",
+                )
+                .bind(id)
+                .bind(head)
+                .bind(closed)
+                .bind(Ts(time))
+                .execute(&mut **t)
+                .await?;
+            }
+        }
     }
-    sqlx::query("select pg_notify($1, p) from unnest($2::text[]) as t(p)")
-        .bind(NOTIFY_CHANNEL)
-        .bind(payloads)
-        .execute(&mut **tx)
-        .await?;
     Ok(())
 }
 
@@ -456,11 +562,14 @@ pub fn notify_payloads(node: &str, heads: &[(&StreamName, i64)]) -> Vec<String> 
 }
 
 /// Succeeds if the database answers a trivial query.
-pub async fn ping(pool: &PgPool) -> Result<(), sqlx::Error> {
-    sqlx::query("select 1").execute(pool).await.map(|_| ())
+pub async fn ping(db: &Db) -> Result<(), sqlx::Error> {
+    on_db!(db, read, |ex| sqlx::query("select 1")
+        .execute(ex)
+        .await
+        .map(|_| ()))
 }
 
-/// The current head of each named stream that exists.
+/// The current head of each named stream that exists (PostgreSQL: the notify path).
 pub async fn stream_heads(
     pool: &PgPool,
     names: &[&str],
@@ -476,7 +585,7 @@ pub async fn stream_heads(
 }
 
 /// Events with `after < seq <= upto` of a stream known by name (what notifications carry),
-/// oldest first, at most `limit`.
+/// oldest first, at most `limit` (PostgreSQL: the notify path).
 pub async fn read_events_by_name(
     pool: &PgPool,
     name: &str,
@@ -484,8 +593,8 @@ pub async fn read_events_by_name(
     upto: i64,
     limit: i64,
 ) -> Result<Vec<StoredEvent>, sqlx::Error> {
-    let rows = sqlx::query(
-        r#"select e.seq, e.type, e.data, e.event_id, e.key, e.time
+    sqlx::query_as(
+        r#"select e.seq, e.type as ty, e.data, e.event_id as id, e.key, e.time
            from streams s join events e on e.stream_id = s.id
            where s.name = $1 and e.seq > $2 and e.seq <= $3
            order by e.seq limit $4"#,
@@ -495,16 +604,20 @@ pub async fn read_events_by_name(
     .bind(upto)
     .bind(limit)
     .fetch_all(pool)
-    .await?;
-    Ok(rows.iter().map(event_from_row).collect())
+    .await
 }
 
-/// Like [`notify`], and returns the transaction's id (None if there was nothing to send),
-/// so that a commit whose outcome is unknown can be looked up with [`transaction_status`].
+/// Queues notifications for the other nodes (PostgreSQL delivers them at commit) and returns
+/// the transaction's id (None if there was nothing to send, and always on SQLite, where there
+/// are no other nodes), so that a commit whose outcome is unknown can be looked up with
+/// [`transaction_status`].
 pub async fn notify_returning_xid(
-    tx: &mut Transaction<'_, Postgres>,
+    tx: &mut Tx,
     payloads: &[String],
 ) -> Result<Option<i64>, sqlx::Error> {
+    let Tx::Postgres(tx) = tx else {
+        return Ok(None);
+    };
     if payloads.is_empty() {
         return Ok(None);
     }
@@ -520,8 +633,12 @@ pub async fn notify_returning_xid(
     Ok(Some(xid))
 }
 
-/// `committed`, `aborted` or `in progress` (None: too old to know).
-pub async fn transaction_status(pool: &PgPool, xid: i64) -> Result<Option<String>, sqlx::Error> {
+/// `committed`, `aborted` or `in progress` (None: too old to know). PostgreSQL only: an
+/// in-process SQLite commit has no outcome to look up later.
+pub async fn transaction_status(db: &Db, xid: i64) -> Result<Option<String>, sqlx::Error> {
+    let Db::Postgres(pool) = db else {
+        return Ok(None);
+    };
     sqlx::query_scalar("select txid_status($1)")
         .bind(xid)
         .fetch_one(pool)
