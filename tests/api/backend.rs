@@ -8,12 +8,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use sqlx::encode::IsNull;
-use sqlx::error::BoxDynError;
-use sqlx::postgres::{PgArgumentBuffer, PgPoolOptions, PgTypeInfo};
-use sqlx::sqlite::{SqliteArgumentValue, SqliteTypeInfo};
-use sqlx::{Encode, PgPool, Postgres, Sqlite, Type};
+use chrono::Utc;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tailcast::log::db::Ts;
 use tailcast::Db;
 use tempfile::TempDir;
 
@@ -219,43 +217,8 @@ macro_rules! on_db {
 }
 pub(crate) use on_db;
 
-/// A time bound into SQL on either backend, for one statement text on both: `timestamptz` on
-/// PostgreSQL, INTEGER milliseconds since the Unix epoch on SQLite (its schema's times).
-#[derive(Clone, Copy, Debug)]
-pub struct SqlTime(pub DateTime<Utc>);
-
-impl SqlTime {
-    pub fn now() -> SqlTime {
-        SqlTime(Utc::now())
-    }
-
-    /// `age` before now.
-    pub fn ago(age: Duration) -> SqlTime {
-        SqlTime(Utc::now() - chrono::TimeDelta::from_std(age).expect("an age in range"))
-    }
-}
-
-impl Type<Postgres> for SqlTime {
-    fn type_info() -> PgTypeInfo {
-        <DateTime<Utc> as Type<Postgres>>::type_info()
-    }
-}
-
-impl Encode<'_, Postgres> for SqlTime {
-    fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
-        <DateTime<Utc> as Encode<Postgres>>::encode_by_ref(&self.0, buf)
-    }
-}
-
-impl Type<Sqlite> for SqlTime {
-    fn type_info() -> SqliteTypeInfo {
-        <i64 as Type<Sqlite>>::type_info()
-    }
-}
-
-impl<'q> Encode<'q, Sqlite> for SqlTime {
-    fn encode_by_ref(&self, args: &mut Vec<SqliteArgumentValue<'q>>) -> Result<IsNull, BoxDynError> {
-        args.push(SqliteArgumentValue::Int64(self.0.timestamp_millis()));
-        Ok(IsNull::No)
-    }
+/// A time `age` ago, bound into SQL as either backend stores times (`timestamptz`, or INTEGER
+/// milliseconds since the Unix epoch on SQLite).
+pub fn ago(age: Duration) -> Ts {
+    Ts(Utc::now() - chrono::TimeDelta::from_std(age).expect("an age in range"))
 }

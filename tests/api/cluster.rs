@@ -222,10 +222,7 @@ async fn killing_a_nodes_listen_connection_mid_stream_loses_nothing(db: TestDb) 
 async fn the_listen_session_may_use_its_own_database_url(db: TestDb) {
     let url = db.url().to_owned();
     let a = spawn_node(&db, "a").await;
-    let b = spawn_node_with(&db, "b", |c| {
-        c.listen_database_url = Some(url)
-    })
-    .await;
+    let b = spawn_node_with(&db, "b", |c| c.listen_database_url = Some(url)).await;
     wait_until("B listening", || listening(&b)).await;
     let mut sub = b.sse_events("s", "", None).await;
     a.append("s", json!([{"data":1},{"data":2}])).await;
@@ -240,4 +237,16 @@ async fn the_listen_session_may_use_its_own_database_url(db: TestDb) {
     assert!(err.to_string().contains("listen-database-url"), "{err}");
     a.shutdown().await;
     b.shutdown().await;
+}
+
+// A LISTEN session of its own only makes sense for nodes sharing PostgreSQL: SQLite's rule.
+#[backend_test(sqlite)]
+async fn a_sqlite_server_refuses_a_listen_database_url(db: TestDb) {
+    let mut config = tailcast::Config::for_database(db.url());
+    config.listen_database_url = Some("postgres://postgres@127.0.0.1/postgres".into());
+    let err = tailcast::App::with_db(config, db.db.clone())
+        .await
+        .err()
+        .expect("a LISTEN database beside SQLite is refused at start-up");
+    assert!(err.to_string().contains("listen-database-url"), "{err}");
 }

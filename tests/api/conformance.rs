@@ -7,8 +7,8 @@ use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::backend::{backend_test, TestDb};
 use crate::auth::{now_s, SECRET};
+use crate::backend::{backend_test, TestDb};
 use crate::helpers::{read_response, TestApp, WAIT};
 
 /// Asserts that `keys` appear in `text` as object keys, in this order.

@@ -113,7 +113,10 @@ async fn a_sigkill_mid_stream_loses_no_acknowledged_append(db: TestDb) {
         assert_eq!(seq, n as i64 + 1, "a gap or a duplicate seq");
         let id = ev["id"].as_str().unwrap().to_owned();
         assert!(sent.tried.contains(&id), "{id} was never sent");
-        assert!(stored.insert(id.clone(), seq).is_none(), "{id} stored twice");
+        assert!(
+            stored.insert(id.clone(), seq).is_none(),
+            "{id} stored twice"
+        );
     }
     for (id, seq) in &sent.acked {
         assert_eq!(stored.get(id), Some(seq), "acknowledged {id} lost or moved");

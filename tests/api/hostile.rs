@@ -10,8 +10,8 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::backend::{backend_test, TestDb};
 use crate::auth::{now_s, spawn_secured, token, SECRET};
+use crate::backend::{backend_test, TestDb};
 use crate::helpers::{TestApp, WAIT};
 
 /// Sends `request` as is and returns the response's status and head, or `None` when the

@@ -5,7 +5,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::backend::{backend_test, on_db, SqlTime, TestDb};
+use crate::backend::{ago, backend_test, on_db, TestDb};
 use crate::helpers::{TestApp, WAIT};
 use crate::ws_client::WsClient;
 
@@ -329,23 +329,26 @@ async fn expiry_is_exactly_once_with_two_nodes_and_across_a_restart(db: TestDb) 
     let (status, _) = node.answer_input("c", "dup", json!("yes")).await;
     assert_eq!(status, 201);
     node.shutdown().await;
-    let hour_ago = SqlTime::ago(Duration::from_secs(3600));
-    on_db!(db, |ex| sqlx::query(
+    let hour_ago = ago(Duration::from_secs(3600));
+    let lost = on_db!(db, |ex| sqlx::query(
         "update input_requests set status = 'expired', resolved_at = $1,
          announced = false where request_id = 'lost'",
     )
     .bind(hour_ago)
     .execute(ex)
     .await
-    .unwrap());
-    on_db!(db, |ex| sqlx::query(
+    .unwrap()
+    .rows_affected());
+    let dup = on_db!(db, |ex| sqlx::query(
         "update input_requests set resolved_at = $1, announced = false
          where request_id = 'dup'",
     )
     .bind(hour_ago)
     .execute(ex)
     .await
-    .unwrap());
+    .unwrap()
+    .rows_affected());
+    assert_eq!((lost, dup), (1, 1));
     let restarted = TestApp::spawn_with(db.clone(), fast).await;
     let mut ws = restarted.ws().await;
     ws.subscribe("c", json!({"after":0})).await;

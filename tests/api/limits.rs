@@ -9,8 +9,8 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::backend::{backend_test, TestDb};
 use crate::auth::{call, token, SECRET};
+use crate::backend::{backend_test, TestDb};
 use crate::helpers::{TestApp, WAIT};
 
 /// A loopback address other than 127.0.0.1: another client, as far as per-address limits go.

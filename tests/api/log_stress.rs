@@ -5,8 +5,9 @@ use std::collections::HashMap;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
+use tailcast::log::db::Ts;
 
-use crate::backend::{backend_test, on_db, SqlTime, TestDb};
+use crate::backend::{backend_test, on_db, TestDb};
 use crate::helpers::{TestApp, WAIT};
 use crate::wire::{self, peak_rss, seq};
 
@@ -254,7 +255,7 @@ fn for_each_line(partial: &mut Vec<u8>, chunk: &[u8], mut each: impl FnMut(&[u8]
 /// `$4`, which is bound to `pad` (the same text on both backends: `||` concatenates on each).
 async fn seed_big_stream(db: &TestDb, events: i64, typ: &str, data_sql: &str, pad: &str) {
     db.db.migrate().await.unwrap();
-    let now = SqlTime::now();
+    let now = Ts(chrono::Utc::now());
     on_db!(db, |ex| {
         let id: i64 = sqlx::query_scalar(
             "insert into streams (name, head, created_at, updated_at)

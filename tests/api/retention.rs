@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use tailcast::log::retention::{self, Policy};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{backend_test, on_db, SqlTime, TestDb};
+use crate::backend::{ago, backend_test, on_db, TestDb};
 use crate::helpers::TestApp;
 use crate::nodes::wait_until;
 
@@ -130,15 +130,17 @@ async fn age_limits_remove_old_events_but_a_closed_stream_keeps_its_end(db: Test
     assert_eq!(res.status(), 201);
     append_n(&app, "open", 2).await;
     // Age the first five events of `open` and every event of `done` by an hour.
-    let hour_ago = SqlTime::ago(Duration::from_secs(3600));
-    on_db!(app.db, |ex| sqlx::query(
+    let hour_ago = ago(Duration::from_secs(3600));
+    let aged = on_db!(app.db, |ex| sqlx::query(
         "update events set time = $1
          where seq <= 5 or stream_id = (select id from streams where name = 'done')",
     )
     .bind(hour_ago)
     .execute(ex)
     .await
-    .unwrap());
+    .unwrap()
+    .rows_affected());
+    assert_eq!(aged, 5 + 6);
     for s in ["open", "done"] {
         let res = put_retention(&app, s, r#"{"max_age_s":60}"#).await;
         assert_eq!(res.status(), 200);
@@ -188,9 +190,12 @@ async fn several_nodes_trimming_at_once_delete_each_event_once(db: TestDb) {
     let mut deleted = 0;
     // Passes stop early when another node holds the lock; repeat until nothing is left.
     loop {
-        let runs =
-            futures::future::join_all(nodes.iter().map(|n| retention::run_once(&n.db, &policy, &stop)))
-                .await;
+        let runs = futures::future::join_all(
+            nodes
+                .iter()
+                .map(|n| retention::run_once(&n.db, &policy, &stop)),
+        )
+        .await;
         let n: u64 = runs.into_iter().map(Result::unwrap).sum();
         if n == 0 {
             break;

@@ -170,12 +170,16 @@ async fn resumes_from_every_kind_of_cursor(db: TestDb) {
         .await;
     // Events removed but the stream row not yet updated (retention mid-way): the hole in
     // the log is still announced, never skipped silently.
-    on_db!(app.db, |ex| sqlx::query(
+    let deleted = on_db!(app.db, |ex| {
+        sqlx::query(
         "delete from events where seq <= 6 and stream_id = (select id from streams where name = 's')"
     )
     .execute(ex)
     .await
-    .unwrap());
+    .unwrap()
+    .rows_affected()
+    });
+    assert_eq!(deleted, 2);
     let mut hole = open_sse(&app, "s", "?after=4", None).await.sse();
     let n = hole.notice().await;
     assert_eq!(n["notice"], "gap");

@@ -205,7 +205,9 @@ async fn closing_and_deleting_a_stream_end_its_subscription(db: TestDb) {
 }
 
 #[backend_test]
-async fn every_malformed_message_gets_a_specific_error_and_the_connection_keeps_working(db: TestDb) {
+async fn every_malformed_message_gets_a_specific_error_and_the_connection_keeps_working(
+    db: TestDb,
+) {
     let app = TestApp::spawn(db).await;
     let mut ws = app.ws().await;
     let deep = format!(

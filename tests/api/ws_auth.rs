@@ -9,8 +9,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::backend::{backend_test, TestDb};
 use crate::auth::{admin_append, call, now_s, spawn_secured, token, token_with, ADMIN, SECRET};
+use crate::backend::{backend_test, TestDb};
 use crate::helpers::{TestApp, WAIT};
 use crate::ws_client::WsClient;
 
