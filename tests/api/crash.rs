@@ -20,11 +20,12 @@ struct Sent {
     tried: HashSet<String>,
 }
 
-/// Appends one event per request, each with its own id, until a request fails (the server
-/// died): a failed request is in doubt and never retried here.
+/// Appends one event per request, each with an id of its own, until a request fails (the
+/// server died): a failed request is in doubt and never retried here.
 fn start_producers(
     base: &str,
     stream: &str,
+    round: usize,
     producers: usize,
     sent: &Arc<Mutex<Sent>>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
@@ -35,11 +36,11 @@ fn start_producers(
             tokio::spawn(async move {
                 let client = reqwest::Client::builder().timeout(WAIT).build().unwrap();
                 for i in 0.. {
-                    let id = format!("{p}-{i}");
+                    let id = format!("{round}-{p}-{i}");
                     sent.lock().unwrap().tried.insert(id.clone());
                     let res = client
                         .post(&url)
-                        .json(&json!({"data":{"p":p,"i":i},"id":id}))
+                        .json(&json!({"data":{"round":round,"p":p,"i":i},"id":id}))
                         .send()
                         .await;
                     let Ok(res) = res else { return };
@@ -75,19 +76,22 @@ async fn read_log(client: &reqwest::Client, base: &str, stream: &str) -> Vec<Val
 #[backend_test]
 async fn a_sigkill_mid_stream_loses_no_acknowledged_append(db: TestDb) {
     let db = db.close().await;
-    let server = Server::start(db.url()).await;
-    let base = format!("http://{}", server.addr);
     let sent = Arc::new(Mutex::new(Sent::default()));
-    let producers = start_producers(&base, "s", 8, &sent);
-    wait_until("appends flowing", || async {
-        sent.lock().unwrap().acked.len() >= 300
-    })
-    .await;
-    // No graceful shutdown: appends are in flight in the appender, in the database, on the
-    // wire.
-    server.kill().await;
-    for p in producers {
-        tokio::time::timeout(WAIT, p).await.unwrap().unwrap();
+    // Twice: the second crash hits a log recovered from the first.
+    for round in 1..=2 {
+        let server = Server::start(db.url()).await;
+        let base = format!("http://{}", server.addr);
+        let producers = start_producers(&base, "s", round, 8, &sent);
+        wait_until("appends flowing", || async {
+            sent.lock().unwrap().acked.len() >= 300 * round
+        })
+        .await;
+        // No graceful shutdown: appends are in flight in the appender, in the database, on
+        // the wire.
+        server.kill().await;
+        for p in producers {
+            tokio::time::timeout(WAIT, p).await.unwrap().unwrap();
+        }
     }
 
     // Restarted on the same database (on SQLite the dead process's lock went with it).
