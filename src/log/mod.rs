@@ -10,7 +10,5 @@ pub mod retention;
 pub mod store;
 
 pub use appender::{AppendResult, AppendSpec, Appender, CommitSink, Committed};
-/// PostgreSQL's migrations (tests that seed a database before the server starts use them).
-pub use db::PG_MIGRATOR as MIGRATOR;
 pub use db::{Db, SqliteDb};
 pub use model::{NewEvent, StoredEvent, StreamName};

@@ -9,12 +9,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{encode, EncodingKey, Header};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use sqlx::PgPool;
 use tailcast::{App, Config};
 use tracing_subscriber::filter::{filter_fn, LevelFilter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::Layer;
 
+use crate::backend::{backend_test, TestDb};
 use crate::helpers::{SseClient, TestApp, WAIT};
 
 pub const SECRET: &str = "test-secret-that-is-at-least-32-bytes-long";
@@ -47,8 +47,8 @@ pub fn token(claims: Value) -> String {
     token_with(SECRET, claims)
 }
 
-pub async fn spawn_secured(pool: PgPool) -> TestApp {
-    TestApp::spawn_with(pool, |c| {
+pub async fn spawn_secured(db: TestDb) -> TestApp {
+    TestApp::spawn_with(db, |c| {
         c.jwt_secret = Some(SECRET.into());
         c.admin_token = Some(ADMIN.into());
     })
@@ -258,9 +258,9 @@ async fn expect_problem(res: reqwest::Response, status: StatusCode, code: &str, 
     assert!(body.get("events").is_none(), "{case}: {body}");
 }
 
-#[sqlx::test]
-async fn every_endpoint_refuses_what_the_token_does_not_grant(pool: PgPool) {
-    let app = spawn_secured(pool).await;
+#[backend_test]
+async fn every_endpoint_refuses_what_the_token_does_not_grant(db: TestDb) {
+    let app = spawn_secured(db).await;
     for (i, ep) in endpoints().iter().enumerate() {
         let stream = format!("m:{i}");
         admin_append(&app, &stream, json!(MARKER)).await;
@@ -346,9 +346,9 @@ async fn every_endpoint_refuses_what_the_token_does_not_grant(pool: PgPool) {
     }
 }
 
-#[sqlx::test]
-async fn write_implies_answer_but_not_read_and_admin_token_can_do_everything(pool: PgPool) {
-    let app = spawn_secured(pool).await;
+#[backend_test]
+async fn write_implies_answer_but_not_read_and_admin_token_can_do_everything(db: TestDb) {
+    let app = spawn_secured(db).await;
     let writer = token(json!({"write":["run:*"]}));
     let res = call(
         &app,
@@ -395,10 +395,10 @@ async fn write_implies_answer_but_not_read_and_admin_token_can_do_everything(poo
     assert_eq!(app.get("/healthz").await.status(), StatusCode::OK);
 }
 
-#[sqlx::test]
-async fn a_query_token_works_for_eventsource_and_is_never_logged(pool: PgPool) {
+#[backend_test]
+async fn a_query_token_works_for_eventsource_and_is_never_logged(db: TestDb) {
     let logs = LogCapture::start().await;
-    let app = spawn_secured(pool).await;
+    let app = spawn_secured(db).await;
     admin_append(&app, "logged:1", json!(MARKER)).await;
     let reader = token(json!({"read":["logged:1"]}));
     let res = app
@@ -425,9 +425,9 @@ async fn a_query_token_works_for_eventsource_and_is_never_logged(pool: PgPool) {
     assert!(!text.contains(&bad), "a refused token was logged");
 }
 
-#[sqlx::test]
-async fn an_sse_response_ends_when_its_token_expires(pool: PgPool) {
-    let app = spawn_secured(pool).await;
+#[backend_test]
+async fn an_sse_response_ends_when_its_token_expires(db: TestDb) {
+    let app = spawn_secured(db).await;
     admin_append(&app, "exp:1", json!(1)).await;
     // Two to three seconds: long enough to be valid when the request is checked.
     let short = token(json!({"read":["exp:*"], "exp": now_s() + 3}));
@@ -449,16 +449,16 @@ async fn an_sse_response_ends_when_its_token_expires(pool: PgPool) {
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
 }
 
-#[sqlx::test]
-async fn anonymous_mode_refuses_a_public_address_unless_allowed(pool: PgPool) {
+#[backend_test]
+async fn anonymous_mode_refuses_a_public_address_unless_allowed(db: TestDb) {
     let start = |allow: bool, secret: Option<&str>| {
-        let mut config = Config::for_database("postgres://unused");
+        let mut config = Config::for_database(db.url());
         config.allow_anonymous = allow;
         config.jwt_secret = secret.map(str::to_owned);
-        let pool = pool.clone();
+        let db = db.db.clone();
         async move {
             let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
-            let app = App::with_pool(config, pool).await.unwrap();
+            let app = App::with_db(config, db).await.unwrap();
             let stop = tokio_util::sync::CancellationToken::new();
             let s = stop.clone();
             let serving = tokio::spawn(app.serve(listener, async move { s.cancelled().await }));
@@ -483,9 +483,9 @@ async fn anonymous_mode_refuses_a_public_address_unless_allowed(pool: PgPool) {
     }
 }
 
-#[sqlx::test]
-async fn cors_allows_only_the_configured_origins(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| {
+#[backend_test]
+async fn cors_allows_only_the_configured_origins(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| {
         c.cors_origins = vec!["https://app.example".into()];
     })
     .await;

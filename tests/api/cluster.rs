@@ -5,8 +5,8 @@ use std::collections::HashSet;
 
 use futures::future::join_all;
 use serde_json::{json, Value};
-use sqlx::PgPool;
 
+use crate::backend::{backend_test, TestDb};
 use crate::helpers::{SseClient, TestApp};
 use crate::nodes::{spawn_node, spawn_node_with, stats, terminate_backends, wait_until};
 
@@ -50,12 +50,13 @@ fn check_log(log: &[Value], producers: usize, per_producer: usize) {
     }
 }
 
-#[sqlx::test]
-async fn producers_and_subscribers_on_three_nodes_see_every_event_once_in_order(pool: PgPool) {
+// Several nodes sharing one database, woken by LISTEN/NOTIFY: PostgreSQL only.
+#[backend_test(postgres)]
+async fn producers_and_subscribers_on_three_nodes_see_every_event_once_in_order(db: TestDb) {
     let nodes = [
-        spawn_node(&pool, "a").await,
-        spawn_node(&pool, "b").await,
-        spawn_node(&pool, "c").await,
+        spawn_node(&db, "a").await,
+        spawn_node(&db, "b").await,
+        spawn_node(&db, "c").await,
     ];
     let mut subs = Vec::new();
     for node in &nodes {
@@ -79,11 +80,12 @@ async fn producers_and_subscribers_on_three_nodes_see_every_event_once_in_order(
     }
 }
 
-#[sqlx::test]
-async fn events_appended_on_one_node_reach_subscribers_on_the_others(pool: PgPool) {
-    let a = spawn_node(&pool, "a").await;
-    let b = spawn_node(&pool, "b").await;
-    let c = spawn_node(&pool, "c").await;
+// Several nodes sharing one database, woken by LISTEN/NOTIFY: PostgreSQL only.
+#[backend_test(postgres)]
+async fn events_appended_on_one_node_reach_subscribers_on_the_others(db: TestDb) {
+    let a = spawn_node(&db, "a").await;
+    let b = spawn_node(&db, "b").await;
+    let c = spawn_node(&db, "c").await;
     // Subscribers only where nothing is appended: only NOTIFY can wake them.
     let mut subs = [
         b.sse_events("s1", "", None).await,
@@ -132,12 +134,13 @@ async fn events_appended_on_one_node_reach_subscribers_on_the_others(pool: PgPoo
     }
 }
 
-#[sqlx::test]
-async fn killing_a_nodes_listen_connection_mid_stream_loses_nothing(pool: PgPool) {
-    let a = spawn_node(&pool, "a").await;
+// Several nodes sharing one database, woken by LISTEN/NOTIFY: PostgreSQL only.
+#[backend_test(postgres)]
+async fn killing_a_nodes_listen_connection_mid_stream_loses_nothing(db: TestDb) {
+    let a = spawn_node(&db, "a").await;
     // A long first reconnect delay keeps B deaf long enough for appends to land meanwhile:
     // only the re-check after reconnecting can then deliver them.
-    let b = spawn_node_with(&pool, "b", |c| c.reconnect_delay_ms = 1500).await;
+    let b = spawn_node_with(&db, "b", |c| c.reconnect_delay_ms = 1500).await;
     wait_until("B listening", || listening(&b)).await;
     let mut subs = [
         b.sse_events("s", "", None).await,
@@ -162,7 +165,7 @@ async fn killing_a_nodes_listen_connection_mid_stream_loses_nothing(pool: PgPool
     };
     let seen = subs[0].envelopes_through(1, 20).await;
     assert_eq!(seen.len(), 20);
-    assert_eq!(terminate_backends(&pool, "tailcast-listen:b").await, 1);
+    assert_eq!(terminate_backends(db.pg(), "tailcast-listen:b").await, 1);
     producer.await.unwrap();
     let log = a.read_all("s").await;
     assert_eq!(log.len(), total);
@@ -173,7 +176,7 @@ async fn killing_a_nodes_listen_connection_mid_stream_loses_nothing(pool: PgPool
     // follows. Only the re-check can deliver these.
     wait_until("B listening again", || listening(&b)).await;
     let before = stats(&b).await["listener"]["reconnects"].as_u64().unwrap();
-    assert_eq!(terminate_backends(&pool, "tailcast-listen:b").await, 1);
+    assert_eq!(terminate_backends(db.pg(), "tailcast-listen:b").await, 1);
     // Deaf for the 1.5 s reconnect delay (had we polled too slowly to see it, the appends
     // below would come after the reconnection: still correct, only a weaker test).
     wait_until("B notices", || async {
@@ -214,24 +217,20 @@ async fn killing_a_nodes_listen_connection_mid_stream_loses_nothing(pool: PgPool
     b.shutdown().await;
 }
 
-#[sqlx::test]
-async fn the_listen_session_may_use_its_own_database_url(pool: PgPool) {
-    let db = pool.connect_options().get_database().unwrap().to_owned();
-    let mut url = reqwest::Url::parse(&std::env::var("DATABASE_URL").unwrap()).unwrap();
-    url.set_path(&format!("/{db}"));
-    let a = spawn_node(&pool, "a").await;
-    let b = spawn_node_with(&pool, "b", |c| {
-        c.listen_database_url = Some(url.to_string())
-    })
-    .await;
+// Several nodes sharing one database, woken by LISTEN/NOTIFY: PostgreSQL only.
+#[backend_test(postgres)]
+async fn the_listen_session_may_use_its_own_database_url(db: TestDb) {
+    let url = db.url().to_owned();
+    let a = spawn_node(&db, "a").await;
+    let b = spawn_node_with(&db, "b", |c| c.listen_database_url = Some(url)).await;
     wait_until("B listening", || listening(&b)).await;
     let mut sub = b.sse_events("s", "", None).await;
     a.append("s", json!([{"data":1},{"data":2}])).await;
     sub.envelopes_through(1, 2).await;
 
-    let mut config = tailcast::Config::for_database("postgres://unused");
+    let mut config = tailcast::Config::for_database(db.url());
     config.listen_database_url = Some("not a url".into());
-    let err = tailcast::App::with_pool(config, pool.clone())
+    let err = tailcast::App::with_db(config, db.db.clone())
         .await
         .err()
         .expect("a malformed URL is refused at start-up");

@@ -4,11 +4,11 @@
 use jsonwebtoken::{encode, EncodingKey, Header};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use sqlx::PgPool;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::auth::{now_s, SECRET};
+use crate::backend::{backend_test, TestDb};
 use crate::helpers::{read_response, TestApp, WAIT};
 
 /// Asserts that `keys` appear in `text` as object keys, in this order.
@@ -23,9 +23,9 @@ fn assert_key_order(text: &str, keys: &[&str]) {
     }
 }
 
-#[sqlx::test]
-async fn refused_appends_leave_no_stream_behind(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn refused_appends_leave_no_stream_behind(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     // expected_seq on a stream that does not exist: the conflict must not create it.
     let res = app
         .append_raw("conf:ghost", "?expected_seq=3", r#"{"data":1}"#)
@@ -49,9 +49,9 @@ async fn refused_appends_leave_no_stream_behind(pool: PgPool) {
     assert_eq!(info["head"], 1);
 }
 
-#[sqlx::test]
-async fn json_bodies_keep_the_documented_field_order(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn json_bodies_keep_the_documented_field_order(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     app.append(
         "conf:order",
         json!({"type": "t", "data": {"z": 1}, "id": "a", "key": "k"}),
@@ -126,9 +126,9 @@ async fn json_bodies_keep_the_documented_field_order(pool: PgPool) {
     );
 }
 
-#[sqlx::test]
-async fn a_stream_name_that_is_not_utf8_is_echoed_back_as_sent(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn a_stream_name_that_is_not_utf8_is_echoed_back_as_sent(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     for path in [
         "/v1/streams/a%FFb/events",
         "/v1/streams/a%FFb/sse",
@@ -143,9 +143,9 @@ async fn a_stream_name_that_is_not_utf8_is_echoed_back_as_sent(pool: PgPool) {
     }
 }
 
-#[sqlx::test]
-async fn a_token_without_exp_is_refused_for_that_reason(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| c.jwt_secret = Some(SECRET.into())).await;
+#[backend_test]
+async fn a_token_without_exp_is_refused_for_that_reason(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| c.jwt_secret = Some(SECRET.into())).await;
     let no_exp = encode(
         &Header::default(),
         &json!({"sub": "p", "read": ["*"]}),
@@ -179,9 +179,9 @@ async fn a_token_without_exp_is_refused_for_that_reason(pool: PgPool) {
 
 /// A client that writes its whole over-limit body before reading (what fetch and urllib do)
 /// reads the 413 and may go on using the connection, instead of hitting a reset mid-write.
-#[sqlx::test]
-async fn an_over_limit_body_sent_in_full_still_gets_its_413(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| c.max_batch_bytes = 1 << 20).await;
+#[backend_test]
+async fn an_over_limit_body_sent_in_full_still_gets_its_413(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| c.max_batch_bytes = 1 << 20).await;
     let data = "x".repeat((1 << 20) + (1 << 18));
     let body = format!(r#"{{"data":"{data}"}}"#);
     let mut conn = TcpStream::connect(app.addr).await.unwrap();

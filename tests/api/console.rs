@@ -1,8 +1,8 @@
 //! The web console's static files: served from the binary with the right types and caching.
 
 use reqwest::{header, redirect, StatusCode};
-use sqlx::PgPool;
 
+use crate::backend::{backend_test, TestDb};
 use crate::helpers::TestApp;
 
 fn no_redirects() -> reqwest::Client {
@@ -13,9 +13,9 @@ fn no_redirects() -> reqwest::Client {
         .unwrap()
 }
 
-#[sqlx::test]
-async fn console_index_and_assets(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn console_index_and_assets(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     let client = no_redirects();
 
     // Without the slash the page's relative URLs would resolve against `/`.
@@ -68,9 +68,9 @@ async fn console_index_and_assets(pool: PgPool) {
     assert_eq!(served.as_ref(), on_disk.as_slice());
 }
 
-#[sqlx::test]
-async fn console_revalidates_by_etag(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn console_revalidates_by_etag(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     let first = app.get("/console/style.css").await;
     let etag = first.headers()[header::ETAG].clone();
     assert!(etag.to_str().unwrap().starts_with('"'));
@@ -101,9 +101,9 @@ async fn console_revalidates_by_etag(pool: PgPool) {
     assert_eq!(res.status(), StatusCode::OK);
 }
 
-#[sqlx::test]
-async fn console_unknown_file_is_a_problem(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn console_unknown_file_is_a_problem(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     for path in [
         "/console/nope.js",
         "/console/..%2Fsrc%2Fmain.rs",

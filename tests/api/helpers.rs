@@ -1,6 +1,6 @@
 #![allow(dead_code)] // a helper library: not every test binary uses every helper
-//! `TestApp`: a real tailcast server on a real socket, on a fresh database per test, with
-//! helpers named after the API.
+//! `TestApp`: a real tailcast server on a real socket, on the test's own database (either
+//! backend: see `backend`), with helpers named after the API.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -9,12 +9,13 @@ use eventsource_stream::{Event, Eventsource};
 use futures::{Stream, StreamExt};
 use reqwest::{Response, StatusCode};
 use serde_json::Value;
-use sqlx::PgPool;
 use tailcast::{App, Config};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+use crate::backend::TestDb;
 
 /// Every wait in the tests is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -23,23 +24,24 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub base: String,
     pub client: reqwest::Client,
-    pub pool: PgPool,
+    /// The server's database; SQL run through it meets the server's own connections.
+    pub db: TestDb,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl TestApp {
-    pub async fn spawn(pool: PgPool) -> TestApp {
-        Self::spawn_with(pool, |_| {}).await
+    pub async fn spawn(db: TestDb) -> TestApp {
+        Self::spawn_with(db, |_| {}).await
     }
 
     /// Starts a server whose configuration `tweak` may change.
-    pub async fn spawn_with(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> TestApp {
-        let mut config = Config::for_database("postgres://unused");
+    pub async fn spawn_with(db: TestDb, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        let mut config = Config::for_database(db.url());
         tweak(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().unwrap();
-        let app = App::with_pool(config, pool.clone()).await.expect("start");
+        let app = App::with_db(config, db.db.clone()).await.expect("start");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(app.serve(listener, async move {
             let _ = stopped.await;
@@ -48,7 +50,7 @@ impl TestApp {
             addr,
             base: format!("http://{addr}"),
             client: reqwest::Client::builder().timeout(WAIT).build().unwrap(),
-            pool,
+            db,
             stop: Some(stop),
             task: Some(task),
         }

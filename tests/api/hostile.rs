@@ -7,11 +7,11 @@ use std::net::SocketAddr;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use reqwest::StatusCode;
 use serde_json::json;
-use sqlx::PgPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::auth::{now_s, spawn_secured, token, SECRET};
+use crate::backend::{backend_test, TestDb};
 use crate::helpers::{TestApp, WAIT};
 
 /// Sends `request` as is and returns the response's status and head, or `None` when the
@@ -182,10 +182,10 @@ fn hostile_bodies() -> Vec<Vec<u8>> {
     ]
 }
 
-#[sqlx::test]
-async fn hostile_requests_get_client_errors_and_the_server_carries_on(pool: PgPool) {
+#[backend_test]
+async fn hostile_requests_get_client_errors_and_the_server_carries_on(db: TestDb) {
     // Short deadlines: truncated heads and bodies are answered (or closed) by them.
-    let app = TestApp::spawn_with(pool, |c| {
+    let app = TestApp::spawn_with(db, |c| {
         c.header_timeout_s = 2;
         c.body_timeout_s = 2;
     })
@@ -269,9 +269,9 @@ fn jwt(alg: Algorithm, claims: serde_json::Value) -> String {
     .unwrap()
 }
 
-#[sqlx::test]
-async fn hostile_tokens_are_refused_with_401(pool: PgPool) {
-    let app = spawn_secured(pool).await;
+#[backend_test]
+async fn hostile_tokens_are_refused_with_401(db: TestDb) {
+    let app = spawn_secured(db).await;
     let far = now_s() + 3600;
     let mut tokens = vec![
         "a.b.c".to_owned(),
@@ -367,10 +367,10 @@ fn hostile_frames() -> Vec<String> {
     frames
 }
 
-#[sqlx::test]
-async fn hostile_websocket_messages_get_error_ops_and_the_socket_lives(pool: PgPool) {
+#[backend_test]
+async fn hostile_websocket_messages_get_error_ops_and_the_socket_lives(db: TestDb) {
     use tokio_tungstenite::tungstenite::Message;
-    let app = TestApp::spawn_with(pool, |c| c.ws_max_message_bytes = 256 << 10).await;
+    let app = TestApp::spawn_with(db, |c| c.ws_max_message_bytes = 256 << 10).await;
     let mut bystander = app.ws().await;
     bystander.subscribe("calm", json!({"after": 0})).await;
     let mut ws = app.ws().await;

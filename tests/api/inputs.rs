@@ -1,9 +1,11 @@
 //! Input requests end to end: an agent asks, a person answers over WebSocket or REST.
 
+use std::time::Duration;
+
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use sqlx::PgPool;
 
+use crate::backend::{ago, backend_test, on_db, TestDb};
 use crate::helpers::{TestApp, WAIT};
 use crate::ws_client::WsClient;
 
@@ -62,9 +64,9 @@ fn count_of(events: &[Value], ty: &str, request_id: &str) -> usize {
         .count()
 }
 
-#[sqlx::test]
-async fn the_interactive_flow(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn the_interactive_flow(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     // The agent follows its own stream for answers and stop signals.
     let mut agent = app.ws().await;
     agent
@@ -152,9 +154,9 @@ async fn the_interactive_flow(pool: PgPool) {
     assert_eq!(open["inputs"], json!([]));
 }
 
-#[sqlx::test]
-async fn two_clients_racing_exactly_one_wins(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn two_clients_racing_exactly_one_wins(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     for round in 0..5 {
         let id = format!("race{round}");
         let (status, _) = app
@@ -224,9 +226,9 @@ async fn two_clients_racing_exactly_one_wins(pool: PgPool) {
     );
 }
 
-#[sqlx::test]
-async fn an_unanswered_request_expires_once(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| c.input_sweep_ms = 20).await;
+#[backend_test]
+async fn an_unanswered_request_expires_once(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| c.input_sweep_ms = 20).await;
     let mut ws = app.ws().await;
     ws.subscribe("e", json!({"from":"now"})).await;
     let (status, created) = app
@@ -266,11 +268,11 @@ async fn an_unanswered_request_expires_once(pool: PgPool) {
     assert_eq!(count_of(&events, "input.expired", "later"), 1);
 }
 
-#[sqlx::test]
-async fn expiry_is_exactly_once_with_two_nodes_and_across_a_restart(pool: PgPool) {
+#[backend_test]
+async fn expiry_is_exactly_once_with_two_nodes_and_across_a_restart(db: TestDb) {
     let fast = |c: &mut tailcast::Config| c.input_sweep_ms = 10;
-    let node1 = TestApp::spawn_with(pool.clone(), fast).await;
-    let node2 = TestApp::spawn_with(pool.clone(), fast).await;
+    let node1 = TestApp::spawn_with(db.clone(), fast).await;
+    let node2 = TestApp::spawn_with(db.clone(), fast).await;
     for i in 0..20 {
         let node = if i % 2 == 0 { &node1 } else { &node2 };
         let (status, _) = node
@@ -313,7 +315,7 @@ async fn expiry_is_exactly_once_with_two_nodes_and_across_a_restart(pool: PgPool
     // Crashes between "resolved" and "appended": one node claimed a request and died before
     // appending; another appended but died before recording it. A restarted node repairs
     // both, and neither event appears twice.
-    let node = TestApp::spawn(pool.clone()).await;
+    let node = TestApp::spawn(db.clone()).await;
     node.create_input(
         "c",
         json!({"request_id":"lost","prompt":"?","timeout_ms":600000}),
@@ -327,21 +329,27 @@ async fn expiry_is_exactly_once_with_two_nodes_and_across_a_restart(pool: PgPool
     let (status, _) = node.answer_input("c", "dup", json!("yes")).await;
     assert_eq!(status, 201);
     node.shutdown().await;
-    sqlx::query(
-        "update input_requests set status = 'expired', resolved_at = now() - interval '1 hour',
+    let hour_ago = ago(Duration::from_secs(3600));
+    let lost = on_db!(db, |ex| sqlx::query(
+        "update input_requests set status = 'expired', resolved_at = $1,
          announced = false where request_id = 'lost'",
     )
-    .execute(&pool)
+    .bind(hour_ago)
+    .execute(ex)
     .await
-    .unwrap();
-    sqlx::query(
-        "update input_requests set resolved_at = now() - interval '1 hour', announced = false
+    .unwrap()
+    .rows_affected());
+    let dup = on_db!(db, |ex| sqlx::query(
+        "update input_requests set resolved_at = $1, announced = false
          where request_id = 'dup'",
     )
-    .execute(&pool)
+    .bind(hour_ago)
+    .execute(ex)
     .await
-    .unwrap();
-    let restarted = TestApp::spawn_with(pool.clone(), fast).await;
+    .unwrap()
+    .rows_affected());
+    assert_eq!((lost, dup), (1, 1));
+    let restarted = TestApp::spawn_with(db.clone(), fast).await;
     let mut ws = restarted.ws().await;
     ws.subscribe("c", json!({"after":0})).await;
     let ev = ws.event_of_type("input.expired").await;
@@ -349,13 +357,13 @@ async fn expiry_is_exactly_once_with_two_nodes_and_across_a_restart(pool: PgPool
     // Both rows end up announced; the log holds each resolution once.
     let announced = async {
         loop {
-            let n: i64 = sqlx::query_scalar(
+            let n: i64 = on_db!(db, |ex| sqlx::query_scalar(
                 "select count(*) from input_requests
                  where request_id in ('lost', 'dup') and announced and resolution_seq is not null",
             )
-            .fetch_one(&pool)
+            .fetch_one(ex)
             .await
-            .unwrap();
+            .unwrap());
             if n == 2 {
                 break;
             }
@@ -370,9 +378,9 @@ async fn expiry_is_exactly_once_with_two_nodes_and_across_a_restart(pool: PgPool
     assert_eq!(count_of(&events, "input.answered", "dup"), 1);
 }
 
-#[sqlx::test]
-async fn answers_are_checked_against_the_schema(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn answers_are_checked_against_the_schema(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     let schema = json!({"type":"object","properties":{"n":{"type":"integer","minimum":1}},"required":["n"],"additionalProperties":false});
     app.create_input(
         "s",
@@ -413,9 +421,9 @@ async fn answers_are_checked_against_the_schema(pool: PgPool) {
     }
 }
 
-#[sqlx::test]
-async fn long_poll_wakes_on_the_answer(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn long_poll_wakes_on_the_answer(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     app.create_input("p", json!({"request_id":"q","prompt":"?"}))
         .await;
     let st = app.get_json("/v1/streams/p/inputs/q").await;
@@ -439,9 +447,9 @@ async fn long_poll_wakes_on_the_answer(pool: PgPool) {
     assert!(elapsed < std::time::Duration::from_secs(30), "{elapsed:?}");
 }
 
-#[sqlx::test]
-async fn bad_input_requests_get_specific_errors(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn bad_input_requests_get_specific_errors(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     let (status, body) = app.create_input("x", json!({"schema":true})).await;
     assert_eq!(
         (status.as_u16(), body["code"].as_str()),

@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use sqlx::PgPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::auth::{call, token, SECRET};
+use crate::backend::{backend_test, TestDb};
 use crate::helpers::{TestApp, WAIT};
 
 /// A loopback address other than 127.0.0.1: another client, as far as per-address limits go.
@@ -49,9 +49,9 @@ async fn problem(res: reqwest::Response) -> Value {
     res.json().await.unwrap()
 }
 
-#[sqlx::test]
-async fn connections_per_client_address_are_capped_and_others_still_served(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| c.max_connections_per_client = 4).await;
+#[backend_test]
+async fn connections_per_client_address_are_capped_and_others_still_served(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| c.max_connections_per_client = 4).await;
     app.append("cap:1", json!({"data":1})).await;
     // Four long-lived SSE responses hold four connections from 127.0.0.1.
     let mut held = Vec::new();
@@ -90,9 +90,9 @@ async fn connections_per_client_address_are_capped_and_others_still_served(pool:
     }
 }
 
-#[sqlx::test]
-async fn slowloris_headers_are_cut_off_and_others_served_meanwhile(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| {
+#[backend_test]
+async fn slowloris_headers_are_cut_off_and_others_served_meanwhile(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| {
         c.header_timeout_s = 1;
         c.max_connections_per_client = 8;
     })
@@ -133,9 +133,9 @@ async fn slowloris_headers_are_cut_off_and_others_served_meanwhile(pool: PgPool)
     assert_eq!(res.status(), StatusCode::OK);
 }
 
-#[sqlx::test]
-async fn a_slow_request_body_gets_408_and_appends_nothing(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| c.body_timeout_s = 1).await;
+#[backend_test]
+async fn a_slow_request_body_gets_408_and_appends_nothing(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| c.body_timeout_s = 1).await;
     let mut conn = connect_from(IpAddr::V4(Ipv4Addr::LOCALHOST), app.addr).await;
     conn.write_all(
         b"POST /v1/streams/slow:1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
@@ -155,9 +155,9 @@ async fn a_slow_request_body_gets_408_and_appends_nothing(pool: PgPool) {
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
 }
 
-#[sqlx::test]
-async fn oversized_bodies_batches_urls_and_headers_get_specific_errors(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| {
+#[backend_test]
+async fn oversized_bodies_batches_urls_and_headers_get_specific_errors(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| {
         c.max_batch_bytes = 2000;
         c.max_batch_events = 3;
         c.max_url_bytes = 1024;
@@ -197,9 +197,9 @@ async fn oversized_bodies_batches_urls_and_headers_get_specific_errors(pool: PgP
     assert_eq!(problem(res).await["code"], "headers_too_large");
 }
 
-#[sqlx::test]
-async fn a_publish_flood_is_rate_limited_per_token_while_others_publish(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| {
+#[backend_test]
+async fn a_publish_flood_is_rate_limited_per_token_while_others_publish(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| {
         c.jwt_secret = Some(SECRET.into());
         c.publish_rate = 1.0;
         c.publish_burst = 5;
@@ -277,9 +277,9 @@ async fn a_publish_flood_is_rate_limited_per_token_while_others_publish(pool: Pg
     }
 }
 
-#[sqlx::test]
-async fn subscriptions_per_websocket_are_capped(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| c.ws_max_subscriptions = 3).await;
+#[backend_test]
+async fn subscriptions_per_websocket_are_capped(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| c.ws_max_subscriptions = 3).await;
     let mut ws = app.ws().await;
     for i in 0..3 {
         ws.subscribe(&format!("sub:{i}"), json!({"after": 0})).await;
@@ -297,9 +297,9 @@ async fn subscriptions_per_websocket_are_capped(pool: PgPool) {
     ws.subscribe("sub:3", json!({"after": 0})).await;
 }
 
-#[sqlx::test]
-async fn a_websocket_flooding_bad_frames_does_not_slow_a_subscriber(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn a_websocket_flooding_bad_frames_does_not_slow_a_subscriber(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     let mut subscriber = app.ws().await;
     subscriber.subscribe("steady:ws", json!({"after": 0})).await;
     let mut flooder = app.ws().await;

@@ -2,14 +2,14 @@
 
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
-use sqlx::PgPool;
 
+use crate::backend::{backend_test, TestDb};
 use crate::helpers::TestApp;
 use crate::wire::{self, raw_envelopes};
 
-#[sqlx::test]
-async fn append_assigns_seqs_and_replay_returns_data_byte_for_byte(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn append_assigns_seqs_and_replay_returns_data_byte_for_byte(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     let body = r#"[{"type":"token","data":{"z":1,  "a":"h\u00e9llo 😀","n":123456789012345678901234567890},"id":"a"},{"data":[1e400, "x"]}]"#;
     let res = app.append_raw("run:1", "", body).await;
     assert_eq!(res.status(), 201);
@@ -35,9 +35,9 @@ async fn append_assigns_seqs_and_replay_returns_data_byte_for_byte(pool: PgPool)
     app.shutdown().await;
 }
 
-#[sqlx::test]
-async fn a_repeated_event_id_is_stored_once(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn a_repeated_event_id_is_stored_once(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     app.append("s", json!({"data":1,"id":"x"})).await;
     let again = app
         .append(
@@ -62,9 +62,9 @@ async fn a_repeated_event_id_is_stored_once(pool: PgPool) {
 /// Many clients retrying the same events at once (each in its own request, so they land in
 /// the same or different group commits): each id is stored once, and every caller learns
 /// the one seq it got.
-#[sqlx::test]
-async fn concurrent_retries_of_one_id_store_it_once(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn concurrent_retries_of_one_id_store_it_once(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     app.append("s", json!({"data":"before"})).await;
     let mut tasks = Vec::new();
     for i in 0..40 {
@@ -124,9 +124,9 @@ async fn problem(res: reqwest::Response, status: u16, code: &str) -> Value {
     body
 }
 
-#[sqlx::test]
-async fn every_rejected_append_has_its_status_and_code_and_leaves_the_log_unchanged(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn every_rejected_append_has_its_status_and_code_and_leaves_the_log_unchanged(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     app.append("s", json!([{"data":1,"id":"one"},{"data":2},{"data":3}]))
         .await;
     let before = raw_envelopes(&app, "s").await;
@@ -272,9 +272,9 @@ async fn every_rejected_append_has_its_status_and_code_and_leaves_the_log_unchan
     assert_eq!(wire::head(&app, "s").await, 1004);
 }
 
-#[sqlx::test]
-async fn expected_seq_appends_only_at_the_given_head(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn expected_seq_appends_only_at_the_given_head(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     // 0: the stream does not exist yet.
     let res = app
         .append_raw("s", "?expected_seq=0", r#"{"data":1}"#)
@@ -326,9 +326,9 @@ async fn expected_seq_appends_only_at_the_given_head(pool: PgPool) {
     assert_eq!(wire::head(&app, "s").await, 4);
 }
 
-#[sqlx::test]
-async fn a_closed_stream_takes_no_more_appends(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn a_closed_stream_takes_no_more_appends(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     app.append("s", json!({"data":1,"id":"first"})).await;
     let res = app.close_stream("s", Some(json!({"reason":"done"}))).await;
     assert_eq!(res.status(), 201);
@@ -388,9 +388,9 @@ fn raw_data(envelope: &str) -> String {
 
 /// `data` comes back exactly as sent — key order, whitespace, escapes, unicode, numbers no
 /// float can hold — from replay, export, snapshot and SSE alike.
-#[sqlx::test]
-async fn data_round_trips_byte_for_byte_everywhere(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn data_round_trips_byte_for_byte_everywhere(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     let samples = [
         r#"{"z":1,"a":2,"m":{"y":[3,2,1],"b":null}}"#,
         r#"{"s":"  two  spaces\ttab \" quote \\ back","t":"\t\n\r"}"#,

@@ -5,8 +5,9 @@ use std::collections::HashMap;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use sqlx::PgPool;
+use tailcast::log::db::Ts;
 
+use crate::backend::{backend_test, on_db, TestDb};
 use crate::helpers::{TestApp, WAIT};
 use crate::wire::{self, peak_rss, seq};
 
@@ -14,12 +15,12 @@ use crate::wire::{self, peak_rss, seq};
 /// for) while a reader tails it by `after=`. Seqs are exactly 1..16000, each appender's
 /// acknowledgements name the event actually stored there, and the tailing reader never sees
 /// a seq before every lower one is visible (each page starts right after its cursor).
-#[sqlx::test]
-async fn concurrent_appenders_get_gap_free_seqs_and_a_tailing_reader_sees_no_holes(pool: PgPool) {
+#[backend_test]
+async fn concurrent_appenders_get_gap_free_seqs_and_a_tailing_reader_sees_no_holes(db: TestDb) {
     const APPENDERS: usize = 32;
     const EACH: usize = 500;
     const TOTAL: i64 = (APPENDERS * EACH) as i64;
-    let app = TestApp::spawn(pool).await;
+    let app = TestApp::spawn(db).await;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(APPENDERS)
         .timeout(WAIT)
@@ -115,19 +116,20 @@ async fn concurrent_appenders_get_gap_free_seqs_and_a_tailing_reader_sees_no_hol
 /// process, so its memory is measured alone, and reads the export as a stream, keeping only
 /// the current partial line. The server's peak RSS grows by a small fraction of the export;
 /// the same holds for an SSE subscriber catching up the whole stream from seq 0.
-#[sqlx::test]
-async fn ndjson_export_of_200k_events_runs_in_bounded_memory(pool: PgPool) {
+#[backend_test]
+async fn ndjson_export_of_200k_events_runs_in_bounded_memory(db: TestDb) {
     const EVENTS: i64 = 200_000;
     const BOUND: u64 = 48 << 20;
     seed_big_stream(
-        &pool,
+        &db,
         EVENTS,
         "token",
-        r#"'{"i":' || g || ',"pad":"' || repeat('x', 700) || '"}'"#,
+        r#"'{"i":' || g || ',"pad":"' || $4 || '"}'"#,
+        &"x".repeat(700),
     )
     .await;
-
-    let server = wire::Server::start(&pool).await;
+    let db = db.close().await;
+    let server = wire::Server::start(db.url()).await;
     let (addr, pid) = (server.addr.clone(), server.pid);
     let client = reqwest::Client::new();
     let export = |after: i64| {
@@ -171,7 +173,7 @@ async fn ndjson_export_of_200k_events_runs_in_bounded_memory(pool: PgPool) {
         grown < BOUND,
         "server peak RSS grew by {grown} bytes while an SSE subscriber caught up"
     );
-    server.stop().await;
+    server.kill().await;
 }
 
 /// Counts NDJSON lines as they stream in, checking each line's seq follows the last, without
@@ -249,26 +251,36 @@ fn for_each_line(partial: &mut Vec<u8>, chunk: &[u8], mut each: impl FnMut(&[u8]
 }
 
 /// Creates stream `big` holding events 1..=`events` of type `typ`, written straight into the
-/// log by SQL (`data_sql` is an SQL expression over the seq `g`): far faster than appending.
-async fn seed_big_stream(pool: &PgPool, events: i64, typ: &str, data_sql: &str) {
-    tailcast::log::MIGRATOR.run(pool).await.unwrap();
-    let id: i64 =
-        sqlx::query_scalar("insert into streams (name, head) values ('big', $1) returning id")
-            .bind(events)
-            .fetch_one(pool)
-            .await
-            .unwrap();
-    sqlx::query(&format!(
-        "insert into events (stream_id, seq, type, data, time)
-         select $1, g, $3, {data_sql}, now()
-         from generate_series(1, $2) as g"
-    ))
-    .bind(id)
-    .bind(events)
-    .bind(typ)
-    .execute(pool)
-    .await
-    .unwrap();
+/// log by SQL: far faster than appending. `data_sql` is an SQL expression over the seq `g` and
+/// `$4`, which is bound to `pad` (the same text on both backends: `||` concatenates on each).
+async fn seed_big_stream(db: &TestDb, events: i64, typ: &str, data_sql: &str, pad: &str) {
+    db.db.migrate().await.unwrap();
+    let now = Ts(chrono::Utc::now());
+    on_db!(db, |ex| {
+        let id: i64 = sqlx::query_scalar(
+            "insert into streams (name, head, created_at, updated_at)
+             values ('big', $1, $2, $2) returning id",
+        )
+        .bind(events)
+        .bind(now)
+        .fetch_one(ex)
+        .await
+        .unwrap();
+        // A recursive count rather than generate_series, which SQLite lacks.
+        sqlx::query(&format!(
+            "with recursive n(g) as (select 1 union all select g + 1 from n where g < $2)
+             insert into events (stream_id, seq, type, data, time)
+             select $1, g, $3, {data_sql}, $5 from n"
+        ))
+        .bind(id)
+        .bind(events)
+        .bind(typ)
+        .bind(pad)
+        .bind(now)
+        .execute(ex)
+        .await
+        .unwrap();
+    })
 }
 
 /// Resets a process's peak RSS to its current RSS (Linux `clear_refs` 5), returning it.
@@ -279,18 +291,20 @@ fn reset_peak_rss(pid: u32) -> u64 {
 
 /// Big events: 300 events of ~900 KB each (about 270 MB). A subscriber catching up and an
 /// export each hold a bounded number of bytes at a time, not a page of 1000 such events.
-#[sqlx::test]
-async fn catch_up_and_export_of_big_events_stay_bounded_in_memory(pool: PgPool) {
+#[backend_test]
+async fn catch_up_and_export_of_big_events_stay_bounded_in_memory(db: TestDb) {
     const EVENTS: i64 = 300;
     const BOUND: u64 = 64 << 20;
     seed_big_stream(
-        &pool,
+        &db,
         EVENTS,
         "blob",
-        r#"'"' || repeat('x', 900000) || '"'"#,
+        r#"'"' || $4 || '"'"#,
+        &"x".repeat(900_000),
     )
     .await;
-    let server = wire::Server::start(&pool).await;
+    let db = db.close().await;
+    let server = wire::Server::start(db.url()).await;
     let (addr, pid) = (server.addr.clone(), server.pid);
     let client = reqwest::Client::new();
 
@@ -323,5 +337,5 @@ async fn catch_up_and_export_of_big_events_stay_bounded_in_memory(pool: PgPool) 
     let grown = peak_rss(pid).saturating_sub(before);
     println!("export of {bytes} bytes: peak RSS grew by {grown} bytes");
     assert!(grown < BOUND, "peak RSS grew by {grown} bytes");
-    server.stop().await;
+    server.kill().await;
 }

@@ -1,9 +1,13 @@
-//! Integration tests: a real server, real sockets, real PostgreSQL (one database per test).
+//! Integration tests: a real server, real sockets, a real database of the test's own. Each
+//! `#[backend_test]` runs on both event-log backends, as `name::postgres` (a fresh PostgreSQL
+//! database) and `name::sqlite` (a fresh SQLite file): `cargo test sqlite` picks one.
 
 mod auth;
+mod backend;
 mod cluster;
 mod conformance;
 mod console;
+mod crash;
 mod embedded;
 mod helpers;
 mod hostile;

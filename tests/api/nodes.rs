@@ -1,44 +1,32 @@
-//! Helpers for tests with several nodes on one database, and for database outages: pools of
-//! their own per node, a TCP proxy in front of PostgreSQL that can be cut, and condition
-//! waits.
+//! Helpers for tests with several nodes on one database, and for database outages: a handle
+//! of its own per node, a TCP proxy in front of PostgreSQL that can be cut, and condition
+//! waits. Terminating sessions and proxying the database's socket are PostgreSQL's.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::Value;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::backend::TestDb;
 use crate::helpers::{TestApp, WAIT};
 
-/// A new pool on the test database (each node has its own, as separate processes would),
-/// tagged so that tests can terminate its backends.
-pub async fn node_pool(pool: &PgPool, node: &str) -> PgPool {
-    let opts = (*pool.connect_options())
-        .clone()
-        .application_name(&format!("tailcast-node:{node}"));
-    PgPoolOptions::new()
-        .max_connections(8)
-        .acquire_timeout(Duration::from_secs(2))
-        .connect_with(opts)
-        .await
-        .expect("node pool")
-}
-
-/// Starts a node on its own pool with the given id.
-pub async fn spawn_node(pool: &PgPool, node: &str) -> TestApp {
-    spawn_node_with(pool, node, |_| {}).await
+/// Starts a node with the given id on its own handle on the test database (see
+/// [`TestDb::node`]).
+pub async fn spawn_node(db: &TestDb, node: &str) -> TestApp {
+    spawn_node_with(db, node, |_| {}).await
 }
 
 pub async fn spawn_node_with(
-    pool: &PgPool,
+    db: &TestDb,
     node: &str,
     tweak: impl FnOnce(&mut tailcast::Config),
 ) -> TestApp {
-    let own = node_pool(pool, node).await;
+    let own = db.node(node).await;
     let node = node.to_owned();
     TestApp::spawn_with(own, move |c| {
         c.node_id = Some(node);

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 use reqwest::Method;
 use serde_json::Value;
-use sqlx::PgPool;
 
+use crate::backend::{backend_test, TestDb};
 use crate::helpers::TestApp;
 
 const HTTP_METHODS: [&str; 8] = [
@@ -306,9 +306,9 @@ fn concrete(path: &str) -> String {
         .replace("{file}", "app.js")
 }
 
-#[sqlx::test]
-async fn every_spec_operation_reaches_a_handler(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn every_spec_operation_reaches_a_handler(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     let mut fell_through = Vec::new();
     for (method, path) in spec_routes(&spec()) {
         let method = Method::from_bytes(method.as_bytes()).expect("method");
@@ -342,9 +342,9 @@ async fn every_spec_operation_reaches_a_handler(pool: PgPool) {
 
 /// Found by schemathesis: a NUL in a query parameter reached PostgreSQL (whose text cannot
 /// hold NUL) and came back as a 500.
-#[sqlx::test]
-async fn a_nul_in_list_parameters_is_a_clear_400(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn a_nul_in_list_parameters_is_a_clear_400(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     for query in ["prefix=a%00b", "after_name=%00"] {
         let res = app.get(&format!("/v1/streams?{query}")).await;
         assert_eq!(res.status(), 400, "{query}");

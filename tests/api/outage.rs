@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sqlx::postgres::PgPoolOptions;
-use sqlx::PgPool;
 
+use crate::backend::{backend_test, TestDb};
 use crate::helpers::{TestApp, WAIT};
 use crate::nodes::{postgres_addr, spawn_node_with, stats, terminate_backends, wait_until, Proxy};
 
@@ -17,16 +17,17 @@ async fn status_of(app: &TestApp, path: &str) -> u16 {
     app.get(path).await.status().as_u16()
 }
 
-#[sqlx::test]
-async fn while_the_database_is_unreachable_appends_fail_fast_and_subscriptions_wait(pool: PgPool) {
-    let proxy = Proxy::start(postgres_addr(&pool)).await;
+// Cuts PostgreSQL's socket through a proxy: a server-database link only PostgreSQL has.
+#[backend_test(postgres)]
+async fn while_the_database_is_unreachable_appends_fail_fast_and_subscriptions_wait(db: TestDb) {
+    let proxy = Proxy::start(postgres_addr(db.pg())).await;
     let app_pool = PgPoolOptions::new()
         .max_connections(8)
         .acquire_timeout(Duration::from_secs(1))
-        .connect_with(proxy.options(&pool, "tailcast-node:x"))
+        .connect_with(proxy.options(db.pg(), "tailcast-node:x"))
         .await
         .unwrap();
-    let app = TestApp::spawn_with(app_pool, |c| {
+    let app = TestApp::spawn_with(TestDb::postgres(app_pool).await, |c| {
         c.node_id = Some("x".into());
         c.reconnect_delay_ms = 50;
         c.read_page = 100;
@@ -142,13 +143,14 @@ async fn produce_with_retries(
     }
 }
 
-#[sqlx::test]
+// Terminates PostgreSQL's backends (pg_terminate_backend) under two nodes: PostgreSQL only.
+#[backend_test(postgres)]
 async fn terminating_every_backend_during_appends_and_subscriptions_loses_and_duplicates_nothing(
-    pool: PgPool,
+    db: TestDb,
 ) {
     let fast = |c: &mut tailcast::Config| c.reconnect_delay_ms = 20;
-    let a = spawn_node_with(&pool, "a", fast).await;
-    let b = spawn_node_with(&pool, "b", fast).await;
+    let a = spawn_node_with(&db, "a", fast).await;
+    let b = spawn_node_with(&db, "b", fast).await;
     let mut subs = Vec::new();
     for node in [&a, &b] {
         subs.push(node.sse_events("s", "", None).await);
@@ -170,7 +172,7 @@ async fn terminating_every_backend_during_appends_and_subscriptions_loses_and_du
             })
             .await;
             // Pools, appenders and LISTEN connections of both nodes, mid-flight.
-            killed += terminate_backends(&pool, "tailcast-%").await;
+            killed += terminate_backends(db.pg(), "tailcast-%").await;
         }
         killed
     };
@@ -222,28 +224,29 @@ async fn terminating_every_backend_during_appends_and_subscriptions_loses_and_du
     b.shutdown().await;
 }
 
-#[sqlx::test]
-async fn a_commit_cut_off_mid_way_can_be_looked_up_by_transaction_id(pool: PgPool) {
+// PostgreSQL's transaction ids (txid_status): a SQLite commit is in-process, never in doubt.
+#[backend_test(postgres)]
+async fn a_commit_cut_off_mid_way_can_be_looked_up_by_transaction_id(db: TestDb) {
     use tailcast::log::store;
     let payloads = vec!["node\ns 1".to_owned()];
-    let mut tx = pool.begin().await.unwrap();
+    let mut tx = db.db.begin_write().await.unwrap();
     let committed = store::notify_returning_xid(&mut tx, &payloads)
         .await
         .unwrap()
         .unwrap();
     tx.commit().await.unwrap();
-    let mut tx = pool.begin().await.unwrap();
+    let mut tx = db.db.begin_write().await.unwrap();
     let aborted = store::notify_returning_xid(&mut tx, &payloads)
         .await
         .unwrap()
         .unwrap();
     tx.rollback().await.unwrap();
-    let mut tx = pool.begin().await.unwrap();
+    let mut tx = db.db.begin_write().await.unwrap();
     let open = store::notify_returning_xid(&mut tx, &payloads)
         .await
         .unwrap()
         .unwrap();
-    let status = |xid| store::transaction_status(&pool, xid);
+    let status = |xid| store::transaction_status(&db.db, xid);
     assert_eq!(
         status(committed).await.unwrap().as_deref(),
         Some("committed")

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
-use sqlx::PgPool;
 use tokio::io::AsyncWriteExt;
 
+use crate::backend::{backend_test, TestDb};
 use crate::helpers::{read_response, TestApp};
 use crate::wire::{self, raw_envelopes, seq, wait_until};
 
@@ -29,9 +29,9 @@ fn numbered(from: i64, to: i64) -> Value {
     Value::Array((from..=to).map(|i| json!({"data": i})).collect())
 }
 
-#[sqlx::test]
-async fn replay_pages_respect_cursor_and_limit_bounds(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn replay_pages_respect_cursor_and_limit_bounds(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     app.append("s", numbered(1, 150)).await;
 
     let page = app.get_json("/v1/streams/s/events").await;
@@ -73,9 +73,9 @@ async fn replay_pages_respect_cursor_and_limit_bounds(pool: PgPool) {
     problem(res, 400, "invalid_stream_name").await;
 }
 
-#[sqlx::test]
-async fn since_starts_at_the_first_event_at_or_after_a_time(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn since_starts_at_the_first_event_at_or_after_a_time(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     // Three commits at three distinct milliseconds.
     let mut times = Vec::new();
     for batch in 0..3 {
@@ -135,9 +135,9 @@ async fn since_starts_at_the_first_event_at_or_after_a_time(pool: PgPool) {
     problem(res, 400, "invalid_parameter").await;
 }
 
-#[sqlx::test]
-async fn export_streams_every_event_after_the_cursor_as_ndjson(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| c.read_page = 7).await;
+#[backend_test]
+async fn export_streams_every_event_after_the_cursor_as_ndjson(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| c.read_page = 7).await;
     app.append("s", numbered(1, 50)).await;
     let export = |q: &'static str| {
         let req = app
@@ -171,9 +171,9 @@ async fn export_streams_every_event_after_the_cursor_as_ndjson(pool: PgPool) {
     problem(res, 404, "stream_not_found").await;
 }
 
-#[sqlx::test]
-async fn streams_are_listed_by_prefix_with_keyset_paging(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn streams_are_listed_by_prefix_with_keyset_paging(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     let mut want = Vec::new();
     for i in 0..23 {
         let name = format!("run:{i:02}");
@@ -237,9 +237,9 @@ async fn streams_are_listed_by_prefix_with_keyset_paging(pool: PgPool) {
     }
 }
 
-#[sqlx::test]
-async fn stream_metadata_and_its_404s(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn stream_metadata_and_its_404s(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     app.append("s", numbered(1, 3)).await;
     let info = app.get_json("/v1/streams/s").await;
     assert_eq!(info["name"], "s");
@@ -276,9 +276,9 @@ async fn stream_metadata_and_its_404s(pool: PgPool) {
     problem(res, 405, "method_not_allowed").await;
 }
 
-#[sqlx::test]
-async fn delete_removes_a_stream_and_later_appends_start_over(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn delete_removes_a_stream_and_later_appends_start_over(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     app.append("s", numbered(1, 5)).await;
     app.append("keep", numbered(1, 2)).await;
     let mut sub = wire::open_sse(&app, "s", "", None).await.sse();
@@ -330,9 +330,9 @@ async fn delete_removes_a_stream_and_later_appends_start_over(pool: PgPool) {
 /// Appends racing a DELETE: every append either landed in the deleted stream (and went with
 /// it) or in the new stream that follows, whose seqs start again at 1 with no gap; no append
 /// fails and no event of the old stream survives.
-#[sqlx::test]
-async fn appends_racing_a_delete_leave_a_consistent_log(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn appends_racing_a_delete_leave_a_consistent_log(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     app.append("s", numbered(1, 10)).await;
     let mut producers = Vec::new();
     for p in 0..4 {
@@ -385,9 +385,9 @@ async fn appends_racing_a_delete_leave_a_consistent_log(pool: PgPool) {
     assert!(after.len() < 240, "the delete removed something");
 }
 
-#[sqlx::test]
-async fn snapshot_holds_the_latest_event_per_key_as_of_its_at(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn snapshot_holds_the_latest_event_per_key_as_of_its_at(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     app.append(
         "s",
         json!([
@@ -458,9 +458,9 @@ async fn snapshot_holds_the_latest_event_per_key_as_of_its_at(pool: PgPool) {
 /// A 50 MB body is refused with 413 long before it could be buffered, and nothing is
 /// appended: with a Content-Length, before a byte of it is read; without one (chunked),
 /// as soon as the limit is passed.
-#[sqlx::test]
-async fn a_huge_body_is_refused_before_it_is_buffered(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn a_huge_body_is_refused_before_it_is_buffered(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     const HUGE: usize = 50 << 20;
 
     // Declared length: the answer comes while the client has sent no body at all.
@@ -513,9 +513,9 @@ async fn a_huge_body_is_refused_before_it_is_buffered(pool: PgPool) {
 
 /// A replay page of big events ends at a byte budget (16 MiB of data) instead of at `limit`
 /// events; paging by `next_after` still returns every event exactly once.
-#[sqlx::test]
-async fn replay_pages_of_big_events_end_at_a_byte_budget(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn replay_pages_of_big_events_end_at_a_byte_budget(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     let big = "b".repeat((1 << 20) - 16);
     for _ in 0..6 {
         let batch: Vec<Value> = (0..7).map(|_| json!({"data": big})).collect();

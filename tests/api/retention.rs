@@ -1,13 +1,15 @@
 //! Retention: default and per-stream limits, enforced in bounded batches by a background
 //! task, safe with several nodes; readers before the oldest retained event get a `gap`.
 
+use std::time::Duration;
+
 use serde_json::{json, Value};
-use sqlx::PgPool;
 use tailcast::log::retention::{self, Policy};
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::{ago, backend_test, on_db, TestDb};
 use crate::helpers::TestApp;
-use crate::nodes::{node_pool, wait_until};
+use crate::nodes::wait_until;
 
 async fn oldest(app: &TestApp, stream: &str) -> i64 {
     app.get_json(&format!("/v1/streams/{stream}")).await["oldest_seq"]
@@ -30,9 +32,9 @@ async fn put_retention(app: &TestApp, stream: &str, body: &str) -> reqwest::Resp
         .unwrap()
 }
 
-#[sqlx::test]
-async fn the_default_limit_keeps_the_newest_events_and_readers_get_a_gap_notice(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| {
+#[backend_test]
+async fn the_default_limit_keeps_the_newest_events_and_readers_get_a_gap_notice(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| {
         c.retention_max_events = 10;
         c.retention_interval_ms = 20;
     })
@@ -68,9 +70,9 @@ async fn the_default_limit_keeps_the_newest_events_and_readers_get_a_gap_notice(
     app.shutdown().await;
 }
 
-#[sqlx::test]
-async fn per_stream_limits_override_the_default(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| c.retention_interval_ms = 20).await;
+#[backend_test]
+async fn per_stream_limits_override_the_default(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| c.retention_interval_ms = 20).await;
     append_n(&app, "a", 20).await;
     append_n(&app, "b", 20).await;
     let res = put_retention(&app, "a", r#"{"max_events":5}"#).await;
@@ -94,9 +96,9 @@ async fn per_stream_limits_override_the_default(pool: PgPool) {
     app.shutdown().await;
 }
 
-#[sqlx::test]
-async fn bad_retention_settings_get_specific_errors(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn bad_retention_settings_get_specific_errors(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     append_n(&app, "a", 1).await;
     for (body, status, code) in [
         (r#"{"max_events":-1}"#, 400, "invalid_parameter"),
@@ -119,22 +121,26 @@ async fn bad_retention_settings_get_specific_errors(pool: PgPool) {
     app.shutdown().await;
 }
 
-#[sqlx::test]
-async fn age_limits_remove_old_events_but_a_closed_stream_keeps_its_end(pool: PgPool) {
-    let app = TestApp::spawn_with(pool.clone(), |c| c.retention_interval_ms = 20).await;
+#[backend_test]
+async fn age_limits_remove_old_events_but_a_closed_stream_keeps_its_end(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| c.retention_interval_ms = 20).await;
     append_n(&app, "open", 5).await;
     append_n(&app, "done", 5).await;
     let res = app.close_stream("done", None).await;
     assert_eq!(res.status(), 201);
     append_n(&app, "open", 2).await;
     // Age the first five events of `open` and every event of `done` by an hour.
-    sqlx::query(
-        "update events e set time = time - interval '1 hour' from streams s
-         where s.id = e.stream_id and (s.name = 'done' or e.seq <= 5)",
+    let hour_ago = ago(Duration::from_secs(3600));
+    let aged = on_db!(app.db, |ex| sqlx::query(
+        "update events set time = $1
+         where seq <= 5 or stream_id = (select id from streams where name = 'done')",
     )
-    .execute(&pool)
+    .bind(hour_ago)
+    .execute(ex)
     .await
-    .unwrap();
+    .unwrap()
+    .rows_affected());
+    assert_eq!(aged, 5 + 6);
     for s in ["open", "done"] {
         let res = put_retention(&app, s, r#"{"max_age_s":60}"#).await;
         assert_eq!(res.status(), 200);
@@ -162,9 +168,9 @@ async fn age_limits_remove_old_events_but_a_closed_stream_keeps_its_end(pool: Pg
     app.shutdown().await;
 }
 
-#[sqlx::test]
-async fn several_nodes_trimming_at_once_delete_each_event_once(pool: PgPool) {
-    let app = TestApp::spawn(pool.clone()).await;
+#[backend_test]
+async fn several_nodes_trimming_at_once_delete_each_event_once(db: TestDb) {
+    let app = TestApp::spawn(db.clone()).await;
     for s in 0..6 {
         for _ in 0..3 {
             append_n(&app, &format!("s{s}"), 100).await;
@@ -175,18 +181,21 @@ async fn several_nodes_trimming_at_once_delete_each_event_once(pool: PgPool) {
         max_events: 50,
         batch: 7,
     };
-    let pools = [
-        node_pool(&pool, "r1").await,
-        node_pool(&pool, "r2").await,
-        node_pool(&pool, "r3").await,
+    let nodes = [
+        db.node("r1").await,
+        db.node("r2").await,
+        db.node("r3").await,
     ];
     let stop = CancellationToken::new();
     let mut deleted = 0;
     // Passes stop early when another node holds the lock; repeat until nothing is left.
     loop {
-        let runs =
-            futures::future::join_all(pools.iter().map(|p| retention::run_once(p, &policy, &stop)))
-                .await;
+        let runs = futures::future::join_all(
+            nodes
+                .iter()
+                .map(|n| retention::run_once(&n.db, &policy, &stop)),
+        )
+        .await;
         let n: u64 = runs.into_iter().map(Result::unwrap).sum();
         if n == 0 {
             break;

@@ -6,9 +6,9 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
-use sqlx::PgPool;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+use crate::backend::{backend_test, on_db, TestDb};
 use crate::helpers::{listening_addr, SseClient, TestApp, WAIT};
 use crate::nodes::wait_until;
 
@@ -62,15 +62,15 @@ fn acknowledged(outcomes: &Outcomes) -> usize {
 
 /// Every acknowledged id is in the log at its seq; every failed one is absent; the log is
 /// gap-free.
-async fn check_durable(pool: &PgPool, stream: &str, outcomes: &Outcomes) -> i64 {
-    let rows: Vec<(i64, String)> = sqlx::query_as(
+async fn check_durable(db: &TestDb, stream: &str, outcomes: &Outcomes) -> i64 {
+    let rows: Vec<(i64, String)> = on_db!(db, |ex| sqlx::query_as(
         "select e.seq, e.event_id from events e join streams s on s.id = e.stream_id
          where s.name = $1 order by e.seq",
     )
     .bind(stream)
-    .fetch_all(pool)
+    .fetch_all(ex)
     .await
-    .unwrap();
+    .unwrap());
     let in_log: HashMap<&str, i64> = rows.iter().map(|(s, id)| (id.as_str(), *s)).collect();
     for (n, (seq, _)) in rows.iter().enumerate() {
         assert_eq!(*seq, n as i64 + 1);
@@ -102,9 +102,9 @@ async fn drain(sse: &mut SseClient) -> i64 {
     last
 }
 
-#[sqlx::test]
-async fn appends_in_flight_at_shutdown_are_durable_or_failed_and_sse_ends(pool: PgPool) {
-    let app = TestApp::spawn(pool.clone()).await;
+#[backend_test]
+async fn appends_in_flight_at_shutdown_are_durable_or_failed_and_sse_ends(db: TestDb) {
+    let app = TestApp::spawn(db.clone()).await;
     let mut sse = app.sse_events("s", "", None).await;
     let outcomes = Outcomes::default();
     let producers = start_producers(&app.base, "s", 16, &outcomes);
@@ -116,19 +116,17 @@ async fn appends_in_flight_at_shutdown_are_durable_or_failed_and_sse_ends(pool: 
     for p in producers {
         tokio::time::timeout(WAIT, p).await.unwrap().unwrap();
     }
-    let head = check_durable(&pool, "s", &outcomes).await;
+    let head = check_durable(&db, "s", &outcomes).await;
     // The response ended at shutdown (it did not hang), after what was committed before.
     let delivered = tokio::time::timeout(WAIT, drain(&mut sse)).await.unwrap();
     assert!(delivered <= head);
 }
 
-#[sqlx::test]
-async fn the_binary_shuts_down_gracefully_on_sigterm_and_never_logs_tokens(pool: PgPool) {
-    let db = pool.connect_options().get_database().unwrap().to_owned();
-    let mut url = reqwest::Url::parse(&std::env::var("DATABASE_URL").unwrap()).unwrap();
-    url.set_path(&format!("/{db}"));
+#[backend_test]
+async fn the_binary_shuts_down_gracefully_on_sigterm_and_never_logs_tokens(db: TestDb) {
+    let db = db.close().await;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailcast"))
-        .env("DATABASE_URL", url.as_str())
+        .env("DATABASE_URL", db.url())
         .env("TAILCAST_LISTEN", "127.0.0.1:0")
         .env("TAILCAST_LOG_FORMAT", "json")
         .env("TAILCAST_NODE_ID", "sigterm")
@@ -187,7 +185,8 @@ async fn the_binary_shuts_down_gracefully_on_sigterm_and_never_logs_tokens(pool:
     for p in producers {
         tokio::time::timeout(WAIT, p).await.unwrap().unwrap();
     }
-    let head = check_durable(&pool, "s", &outcomes).await;
+    let db = db.open().await;
+    let head = check_durable(&db, "s", &outcomes).await;
     let delivered = tokio::time::timeout(WAIT, drain(&mut sse)).await.unwrap();
     assert!(delivered <= head);
 
@@ -203,10 +202,10 @@ async fn the_binary_shuts_down_gracefully_on_sigterm_and_never_logs_tokens(pool:
     }
 }
 
-#[sqlx::test]
-async fn a_request_that_never_finishes_does_not_hold_shutdown_past_its_deadline(pool: PgPool) {
+#[backend_test]
+async fn a_request_that_never_finishes_does_not_hold_shutdown_past_its_deadline(db: TestDb) {
     use tokio::io::AsyncWriteExt;
-    let app = TestApp::spawn_with(pool.clone(), |c| c.shutdown_timeout_s = 1).await;
+    let app = TestApp::spawn_with(db, |c| c.shutdown_timeout_s = 1).await;
     // Headers promise a body that never fully arrives: the handler waits on it.
     let mut stuck = tokio::net::TcpStream::connect(app.addr).await.unwrap();
     stuck

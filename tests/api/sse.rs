@@ -2,14 +2,14 @@
 //! framing itself is the point, as raw bytes.
 
 use serde_json::{json, Value};
-use sqlx::PgPool;
 
+use crate::backend::{backend_test, on_db, TestDb};
 use crate::helpers::{TestApp, WAIT};
 use crate::wire::{self, open_sse, raw_envelopes, seq};
 
-#[sqlx::test]
-async fn catches_up_then_follows_live(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn catches_up_then_follows_live(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     app.append("s", json!([{"data":1},{"data":2}])).await;
     let mut sse = app.sse_events("s", "", None).await;
     sse.envelopes_through(1, 2).await;
@@ -21,9 +21,9 @@ async fn catches_up_then_follows_live(pool: PgPool) {
 /// The bytes on the wire: headers, `retry:` first, `id:` + `data:` per event with the
 /// envelope exactly as replayed, JSON line breaks split into several `data:` lines (which
 /// the parser joins back), `event:` only with `named=1`, notices without `id:`.
-#[sqlx::test]
-async fn framing_is_exactly_as_specified(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn framing_is_exactly_as_specified(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     let multi_line = "{\"a\":\n  1,\n  \"b\": [\n2]}";
     let body = format!(
         r#"[{{"type":"token","data":{{"t":"x"}}}},{{"type":"multi","data":{multi_line}}}]"#
@@ -78,9 +78,9 @@ async fn framing_is_exactly_as_specified(pool: PgPool) {
     );
 }
 
-#[sqlx::test]
-async fn retry_and_keep_alive_follow_the_configuration(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| {
+#[backend_test]
+async fn retry_and_keep_alive_follow_the_configuration(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| {
         c.sse_keepalive_s = 1;
         c.sse_retry_ms = 750;
     })
@@ -96,9 +96,9 @@ async fn retry_and_keep_alive_follow_the_configuration(pool: PgPool) {
 }
 
 /// Every way to say where to start.
-#[sqlx::test]
-async fn resumes_from_every_kind_of_cursor(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn resumes_from_every_kind_of_cursor(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     app.append(
         "s",
         Value::Array((1..=10).map(|i| json!({"data":i})).collect()),
@@ -156,7 +156,7 @@ async fn resumes_from_every_kind_of_cursor(pool: PgPool) {
     past.expect_seqs(12, 12).await;
 
     // Before the oldest retained event: a gap notice with the oldest, then from there.
-    wire::trim(&app.pool, "s", 4).await;
+    wire::trim(&app.db, "s", 4).await;
     let mut old = open_sse(&app, "s", "?after=1", None).await.sse();
     let n = old.notice().await;
     assert_eq!(n["notice"], "gap");
@@ -170,10 +170,16 @@ async fn resumes_from_every_kind_of_cursor(pool: PgPool) {
         .await;
     // Events removed but the stream row not yet updated (retention mid-way): the hole in
     // the log is still announced, never skipped silently.
-    sqlx::query("delete from events where seq <= 6 and stream_id = (select id from streams where name = 's')")
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    let deleted = on_db!(app.db, |ex| {
+        sqlx::query(
+        "delete from events where seq <= 6 and stream_id = (select id from streams where name = 's')"
+    )
+    .execute(ex)
+    .await
+    .unwrap()
+    .rows_affected()
+    });
+    assert_eq!(deleted, 2);
     let mut hole = open_sse(&app, "s", "?after=4", None).await.sse();
     let n = hole.notice().await;
     assert_eq!(n["notice"], "gap");
@@ -181,9 +187,9 @@ async fn resumes_from_every_kind_of_cursor(pool: PgPool) {
     hole.expect_seqs(7, 12).await;
 }
 
-#[sqlx::test]
-async fn bad_parameters_get_problem_json(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn bad_parameters_get_problem_json(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     app.append("s", json!({"data":1})).await;
     let cases: [(&str, Option<&str>, &str); 9] = [
         ("", Some("abc"), "invalid_cursor"),
@@ -210,9 +216,9 @@ async fn bad_parameters_get_problem_json(pool: PgPool) {
     assert_eq!(v["code"], "invalid_stream_name");
 }
 
-#[sqlx::test]
-async fn types_filter_events_but_never_hide_the_close(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn types_filter_events_but_never_hide_the_close(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     let body = json!([
         {"type":"a","data":1},{"type":"b","data":2},{"type":"c","data":3},{"type":"a","data":4}
     ]);
@@ -242,9 +248,9 @@ async fn types_filter_events_but_never_hide_the_close(pool: PgPool) {
     again.expect_end().await;
 }
 
-#[sqlx::test]
-async fn a_closed_stream_ends_responses_and_answers_204_at_its_head(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn a_closed_stream_ends_responses_and_answers_204_at_its_head(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     app.append("s", json!([{"data":1,"key":"k"},{"data":2}]))
         .await;
     let mut live = open_sse(&app, "s", "", None).await.sse();
@@ -283,9 +289,9 @@ async fn a_closed_stream_ends_responses_and_answers_204_at_its_head(pool: PgPool
 
 /// from=snapshot: the latest event per key (in seq order), an `id:` at the snapshot's
 /// position, then everything after it.
-#[sqlx::test]
-async fn snapshot_then_tail(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn snapshot_then_tail(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     app.append(
         "s",
         json!([
@@ -324,9 +330,9 @@ async fn snapshot_then_tail(pool: PgPool) {
 }
 
 /// A subscription to a stream that does not exist yet waits for it, whatever its start.
-#[sqlx::test]
-async fn subscribing_to_a_missing_stream_waits_for_it(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn subscribing_to_a_missing_stream_waits_for_it(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     let mut plain = open_sse(&app, "later", "", None).await.sse();
     let mut snap = open_sse(&app, "later", "?from=snapshot", None).await.sse();
     let mut now = open_sse(&app, "later", "?from=now", None).await.sse();
@@ -351,15 +357,15 @@ async fn wait_until_subscribed(app: &TestApp, n: u64) {
 /// A stream deleted while its last append's fan-out is still on the way, then re-created: a
 /// subscriber that opened in between (the stream did not exist) must not take those trailing
 /// live events for the new stream's; it gets the new stream's events from the log.
-#[sqlx::test]
-async fn live_events_of_a_deleted_incarnation_do_not_reach_a_new_subscriber(pool: PgPool) {
+#[backend_test]
+async fn live_events_of_a_deleted_incarnation_do_not_reach_a_new_subscriber(db: TestDb) {
     use tailcast::live::{Filter, Frame, Hub, Item, Source, Start, Subscription};
     use tailcast::log::{StoredEvent, StreamName};
 
-    let app = TestApp::spawn(pool.clone()).await;
+    let app = TestApp::spawn(db.clone()).await;
     let hub = Hub::new(16);
     let source = Source {
-        pool: pool.clone(),
+        db: db.db.clone(),
         hub: hub.clone(),
         page: 100,
     };

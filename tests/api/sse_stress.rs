@@ -12,8 +12,8 @@ use std::sync::Arc;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use sqlx::PgPool;
 
+use crate::backend::{backend_test, TestDb};
 use crate::helpers::{TestApp, WAIT};
 use crate::wire::{self, open_sse, raw_envelopes, stats, wait_until, Next, Sse};
 
@@ -88,10 +88,10 @@ async fn read_range(sse: &mut Sse, first: i64, last: i64) -> u64 {
 /// before the first append, 6 joining mid-way (catching up from the log while the stream
 /// is live). Every subscriber receives 1..20000 in order, exactly once, byte-identical to the
 /// replay; and the log holds each producer's events in the order it sent them.
-#[sqlx::test]
-async fn many_subscribers_see_every_event_while_16_producers_append_20k(pool: PgPool) {
+#[backend_test]
+async fn many_subscribers_see_every_event_while_16_producers_append_20k(db: TestDb) {
     const TOTAL: i64 = 20_000;
-    let app = TestApp::spawn(pool).await;
+    let app = TestApp::spawn(db).await;
     let mut subs = Vec::new();
     for _ in 0..6 {
         let mut sse = open_sse(&app, "hot", "", None).await.sse();
@@ -158,9 +158,9 @@ async fn many_subscribers_see_every_event_while_16_producers_append_20k(pool: Pg
 /// the server goes by: its subscription stops being polled, its live buffer (two batches
 /// here) overflows, and it falls back to the log. When it reads again it gets every event,
 /// in order, exactly once.
-#[sqlx::test]
-async fn a_reader_that_pauses_still_receives_everything(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| {
+#[backend_test]
+async fn a_reader_that_pauses_still_receives_everything(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| {
         c.live_buffer = 2;
         c.write_timeout_s = 300;
     })
@@ -192,9 +192,9 @@ async fn a_reader_that_pauses_still_receives_everything(pool: PgPool) {
 /// A reader that stops reading for longer than the write timeout is disconnected (the reason
 /// is logged and counted: it cannot reach a client that reads nothing). What it had received
 /// ends at an event boundary, and resuming from its last id loses and repeats nothing.
-#[sqlx::test]
-async fn a_reader_that_stops_for_good_is_disconnected_and_resumes_by_cursor(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| {
+#[backend_test]
+async fn a_reader_that_stops_for_good_is_disconnected_and_resumes_by_cursor(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| {
         c.live_buffer = 2;
         c.write_timeout_s = 1;
     })
@@ -255,10 +255,10 @@ async fn slow_disconnects(app: &TestApp) -> u64 {
 /// from=snapshot while producers append keyed events: each subscriber's snapshot is exactly
 /// the latest event per key as of the position it announces, and the tail continues right
 /// after that position: no event missed or repeated between the two.
-#[sqlx::test]
-async fn snapshot_then_tail_under_concurrent_appends(pool: PgPool) {
+#[backend_test]
+async fn snapshot_then_tail_under_concurrent_appends(db: TestDb) {
     const TOTAL: i64 = 3000;
-    let app = TestApp::spawn(pool).await;
+    let app = TestApp::spawn(db).await;
     let head = Arc::new(AtomicI64::new(0));
     let producers = {
         let mut tasks = Vec::new();
@@ -337,10 +337,10 @@ async fn snapshot_then_tail_under_concurrent_appends(pool: PgPool) {
 
 /// A client dropped in the middle of a burst reconnects with Last-Event-ID, again and again,
 /// and ends up with every event exactly once.
-#[sqlx::test]
-async fn reconnecting_with_last_event_id_mid_burst_loses_and_repeats_nothing(pool: PgPool) {
+#[backend_test]
+async fn reconnecting_with_last_event_id_mid_burst_loses_and_repeats_nothing(db: TestDb) {
     const TOTAL: i64 = 4000;
-    let app = TestApp::spawn(pool).await;
+    let app = TestApp::spawn(db).await;
     let head = Arc::new(AtomicI64::new(0));
     let burst = produce(&app, "s", 4, TOTAL as usize, 10, 0, head.clone());
     let client = async {
@@ -373,8 +373,8 @@ async fn reconnecting_with_last_event_id_mid_burst_loses_and_repeats_nothing(poo
 /// appending random batches, and subscribers that start from random cursors (behind, at and
 /// past the head, from=now), read a random number of events, drop, and resume by their last
 /// id. Each sees exactly the events after its cursor, in order. The seed is printed.
-#[sqlx::test]
-async fn handover_between_log_and_live_at_random_moments(pool: PgPool) {
+#[backend_test]
+async fn handover_between_log_and_live_at_random_moments(db: TestDb) {
     let seed: u64 = std::env::var("TAILCAST_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -383,7 +383,7 @@ async fn handover_between_log_and_live_at_random_moments(pool: PgPool) {
     let mut rng = StdRng::seed_from_u64(seed);
     let page = rng.random_range(2..=40);
     let buffer = rng.random_range(2..=6);
-    let app = TestApp::spawn_with(pool, |c| {
+    let app = TestApp::spawn_with(db, |c| {
         c.read_page = page;
         c.live_buffer = buffer;
     })
@@ -467,11 +467,12 @@ async fn handover_between_log_and_live_at_random_moments(pool: PgPool) {
 
 /// Idle connections cost little: 500 SSE subscribers, each idle on a stream of its own (the
 /// costlier case: each has its own live channel), measured in a separate server process.
-#[sqlx::test]
-async fn idle_connections_cost_little_memory(pool: PgPool) {
+#[backend_test]
+async fn idle_connections_cost_little_memory(db: TestDb) {
     const CONNS: u64 = 500;
     const PER_CONNECTION: u64 = 96 << 10;
-    let server = wire::Server::start(&pool).await;
+    let db = db.close().await;
+    let server = wire::Server::start(db.url()).await;
     let addr = server.socket_addr();
     let open = |stream: String| async move {
         let mut frames = wire::open_sse_at(addr, &stream, "", None).await.frames();
@@ -514,5 +515,5 @@ async fn idle_connections_cost_little_memory(pool: PgPool) {
     assert_eq!(res.status(), 201);
     let f = idle.last_mut().unwrap().next_content().await.unwrap();
     assert!(f.starts_with("id: 1\n"), "{f}");
-    server.stop().await;
+    server.kill().await;
 }

@@ -16,11 +16,11 @@ use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use sqlx::PgPool;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::backend::{on_db, TestDb};
 use crate::helpers::{listening_addr, TestApp, WAIT};
 
 /// Connects to `addr`; with `rcvbuf`, the socket's receive buffer is that small (and the
@@ -335,44 +335,31 @@ pub async fn head(app: &TestApp, stream: &str) -> i64 {
 }
 
 /// Simulates retention: removes events `1..=upto` of `stream` as the retention task would.
-pub async fn trim(pool: &PgPool, stream: &str, upto: i64) {
-    let id: i64 = sqlx::query_scalar("select id from streams where name = $1")
-        .bind(stream)
-        .fetch_one(pool)
-        .await
-        .unwrap();
-    sqlx::query("delete from events where stream_id = $1 and seq <= $2")
-        .bind(id)
-        .bind(upto)
-        .execute(pool)
-        .await
-        .unwrap();
-    sqlx::query("update streams set trimmed_to = $2 where id = $1")
-        .bind(id)
-        .bind(upto)
-        .execute(pool)
-        .await
-        .unwrap();
+pub async fn trim(db: &TestDb, stream: &str, upto: i64) {
+    on_db!(db, |ex| {
+        let id: i64 = sqlx::query_scalar("select id from streams where name = $1")
+            .bind(stream)
+            .fetch_one(ex)
+            .await
+            .unwrap();
+        sqlx::query("delete from events where stream_id = $1 and seq <= $2")
+            .bind(id)
+            .bind(upto)
+            .execute(ex)
+            .await
+            .unwrap();
+        sqlx::query("update streams set trimmed_to = $2 where id = $1")
+            .bind(id)
+            .bind(upto)
+            .execute(ex)
+            .await
+            .unwrap();
+    })
 }
 
 /// The seq of an envelope.
 pub fn seq(env: &Value) -> i64 {
     env["seq"].as_i64().expect("seq")
-}
-
-/// The URL of the test's own database, for a server started as a separate process.
-pub fn database_url(pool: &PgPool) -> String {
-    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL");
-    let db = pool.connect_options().get_database().unwrap().to_owned();
-    let (base, query) = base
-        .split_once('?')
-        .map_or((base.as_str(), ""), |(b, q)| (b, q));
-    let root = &base[..base.rfind('/').expect("a database path")];
-    if query.is_empty() {
-        format!("{root}/{db}")
-    } else {
-        format!("{root}/{db}?{query}")
-    }
 }
 
 /// Peak resident memory of a process, in bytes.
@@ -397,8 +384,8 @@ pub fn rss(pid: u32) -> u64 {
     kb * 1024
 }
 
-/// The `tailcast` binary running as its own process on the test's database, so that its
-/// memory can be measured alone.
+/// The `tailcast` binary running as its own process on the test's database (so that its
+/// memory can be measured alone, or so that it can be killed).
 pub struct Server {
     pub addr: String,
     pub pid: u32,
@@ -406,11 +393,12 @@ pub struct Server {
 }
 
 impl Server {
-    pub async fn start(pool: &PgPool) -> Server {
+    /// Starts the binary on the database `url` (`ClosedDb::url`: this process must not
+    /// hold a SQLite file the server is to open) and waits until it listens.
+    pub async fn start(url: &str) -> Server {
         use tokio::io::{AsyncBufReadExt, BufReader};
-        tailcast::log::MIGRATOR.run(pool).await.unwrap();
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailcast"))
-            .env("DATABASE_URL", database_url(pool))
+            .env("DATABASE_URL", url)
             .env("TAILCAST_LISTEN", "127.0.0.1:0")
             .env("TAILCAST_LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
@@ -430,7 +418,9 @@ impl Server {
         self.addr.parse().unwrap()
     }
 
-    pub async fn stop(mut self) {
+    /// Kills the process with SIGKILL (no graceful shutdown: nothing of it runs after this)
+    /// and waits until it is gone.
+    pub async fn kill(mut self) {
         self.child.kill().await.unwrap();
     }
 }

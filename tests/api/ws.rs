@@ -3,14 +3,14 @@
 use std::collections::HashMap;
 
 use serde_json::{json, Value};
-use sqlx::PgPool;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::backend::{backend_test, TestDb};
 use crate::helpers::{TestApp, WAIT};
 
-#[sqlx::test]
-async fn welcome_subscribe_publish_and_events_in_order(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn welcome_subscribe_publish_and_events_in_order(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     app.append("s", json!([{"data":1},{"data":2}])).await;
     let mut ws = app.ws().await;
     assert_eq!(ws.welcome["protocol"], 1);
@@ -65,9 +65,9 @@ async fn welcome_subscribe_publish_and_events_in_order(pool: PgPool) {
     ws.close().await;
 }
 
-#[sqlx::test]
-async fn live_events_are_byte_identical_to_replay(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn live_events_are_byte_identical_to_replay(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     let mut ws = app.ws().await;
     ws.subscribe("b", json!({})).await;
     // Published over the socket with odd spacing and key order: kept byte for byte.
@@ -95,9 +95,9 @@ async fn live_events_are_byte_identical_to_replay(pool: PgPool) {
     assert!(envelope.contains(r#""data":{"z":1,  "a":"h\u00e9 😀","n":1e400}"#));
 }
 
-#[sqlx::test]
-async fn subscribe_options_now_types_snapshot_and_notices(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn subscribe_options_now_types_snapshot_and_notices(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     app.append(
         "o",
         json!([{"type":"a","data":1,"key":"x"},{"type":"b","data":2,"key":"x"},{"type":"a","data":3,"key":"y"}]),
@@ -140,9 +140,9 @@ async fn subscribe_options_now_types_snapshot_and_notices(pool: PgPool) {
     assert_eq!(notice["head"], 6);
 }
 
-#[sqlx::test]
-async fn closing_and_deleting_a_stream_end_its_subscription(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn closing_and_deleting_a_stream_end_its_subscription(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     app.append("c", json!({"data":1})).await;
     app.append("d", json!({"data":1})).await;
     let mut ws = app.ws().await;
@@ -204,11 +204,11 @@ async fn closing_and_deleting_a_stream_end_its_subscription(pool: PgPool) {
     assert_eq!(stats["connections"]["ws"], 1);
 }
 
-#[sqlx::test]
+#[backend_test]
 async fn every_malformed_message_gets_a_specific_error_and_the_connection_keeps_working(
-    pool: PgPool,
+    db: TestDb,
 ) {
-    let app = TestApp::spawn(pool).await;
+    let app = TestApp::spawn(db).await;
     let mut ws = app.ws().await;
     let deep = format!(
         r#"{{"op":"subscribe","stream":"s","types":{}"a"{}}}"#,
@@ -330,9 +330,9 @@ async fn every_malformed_message_gets_a_specific_error_and_the_connection_keeps_
     assert_eq!(pong["op"], "pong");
 }
 
-#[sqlx::test]
-async fn an_oversized_message_closes_with_1009(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| c.ws_max_message_bytes = 4096).await;
+#[backend_test]
+async fn an_oversized_message_closes_with_1009(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| c.ws_max_message_bytes = 4096).await;
     let mut ws = app.ws().await;
     let big = json!({"op":"publish","stream":"s","events":[{"data":"x".repeat(5000)}]});
     ws.send(big).await;
@@ -342,9 +342,9 @@ async fn an_oversized_message_closes_with_1009(pool: PgPool) {
     assert_eq!(app.get("/v1/streams/s").await.status(), 404);
 }
 
-#[sqlx::test]
-async fn shutdown_closes_with_1001(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn shutdown_closes_with_1001(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     let mut ws = app.ws().await;
     ws.subscribe("s", json!({})).await;
     let stopping = tokio::spawn(app.shutdown());
@@ -353,9 +353,9 @@ async fn shutdown_closes_with_1001(pool: PgPool) {
     tokio::time::timeout(WAIT, stopping).await.unwrap().unwrap();
 }
 
-#[sqlx::test]
-async fn the_server_pings_and_an_answering_client_stays_connected(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| c.ws_heartbeat_ms = 250).await;
+#[backend_test]
+async fn the_server_pings_and_an_answering_client_stays_connected(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| c.ws_heartbeat_ms = 250).await;
     let mut ws = app.ws().await;
     assert_eq!(ws.welcome["heartbeat_ms"], 250);
     // tungstenite answers each Ping while we read; after many more than 3 intervals the
@@ -366,10 +366,10 @@ async fn the_server_pings_and_an_answering_client_stays_connected(pool: PgPool) 
     assert_eq!(ws.request(json!({"op":"ping"})).await["op"], "pong");
 }
 
-#[sqlx::test]
-async fn a_silent_client_is_closed_after_three_heartbeats(pool: PgPool) {
+#[backend_test]
+async fn a_silent_client_is_closed_after_three_heartbeats(db: TestDb) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let app = TestApp::spawn_with(pool, |c| c.ws_heartbeat_ms = 100).await;
+    let app = TestApp::spawn_with(db, |c| c.ws_heartbeat_ms = 100).await;
     // A raw client that completes the handshake and then never answers a Ping.
     let mut tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
     let handshake = format!(
@@ -417,9 +417,9 @@ async fn a_silent_client_is_closed_after_three_heartbeats(pool: PgPool) {
     assert_eq!(close_code, Some(1008), "{opcodes:?}");
 }
 
-#[sqlx::test]
-async fn stop_appends_control_stop_that_the_producer_sees(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn stop_appends_control_stop_that_the_producer_sees(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     let mut producer = app.ws().await;
     producer
         .subscribe("run", json!({"from":"now","types":["control.stop"]}))
@@ -449,11 +449,11 @@ async fn stop_appends_control_stop_that_the_producer_sees(pool: PgPool) {
     assert_eq!(res.status(), 400);
 }
 
-#[sqlx::test]
-async fn many_subscriptions_on_one_socket_under_concurrent_publishing(pool: PgPool) {
+#[backend_test]
+async fn many_subscriptions_on_one_socket_under_concurrent_publishing(db: TestDb) {
     const STREAMS: usize = 8;
     const PER_STREAM: i64 = 150;
-    let app = TestApp::spawn(pool).await;
+    let app = TestApp::spawn(db).await;
     let mut ws = app.ws().await;
     for i in 0..STREAMS {
         ws.subscribe(&format!("m{i}"), json!({"after":0})).await;
@@ -500,9 +500,9 @@ async fn many_subscriptions_on_one_socket_under_concurrent_publishing(pool: PgPo
     assert!(next.values().all(|n| *n == PER_STREAM + 1));
 }
 
-#[sqlx::test]
-async fn reconnect_resumes_each_subscription_by_its_cursor(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn reconnect_resumes_each_subscription_by_its_cursor(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     for s in ["r1", "r2", "r3"] {
         app.append(s, json!([{"data":1},{"data":2},{"data":3}]))
             .await;
@@ -553,21 +553,21 @@ async fn reconnect_resumes_each_subscription_by_its_cursor(pool: PgPool) {
     assert_eq!(pong["op"], "pong", "no extra events after the last");
 }
 
-#[sqlx::test]
-async fn a_plain_get_is_told_to_upgrade(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+#[backend_test]
+async fn a_plain_get_is_told_to_upgrade(db: TestDb) {
+    let app = TestApp::spawn(db).await;
     let res = app.get("/v1/ws").await;
     assert_eq!(res.status(), 426);
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["code"], "upgrade_required");
 }
 
-#[sqlx::test]
-async fn a_client_that_stops_reading_still_gets_every_event_in_order(pool: PgPool) {
+#[backend_test]
+async fn a_client_that_stops_reading_still_gets_every_event_in_order(db: TestDb) {
     // A tiny send queue and live buffer: while this client does not read, its queue fills,
     // its subscriptions stop being polled, and their live channels overflow. It must still
     // get everything once it reads again, from the log.
-    let app = TestApp::spawn_with(pool, |c| {
+    let app = TestApp::spawn_with(db, |c| {
         c.ws_send_queue = 4;
         c.live_buffer = 2;
     })
@@ -596,9 +596,9 @@ async fn a_client_that_stops_reading_still_gets_every_event_in_order(pool: PgPoo
     assert_eq!(ws.request(json!({"op":"ping"})).await["op"], "pong");
 }
 
-#[sqlx::test]
-async fn a_client_that_never_reads_is_disconnected_by_the_write_timeout(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| c.write_timeout_s = 1).await;
+#[backend_test]
+async fn a_client_that_never_reads_is_disconnected_by_the_write_timeout(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| c.write_timeout_s = 1).await;
     let mut ws = app.ws_small_buffer().await;
     ws.send(json!({"op":"subscribe","stream":"big"})).await;
     // Far more than the socket buffers hold, while the client reads nothing.
@@ -632,16 +632,11 @@ async fn a_client_that_never_reads_is_disconnected_by_the_write_timeout(pool: Pg
 /// pool far smaller than the number of subscriptions: a subscription that is not being
 /// polled must not sit on a pooled connection, or the socket's own next op (and every other
 /// client) waits for a connection that never comes back.
-#[sqlx::test]
-async fn many_catching_up_subscriptions_do_not_starve_the_pool(pool: PgPool) {
+#[backend_test]
+async fn many_catching_up_subscriptions_do_not_starve_the_pool(db: TestDb) {
     const STREAMS: usize = 24;
     const EVENTS: i64 = 1500;
-    let small = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(3)
-        .acquire_timeout(std::time::Duration::from_secs(2))
-        .connect_with((*pool.connect_options()).clone())
-        .await
-        .unwrap();
+    let small = db.reopen_with(3, std::time::Duration::from_secs(2)).await;
     let app = TestApp::spawn_with(small, |c| c.read_page = 50).await;
     let batch: Vec<Value> = (0..EVENTS / 3).map(|i| json!({"data": i})).collect();
     for s in 0..STREAMS {

@@ -5,12 +5,12 @@
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use sqlx::PgPool;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::auth::{admin_append, call, now_s, spawn_secured, token, token_with, ADMIN, SECRET};
+use crate::backend::{backend_test, TestDb};
 use crate::helpers::{TestApp, WAIT};
 use crate::ws_client::WsClient;
 
@@ -59,9 +59,9 @@ fn expect_error(reply: &Value, code: &str) {
     assert_eq!(reply["code"], code, "{reply}");
 }
 
-#[sqlx::test]
-async fn the_upgrade_needs_a_valid_token(pool: PgPool) {
-    let app = spawn_secured(pool).await;
+#[backend_test]
+async fn the_upgrade_needs_a_valid_token(db: TestDb) {
+    let app = spawn_secured(db).await;
     let bad_signature = token_with(
         "some-other-secret-of-enough-length-000",
         json!({"admin": true}),
@@ -79,9 +79,9 @@ async fn the_upgrade_needs_a_valid_token(pool: PgPool) {
     );
 }
 
-#[sqlx::test]
-async fn every_ws_op_is_checked_against_the_grants(pool: PgPool) {
-    let app = spawn_secured(pool).await;
+#[backend_test]
+async fn every_ws_op_is_checked_against_the_grants(db: TestDb) {
+    let app = spawn_secured(db).await;
     admin_append(&app, "w:1", json!("secret")).await;
     let request_id = "r1";
     let res = call(
@@ -148,9 +148,9 @@ async fn every_ws_op_is_checked_against_the_grants(pool: PgPool) {
     expect_error(&ws.request(refused[0].clone()).await, "forbidden");
 }
 
-#[sqlx::test]
-async fn a_websocket_loses_access_when_its_token_expires(pool: PgPool) {
-    let app = spawn_secured(pool).await;
+#[backend_test]
+async fn a_websocket_loses_access_when_its_token_expires(db: TestDb) {
+    let app = spawn_secured(db).await;
     admin_append(&app, "wexp:1", json!(1)).await;
     let short = token(json!({"read": ["wexp:*"], "exp": now_s() + 3}));
     let mut ws = app.ws_path(&format!("/v1/ws?token={short}")).await;
@@ -170,9 +170,9 @@ async fn a_websocket_loses_access_when_its_token_expires(pool: PgPool) {
     assert!(close.reason.contains("expired"), "{}", close.reason);
 }
 
-#[sqlx::test]
-async fn browser_websockets_must_come_from_an_allowed_origin(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| {
+#[backend_test]
+async fn browser_websockets_must_come_from_an_allowed_origin(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| {
         c.cors_origins = vec!["https://app.example".into()];
     })
     .await;
@@ -192,9 +192,9 @@ async fn browser_websockets_must_come_from_an_allowed_origin(pool: PgPool) {
     }
 }
 
-#[sqlx::test]
-async fn ws_publishes_count_against_the_publish_rate(pool: PgPool) {
-    let app = TestApp::spawn_with(pool, |c| {
+#[backend_test]
+async fn ws_publishes_count_against_the_publish_rate(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| {
         c.jwt_secret = Some(SECRET.into());
         c.publish_rate = 0.5;
         c.publish_burst = 2;
