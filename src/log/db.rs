@@ -25,8 +25,8 @@ use sqlx::error::BoxDynError;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgArgumentBuffer, PgPoolOptions, PgTypeInfo, PgValueRef};
 use sqlx::sqlite::{
-    SqliteArgumentValue, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteSynchronous, SqliteTypeInfo, SqliteValueRef,
+    SqliteArgumentValue, SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePool,
+    SqlitePoolOptions, SqliteSynchronous, SqliteTypeInfo, SqliteValueRef,
 };
 use sqlx::{Decode, Encode, PgPool, Postgres, Sqlite, Transaction, Type};
 
@@ -180,13 +180,15 @@ async fn open_sqlite(
             .with_context(|| format!("cannot create the directory {}", dir.display()))?;
     }
     let lock = lock_file(&path)?;
+    // Incremental auto-vacuum (it takes effect on a new file, before the first table): the
+    // pages retention frees can be handed back to the filesystem (`retention::release_space`).
     let writer = SqlitePoolOptions::new()
         .max_connections(1)
         .min_connections(1)
         .idle_timeout(None)
         .max_lifetime(None)
         .acquire_timeout(acquire_timeout)
-        .connect_with(opts.clone())
+        .connect_with(opts.clone().auto_vacuum(SqliteAutoVacuum::Incremental))
         .await
         .with_context(|| format!("cannot open the SQLite database {}", path.display()))?;
     let reader = SqlitePoolOptions::new()

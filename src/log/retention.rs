@@ -250,12 +250,48 @@ async fn trim_batch(db: &Db, id: i64, cut: i64, limit: i64) -> Result<Batch, sql
 }
 
 /// One pass over every stream; returns how many events it deleted. Stops early (without
-/// error) if another node is trimming, or at `stop`.
+/// error) if another node is trimming, or at `stop`. On SQLite the pages it freed then go
+/// back to the filesystem.
 pub async fn run_once(
     db: &Db,
     policy: &Policy,
     stop: &CancellationToken,
 ) -> Result<u64, sqlx::Error> {
+    let deleted = trim_all(db, policy, stop).await?;
+    if deleted > 0 {
+        release_space(db, stop).await?;
+    }
+    Ok(deleted)
+}
+
+/// Pages truncated from an SQLite file per statement: a few MiB, so the appender (which needs
+/// the same write connection) waits only briefly between them.
+const VACUUM_PAGES: i64 = 1024;
+
+/// Shrinks an SQLite file by the pages deleted rows left free (PostgreSQL's own vacuum does
+/// this there), in bounded steps, until none is left or `stop`.
+pub async fn release_space(db: &Db, stop: &CancellationToken) -> Result<(), sqlx::Error> {
+    let Db::Sqlite(lite) = db else {
+        return Ok(());
+    };
+    let free_pages =
+        || sqlx::query_scalar::<_, i64>("pragma freelist_count").fetch_one(lite.writer());
+    let mut free = free_pages().await?;
+    while free > 0 && !stop.is_cancelled() {
+        sqlx::query(&format!("pragma incremental_vacuum({VACUUM_PAGES})"))
+            .execute(lite.writer())
+            .await?;
+        let left = free_pages().await?;
+        if left >= free {
+            // A file made without auto-vacuum cannot be shrunk this way.
+            break;
+        }
+        free = left;
+    }
+    Ok(())
+}
+
+async fn trim_all(db: &Db, policy: &Policy, stop: &CancellationToken) -> Result<u64, sqlx::Error> {
     if policy.max_age_s <= 0 && policy.max_events <= 0 && !has_overrides(db).await? {
         return Ok(0);
     }

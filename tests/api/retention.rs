@@ -212,3 +212,46 @@ async fn several_nodes_trimming_at_once_delete_each_event_once(db: TestDb) {
     }
     app.shutdown().await;
 }
+
+// The file shrinking is SQLite's (PostgreSQL's own vacuum reclaims space there).
+#[backend_test(sqlite)]
+async fn on_sqlite_the_space_retention_frees_goes_back_to_the_filesystem(db: TestDb) {
+    let tailcast::Db::Sqlite(lite) = db.db.clone() else {
+        unreachable!("a sqlite test");
+    };
+    let app = TestApp::spawn(db.clone()).await;
+    let big = "x".repeat(16 << 10);
+    for _ in 0..16 {
+        let batch: Vec<Value> = (0..16).map(|_| json!({"data": big})).collect();
+        app.append("big", Value::Array(batch)).await;
+    }
+    let pages = || async {
+        let n: i64 = sqlx::query_scalar("pragma page_count")
+            .fetch_one(lite.reader())
+            .await
+            .unwrap();
+        n
+    };
+    let before = pages().await;
+    let res = put_retention(&app, "big", r#"{"max_events":1}"#).await;
+    assert_eq!(res.status(), 200);
+    let policy = Policy {
+        max_age_s: 0,
+        max_events: 0,
+        batch: 1000,
+    };
+    let deleted = retention::run_once(&db.db, &policy, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(deleted, 255);
+    let free: i64 = sqlx::query_scalar("pragma freelist_count")
+        .fetch_one(lite.reader())
+        .await
+        .unwrap();
+    assert_eq!(free, 0);
+    // 256 events of 16 KiB were 4 MiB of pages; one is left.
+    let after = pages().await;
+    assert!(after * 10 < before, "{before} pages before, {after} after");
+    assert_eq!(oldest(&app, "big").await, 256);
+    app.shutdown().await;
+}
