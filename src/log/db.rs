@@ -164,6 +164,10 @@ async fn open_sqlite(
     max_connections: u32,
     acquire_timeout: Duration,
 ) -> anyhow::Result<SqliteDb> {
+    let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
+    if rest.is_empty() || rest.starts_with(":memory:") || rest.contains("mode=memory") {
+        anyhow::bail!("the SQLite database must be a file (sqlite://PATH), not in memory");
+    }
     let opts = SqliteConnectOptions::from_str(url)
         .with_context(|| format!("invalid SQLite URL {url:?}"))?
         .create_if_missing(true)
@@ -172,9 +176,6 @@ async fn open_sqlite(
         .foreign_keys(true)
         .busy_timeout(acquire_timeout.max(Duration::from_secs(5)));
     let path = opts.get_filename().to_owned();
-    if path.as_os_str().is_empty() || path == Path::new(":memory:") {
-        anyhow::bail!("the SQLite database must be a file (sqlite://PATH), not in memory");
-    }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the directory {}", dir.display()))?;
@@ -382,6 +383,15 @@ mod tests {
         let again = Db::connect(&url, 2, Duration::from_secs(2)).await.unwrap();
         again.migrate().await.unwrap();
         assert!(again.is_sqlite());
+    }
+
+    #[tokio::test]
+    async fn an_in_memory_sqlite_database_is_refused_it_would_not_be_durable() {
+        let err = Db::connect("sqlite::memory:", 2, Duration::from_secs(1))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must be a file"), "{err}");
     }
 
     #[tokio::test]
