@@ -16,6 +16,52 @@ use crate::http::Http;
 use crate::report::Metrics;
 use crate::util::{batch_json, event_json, now_us, percentiles_ms};
 
+/// The server's appender counters (from /metrics): jobs (append requests) committed, commits,
+/// and seconds spent in commits.
+#[derive(Clone, Copy)]
+pub struct AppenderCounters {
+    jobs: f64,
+    batches: f64,
+    commit_s: f64,
+}
+
+impl AppenderCounters {
+    pub async fn read(addr: SocketAddr) -> Option<AppenderCounters> {
+        let text = crate::fanout::server_metrics(addr).await.ok()?;
+        // Absent until the first commit.
+        let v = |name: &str| crate::fanout::metric_value(&text, name).unwrap_or(0.0);
+        Some(AppenderCounters {
+            jobs: v("tailcast_append_batch_size_sum"),
+            batches: v("tailcast_append_batch_size_count"),
+            commit_s: v("tailcast_append_commit_seconds_sum"),
+        })
+    }
+
+    /// Records what the server did since `before` under `key`: append requests per commit
+    /// and the mean time of one commit (lock, insert, fsync), diagnostics for the report.
+    pub async fn record_since(
+        addr: SocketAddr,
+        before: Option<AppenderCounters>,
+        m: &mut Metrics,
+        key: &str,
+    ) {
+        let (Some(b), Some(a)) = (before, AppenderCounters::read(addr).await) else {
+            return;
+        };
+        let batches = a.batches - b.batches;
+        if batches > 0.0 {
+            m.set(
+                &format!("{key}.server_jobs_per_commit"),
+                (a.jobs - b.jobs) / batches,
+            );
+            m.set(
+                &format!("{key}.server_commit_ms"),
+                (a.commit_s - b.commit_s) / batches * 1000.0,
+            );
+        }
+    }
+}
+
 fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("bounds")
 }

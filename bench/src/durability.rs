@@ -18,6 +18,7 @@ use crate::http::Http;
 use crate::report::Metrics;
 use crate::server::Server;
 use crate::sse::SseParser;
+use crate::store::StoreDb;
 use crate::util::{event_json, now_us, parse_u64, u64_after};
 
 #[derive(Default)]
@@ -50,7 +51,7 @@ pub struct Durability {
 }
 
 impl Durability {
-    pub async fn run(&self, server: &mut Server, db_url: &str, m: &mut Metrics) -> Result<()> {
+    pub async fn run(&self, server: &mut Server, db: &StoreDb, m: &mut Metrics) -> Result<()> {
         let addr = server.addr;
         let stop = Arc::new(AtomicBool::new(false));
         let acked: Arc<Mutex<Vec<(u64, String)>>> = Arc::default();
@@ -87,7 +88,7 @@ impl Durability {
         for p in producers {
             p.await??;
         }
-        let log = read_log(db_url, &self.stream).await?;
+        let log = db.read_log(&self.stream).await?;
         let head = log.len() as u64;
         // Subscribers catch up to the head they now know exists (bounded wait).
         let until = Instant::now() + Duration::from_secs(60);
@@ -231,7 +232,7 @@ async fn follow_ws(addr: SocketAddr, stream: &str, st: &SubStats) -> Result<()> 
 }
 
 /// (seq, event id) of every event of the stream, in seq order, straight from PostgreSQL.
-async fn read_log(db_url: &str, stream: &str) -> Result<Vec<(u64, Option<String>)>> {
+pub async fn read_pg_log(db_url: &str, stream: &str) -> Result<Vec<(u64, Option<String>)>> {
     use sqlx::Connection;
     let mut c = sqlx::PgConnection::connect(db_url).await?;
     let rows: Vec<(i64, Option<String>)> = sqlx::query_as(

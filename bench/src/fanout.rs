@@ -282,7 +282,7 @@ pub async fn publish_paced(
 }
 
 /// The server's Prometheus text.
-async fn server_metrics(addr: SocketAddr) -> Result<String> {
+pub async fn server_metrics(addr: SocketAddr) -> Result<String> {
     let mut http = Http::connect(addr, None).await?;
     let res = http.get("/metrics", &[]).await?;
     let body = res.into_body().collect().await?.to_bytes();
@@ -290,7 +290,7 @@ async fn server_metrics(addr: SocketAddr) -> Result<String> {
 }
 
 /// The sum of every sample of `name` (over all label sets).
-fn metric_value(text: &str, name: &str) -> Option<f64> {
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     let mut found = None;
     for line in text.lines().filter(|l| l.starts_with(name)) {
         let rest = &line[name.len()..];

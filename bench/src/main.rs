@@ -1,6 +1,7 @@
 //! tailcast-bench: the load generator and benchmark harness. It starts tailcast itself (so it
-//! can read its RSS and SIGKILL it), measures raw-PostgreSQL baselines in the same database,
-//! runs every scenario for a fixed, bounded duration, and writes JSON plus Markdown tables.
+//! can read its RSS and SIGKILL it), on PostgreSQL or on the embedded SQLite store
+//! (`--store`), measures raw baselines of that store in the same database (or file), runs
+//! every scenario for a fixed, bounded duration, and writes JSON plus Markdown tables.
 //!
 //! `run` is the full benchmark (bench/run drives it); `smoke` runs every scenario for about
 //! two seconds at tiny sizes and only checks that each completes (scripts/test runs it).
@@ -12,13 +13,15 @@ mod durability;
 mod fanout;
 mod http;
 mod idle;
+mod lite;
 mod report;
 mod server;
 mod sse;
+mod store;
 mod util;
 mod ws;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
@@ -26,14 +29,16 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use sqlx::{Connection, Executor};
 
+use append::AppenderCounters;
 use fanout::{Fanout, Transport};
 use report::{Machine, Metrics, Report};
 use server::Server;
+use store::{Store, StoreDb};
 
 #[derive(Parser)]
 #[command(
     name = "tailcast-bench",
-    about = "Benchmarks tailcast against raw PostgreSQL"
+    about = "Benchmarks tailcast against raw PostgreSQL or raw SQLite"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -46,7 +51,8 @@ enum Cmd {
     Run(RunArgs),
     /// Every scenario for ~2 s at tiny sizes; fails if any scenario fails, never on timing.
     Smoke(RunArgs),
-    /// Rewrites the results section of a Markdown file from a results JSON file.
+    /// Rewrites the results section of a Markdown file from a results JSON file (the
+    /// section of the JSON's store: each store has its own markers).
     Report {
         #[arg(long)]
         json: PathBuf,
@@ -60,16 +66,27 @@ struct RunArgs {
     /// The tailcast binary to benchmark (a release build for real numbers).
     #[arg(long, default_value = "target/release/tailcast")]
     server_bin: PathBuf,
+    /// The event log tailcast runs on: `postgres` (a fresh database on the server of
+    /// --database-url) or `sqlite` (a fresh file, `bench.db`, in a new directory under
+    /// --sqlite-dir).
+    #[arg(long, value_enum, default_value_t = Store::Postgres)]
+    store: Store,
     /// A PostgreSQL URL whose user may create databases; each invocation creates a fresh one.
+    /// Only for `--store postgres`.
     #[arg(long, env = "DATABASE_URL")]
-    database_url: String,
+    database_url: Option<String>,
+    /// Where `--store sqlite` creates its fresh directory (default: the system's temporary
+    /// directory). Put it on the disk you mean to measure: an fsync on tmpfs costs nothing.
+    #[arg(long)]
+    sqlite_dir: Option<PathBuf>,
     /// Repetitions of the whole scenario set.
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Seconds each timed scenario runs.
     #[arg(long, default_value_t = 10)]
     duration: u64,
-    /// Only scenarios whose name starts with one of these (comma-separated).
+    /// Only scenarios whose name starts with one of these (comma-separated). Without it,
+    /// every scenario on PostgreSQL; on SQLite those of SQLITE_SCENARIOS.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Extra arguments for tailcast (e.g. generous connection limits).
@@ -78,7 +95,7 @@ struct RunArgs {
     /// Where to write the results JSON.
     #[arg(long, default_value = "bench/results/latest.json")]
     out: PathBuf,
-    /// Keep the benchmark database afterwards.
+    /// Keep the benchmark database (or the SQLite directory) afterwards.
     #[arg(long)]
     keep_db: bool,
     /// The command line to record in the report (bench/run passes its own).
@@ -145,15 +162,29 @@ impl Sizes {
 struct Bench {
     args: RunArgs,
     sizes: Sizes,
+    db: StoreDb,
+    /// The DATABASE_URL the server gets.
     db_url: String,
     log: PathBuf,
 }
 
 const CATCHUP_STREAM: &str = "catchup";
 
+/// What `--store sqlite` runs when no `--only` is given: what differs between the stores
+/// (the write path, reads of the log, recovery after SIGKILL). Fan-out, many streams and idle
+/// connections exercise the in-process hub, the same code on both; name them in `--only` to
+/// run them on SQLite too.
+const SQLITE_SCENARIOS: &[&str] = &["baseline", "append", "catchup", "durability"];
+
 impl Bench {
     fn wants(&self, name: &str) -> bool {
-        self.args.only.is_empty() || self.args.only.iter().any(|o| name.starts_with(o.as_str()))
+        if self.args.only.is_empty() {
+            return match self.args.store {
+                Store::Postgres => true,
+                Store::Sqlite => SQLITE_SCENARIOS.iter().any(|p| name.starts_with(p)),
+            };
+        }
+        self.args.only.iter().any(|o| name.starts_with(o.as_str()))
     }
 
     /// True if any selected scenario lies under `prefix` (e.g. "catchup" for "catchup.sse").
@@ -214,38 +245,72 @@ impl Bench {
         let s = self.sizes.clone();
         let url = self.db_url.clone();
 
-        self.scenario(run, "baseline", &mut m, errors, |srv, mut m| async move {
-            let res = async {
-                baseline::prepare(&url).await?;
-                baseline::row_per_tx(&url, 1, d, &mut m, "base.row_tx_1").await?;
-                baseline::row_per_tx(&url, s.clients, d, &mut m, "base.row_tx_64").await?;
-                baseline::multi_row(
-                    &url,
-                    s.batch_clients,
-                    s.batch,
-                    d,
-                    &mut m,
-                    "base.multirow_100",
-                )
-                .await?;
-                baseline::copy_in(&url, 50_000, d, &mut m, "base.copy_in").await?;
-                let rows =
-                    baseline::copy_out(&url, CATCHUP_STREAM, &mut m, "base.copy_out").await?;
-                if rows != s.catchup_events {
-                    bail!("COPY read {rows} rows, expected {}", s.catchup_events);
-                }
-                Ok(())
+        match &self.db {
+            StoreDb::Postgres { .. } => {
+                self.scenario(run, "baseline", &mut m, errors, |srv, mut m| async move {
+                    let res = async {
+                        baseline::prepare(&url).await?;
+                        baseline::row_per_tx(&url, 1, d, &mut m, "base.row_tx_1").await?;
+                        baseline::row_per_tx(&url, s.clients, d, &mut m, "base.row_tx_64").await?;
+                        baseline::multi_row(
+                            &url,
+                            s.batch_clients,
+                            s.batch,
+                            d,
+                            &mut m,
+                            "base.multirow_100",
+                        )
+                        .await?;
+                        baseline::copy_in(&url, 50_000, d, &mut m, "base.copy_in").await?;
+                        let rows =
+                            baseline::copy_out(&url, CATCHUP_STREAM, &mut m, "base.copy_out")
+                                .await?;
+                        if rows != s.catchup_events {
+                            bail!("COPY read {rows} rows, expected {}", s.catchup_events);
+                        }
+                        Ok(())
+                    }
+                    .await;
+                    (m, finish(srv, res).await)
+                })
+                .await;
             }
-            .await;
-            (m, finish(srv, res).await)
-        })
-        .await;
+            StoreDb::Sqlite { path } => {
+                let path = path.clone();
+                self.scenario(run, "baseline", &mut m, errors, |srv, mut m| async move {
+                    // Nothing else writes to the file while the baselines run.
+                    let stopped = srv.stop().await;
+                    let res = async {
+                        lite::prepare(&path).await?;
+                        lite::row_per_tx(&path, d, &mut m, "lite.row_tx_1").await?;
+                        lite::multi_row(&path, s.batch, 1, d, &mut m, "lite.multirow_100").await?;
+                        lite::multi_row(&path, s.clients, s.clients, d, &mut m, "lite.spread_64")
+                            .await?;
+                        let rows =
+                            lite::read_stream(&path, CATCHUP_STREAM, &mut m, "lite.read_seq")
+                                .await?;
+                        if rows != s.catchup_events {
+                            bail!("read {rows} rows, expected {}", s.catchup_events);
+                        }
+                        Ok(())
+                    }
+                    .await;
+                    (m, res.and(stopped))
+                })
+                .await;
+            }
+        }
 
         let addr_run = format!("r{run}");
         self.scenario(run, "append", &mut m, errors, |srv, mut m| async move {
             let a = srv.addr;
+            // Each figure also gets the server's own view of it (append requests per commit,
+            // mean commit time), read from /metrics before and after.
             let res = async {
+                let c = AppenderCounters::read(a).await;
                 append::sequential(a, &format!("seq-{addr_run}"), d, &mut m).await?;
+                AppenderCounters::record_since(a, c, &mut m, "append.seq").await;
+                let c = AppenderCounters::read(a).await;
                 append::concurrent_rest(
                     a,
                     &format!("rest-{addr_run}"),
@@ -256,6 +321,8 @@ impl Bench {
                     "append.rest64",
                 )
                 .await?;
+                AppenderCounters::record_since(a, c, &mut m, "append.rest64").await;
+                let c = AppenderCounters::read(a).await;
                 append::concurrent_rest(
                     a,
                     &format!("batch-{addr_run}"),
@@ -266,6 +333,8 @@ impl Bench {
                     "append.batch100",
                 )
                 .await?;
+                AppenderCounters::record_since(a, c, &mut m, "append.batch100").await;
+                let c = AppenderCounters::read(a).await;
                 append::concurrent_ws(
                     a,
                     &format!("ws-{addr_run}"),
@@ -274,7 +343,9 @@ impl Bench {
                     d,
                     &mut m,
                 )
-                .await
+                .await?;
+                AppenderCounters::record_since(a, c, &mut m, "append.ws64").await;
+                anyhow::Ok(())
             }
             .await;
             (m, finish(srv, res).await)
@@ -358,14 +429,14 @@ impl Bench {
             duration: d,
             stream: format!("durable-r{run}"),
         };
-        let url = self.db_url.clone();
+        let db = self.db.clone();
         self.scenario(
             run,
             "durability",
             &mut m,
             errors,
             |mut srv, mut m| async move {
-                let res = dur_test.run(&mut srv, &url, &mut m).await;
+                let res = dur_test.run(&mut srv, &db, &mut m).await;
                 let res = match res {
                     Ok(()) if m.get("durability.ok") != Some(1.0) => {
                         Err(anyhow::anyhow!("durability check failed"))
@@ -394,7 +465,7 @@ fn utc_now() -> String {
         .unwrap_or_default()
 }
 
-fn machine(postgres: String) -> Machine {
+fn machine(postgres: String, sqlite: String, data_dir: String) -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu = cpuinfo
         .lines()
@@ -416,6 +487,38 @@ fn machine(postgres: String) -> Machine {
         cpu,
         kernel: kernel.trim().to_owned(),
         postgres,
+        sqlite,
+        data_dir,
+    }
+}
+
+/// The 1-, 5- and 15-minute load averages, as /proc/loadavg gives them: on a machine shared
+/// with other work, the report says how busy it was.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// The type of the filesystem holding `dir` (what an fsync costs depends on it).
+fn filesystem(dir: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return "unknown".into();
+    };
+    // SAFETY: statfs(2) on a NUL-terminated path into a zeroed struct it fills.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return "unknown".into();
+    }
+    match st.f_type as i64 {
+        0xEF53 => "ext4".into(),
+        0x5846_5342 => "xfs".into(),
+        0x9123_683E => "btrfs".into(),
+        0x0102_1994 => "tmpfs".into(),
+        0x794C_7630 => "overlayfs".into(),
+        0x2FC1_2FC1 => "zfs".into(),
+        other => format!("filesystem 0x{other:x}"),
     }
 }
 
@@ -434,24 +537,48 @@ fn with_database(url: &str, db: &str) -> Result<String> {
     })
 }
 
+/// A fresh PostgreSQL database: its URL, the server's version, and the admin connection
+/// that drops it afterwards.
+async fn fresh_pg_database(url: &str, name: &str) -> Result<(String, String, sqlx::PgConnection)> {
+    let mut admin = sqlx::PgConnection::connect(url)
+        .await
+        .context("connecting to DATABASE_URL")?;
+    let version: String = sqlx::query_scalar("select version()")
+        .fetch_one(&mut admin)
+        .await?;
+    let version = version.split(" on ").next().unwrap_or_default().to_owned();
+    admin
+        .execute(format!("create database \"{name}\"").as_str())
+        .await?;
+    Ok((with_database(url, name)?, version, admin))
+}
+
 async fn bench(args: RunArgs, sizes: Sizes) -> Result<Report> {
     if !args.server_bin.exists() {
         bail!("{} not found (build it first)", args.server_bin.display());
     }
     let started_utc = utc_now();
+    let load_start = load_average();
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-    let db = format!("tailcast_bench_{stamp}_{}", std::process::id());
-    let mut admin = sqlx::PgConnection::connect(&args.database_url)
-        .await
-        .context("connecting to DATABASE_URL")?;
-    let postgres: String = sqlx::query_scalar("select version()")
-        .fetch_one(&mut admin)
-        .await?;
-    let postgres = postgres.split(" on ").next().unwrap_or_default().to_owned();
-    admin
-        .execute(format!("create database \"{db}\"").as_str())
-        .await?;
-    let db_url = with_database(&args.database_url, &db)?;
+    let name = format!("tailcast_bench_{stamp}_{}", std::process::id());
+    let (db, postgres, mut admin, sqlite_dir) = match args.store {
+        Store::Postgres => {
+            let url = args
+                .database_url
+                .as_deref()
+                .context("--store postgres needs DATABASE_URL (or --database-url)")?;
+            let (url, version, admin) = fresh_pg_database(url, &name).await?;
+            (StoreDb::Postgres { url }, version, Some(admin), None)
+        }
+        Store::Sqlite => {
+            let parent = args.sqlite_dir.clone().unwrap_or_else(std::env::temp_dir);
+            let dir = parent.join(name.replace('_', "-"));
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let dir = dir.canonicalize()?;
+            let path = dir.join("bench.db");
+            (StoreDb::Sqlite { path }, String::new(), None, Some(dir))
+        }
+    };
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -460,40 +587,69 @@ async fn bench(args: RunArgs, sizes: Sizes) -> Result<Report> {
     let b = Bench {
         args: args.clone(),
         sizes: sizes.clone(),
-        db_url: db_url.clone(),
+        db_url: db.server_url(),
+        db: db.clone(),
         log,
     };
 
     let outcome = async {
-        // Migrate (the server does it at start-up), then seed the stream catch-up reads.
+        // Migrate (the server does it at start-up; on SQLite it also creates the file), then
+        // seed the stream catch-up reads, with the server stopped.
         b.server().await?.stop().await?;
+        let (sqlite, data_dir) = match &db {
+            StoreDb::Postgres { .. } => (String::new(), String::new()),
+            StoreDb::Sqlite { path } => {
+                let dir = path.parent().unwrap_or(Path::new("/"));
+                let fs = filesystem(dir);
+                if fs == "tmpfs" {
+                    eprintln!(
+                        "warning: {} is on tmpfs, where fsync costs nothing; use --sqlite-dir",
+                        dir.display()
+                    );
+                }
+                (
+                    lite::version(path).await?,
+                    format!("{} on {fs}", dir.display()),
+                )
+            }
+        };
         if b.wants_any("baseline") || b.wants_any("catchup") {
             eprintln!("seeding {} events for catch-up", sizes.catchup_events);
-            baseline::seed_stream(&db_url, CATCHUP_STREAM, sizes.catchup_events).await?;
+            db.seed_stream(CATCHUP_STREAM, sizes.catchup_events).await?;
         }
         let mut runs = Vec::new();
         let mut errors = Vec::new();
         for run in 1..=args.runs {
             runs.push(b.run_once(run, &mut errors).await);
         }
-        anyhow::Ok((runs, errors))
+        anyhow::Ok((runs, errors, sqlite, data_dir))
     }
     .await;
     if !args.keep_db {
-        let _ = admin
-            .execute(format!("drop database \"{db}\" with (force)").as_str())
-            .await;
+        if let Some(admin) = admin.as_mut() {
+            let _ = admin
+                .execute(format!("drop database \"{name}\" with (force)").as_str())
+                .await;
+        }
+        if let Some(dir) = &sqlite_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    } else if let Some(dir) = &sqlite_dir {
+        eprintln!("kept {}", dir.display());
     }
-    let (runs, errors) = outcome?;
+    let (runs, errors, sqlite, data_dir) = outcome?;
     let command = args
         .command
         .clone()
         .unwrap_or_else(|| std::env::args().collect::<Vec<_>>().join(" "));
     Ok(Report {
         command,
+        store: args.store,
         started_utc,
         finished_utc: utc_now(),
-        machine: machine(postgres),
+        load_start,
+        load_end: load_average(),
+        machine: machine(postgres, sqlite, data_dir),
         sizes: serde_json::to_value(&sizes)?,
         runs,
         errors,
@@ -543,8 +699,15 @@ async fn main() -> Result<()> {
                 })
                 .unwrap_or_default();
             let doc = std::fs::read_to_string(&markdown)?;
-            let new = report::splice(&doc, &report.markdown(&fanout))
-                .with_context(|| format!("{} has no results markers", markdown.display()))?;
+            let new = report::splice(report.store, &doc, &report.markdown(&fanout)).with_context(
+                || {
+                    format!(
+                        "{} has no {} results markers",
+                        markdown.display(),
+                        report::markers(report.store).0
+                    )
+                },
+            )?;
             std::fs::write(&markdown, new)?;
         }
     }

@@ -1,9 +1,13 @@
 //! Results: every figure of every run as JSON, and the Markdown tables of BENCHMARKS.md
-//! (median over runs, min–max spread, ratio to the raw-PostgreSQL baseline of the same run).
+//! (median over runs, min–max spread, ratio to the raw baseline of the same run: PostgreSQL's
+//! for a run on PostgreSQL, SQLite's for a run on the embedded store). Each store's tables
+//! have their own markers in BENCHMARKS.md, so a run on one store leaves the other's intact.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+use crate::store::Store;
 
 /// The figures of one run, by name (`append.rest64.events_s`, …).
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -26,14 +30,30 @@ pub struct Machine {
     pub memory_gib: f64,
     pub cpu: String,
     pub kernel: String,
+    /// PostgreSQL's version (runs on PostgreSQL).
+    #[serde(default)]
     pub postgres: String,
+    /// SQLite's version (runs on the embedded store).
+    #[serde(default)]
+    pub sqlite: String,
+    /// The SQLite file's directory and its filesystem (runs on the embedded store).
+    #[serde(default)]
+    pub data_dir: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub command: String,
+    /// The store tailcast ran on (results written before there was a choice: PostgreSQL).
+    #[serde(default)]
+    pub store: Store,
     pub started_utc: String,
     pub finished_utc: String,
+    /// /proc/loadavg's 1-, 5- and 15-minute figures when the run started and ended.
+    #[serde(default)]
+    pub load_start: String,
+    #[serde(default)]
+    pub load_end: String,
     pub machine: Machine,
     pub sizes: serde_json::Value,
     pub runs: Vec<Metrics>,
@@ -154,27 +174,53 @@ impl Report {
         ]
     }
 
-    /// The Markdown that goes between the result markers of BENCHMARKS.md.
+    /// The Markdown that goes between this store's result markers of BENCHMARKS.md.
     pub fn markdown(&self, fanout: &[usize]) -> String {
-        let mut out = String::new();
+        match self.store {
+            Store::Postgres => self.markdown_postgres(fanout),
+            Store::Sqlite => self.markdown_sqlite(fanout),
+        }
+    }
+
+    fn table(&self, rows: Vec<Row>) -> String {
+        let mut t = String::from(
+            "| figure | median | spread | ratio to baseline | target | met? |\n|---|---|---|---|---|---|\n",
+        );
+        for r in &rows {
+            t.push_str(&format!("| {} |\n", self.cell(r).join(" | ")));
+        }
+        t.push('\n');
+        t
+    }
+
+    /// True if any run measured any of `rows`.
+    fn measured(&self, rows: &[Row]) -> bool {
+        rows.iter().any(|r| !self.values(&r.key).is_empty())
+    }
+
+    /// When, with what command, on what machine (and how busy it was).
+    fn preamble(&self, store: &str) -> String {
         let m = &self.machine;
-        out.push_str(&format!(
-            "Measured {} – {} UTC with\n\n```\n{}\n```\n\nMachine: {} cores ({}), {:.1} GiB RAM, Linux {}, {}. \
+        let load = if self.load_start.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " Load average (1, 5, 15 min): {} at the start, {} at the end.",
+                self.load_start, self.load_end
+            )
+        };
+        format!(
+            "Measured {} – {} UTC with\n\n```\n{}\n```\n\nMachine: {} cores ({}), {:.1} GiB RAM, Linux {}, {}.{load} \
              {} run(s); each cell is the median, the spread is min–max over runs, and ratios are \
              computed within each run against that run's own baseline, then the median taken.\n\n",
-            self.started_utc, self.finished_utc, self.command, m.nproc, m.cpu, m.memory_gib, m.kernel, m.postgres, self.runs.len()
-        ));
-        let header = "| figure | median | spread | ratio to baseline | target | met? |\n|---|---|---|---|---|---|\n";
-        let table = |rows: Vec<Row>| {
-            let mut t = String::from(header);
-            for r in &rows {
-                t.push_str(&format!("| {} |\n", self.cell(r).join(" | ")));
-            }
-            t.push('\n');
-            t
-        };
+            self.started_utc, self.finished_utc, self.command, m.nproc, m.cpu, m.memory_gib, m.kernel, store, self.runs.len()
+        )
+    }
+
+    fn markdown_postgres(&self, fanout: &[usize]) -> String {
+        let mut out = self.preamble(&self.machine.postgres);
         out.push_str("### Raw PostgreSQL baselines (same database, same row shape)\n\n");
-        out.push_str(&table(vec![
+        out.push_str(&self.table(vec![
             row(
                 "(a) INSERT, one row per transaction, 1 connection: p50",
                 "base.row_tx_1.p50_ms",
@@ -219,7 +265,7 @@ impl Report {
             ),
         ]));
         out.push_str("### Append\n\n");
-        out.push_str(&table(vec![
+        out.push_str(&self.table(vec![
             row(
                 "1 sequential client, REST: p50 latency",
                 "append.seq.p50_ms",
@@ -257,144 +303,174 @@ impl Report {
             ),
         ]));
         out.push_str("### Catch-up from cursor 0 (ratio to (d) COPY read)\n\n");
-        out.push_str(&table(
-            ["sse", "ws", "ndjson"]
-                .iter()
-                .map(|t| {
-                    row(
-                        &format!("catch-up over {t}"),
-                        &format!("catchup.{t}.events_s"),
-                        "events/s",
-                        Some("base.copy_out.rows_s"),
-                        Some(Target::RatioAtLeast(0.5)),
-                    )
-                })
-                .collect(),
-        ));
+        out.push_str(&self.table(catchup_rows("base.copy_out.rows_s", Some(0.5))));
         out.push_str("### Fan-out (publish-to-client latency: from the publisher's send, so it includes the append)\n\n");
-        let mut rows = Vec::new();
-        let mut groups: Vec<(String, String)> = Vec::new();
-        for t in ["sse", "ws"] {
-            for n in fanout {
-                groups.push((
-                    format!("{n} {t} subscribers, one stream"),
-                    format!("fanout.{t}.{n}"),
-                ));
-            }
-        }
-        groups.push((
-            "one SSE subscriber on each of many streams".into(),
-            "streams.sse".into(),
-        ));
-        for (label, key) in groups {
-            let p99_target = (key.ends_with(".1000")).then_some(Target::AtMost(50.0));
-            rows.push(row(
-                &format!("{label}: published"),
-                &format!("{key}.published_s"),
-                "events/s",
-                None,
-                None,
-            ));
-            rows.push(row(
-                &format!("{label}: delivered"),
-                &format!("{key}.delivered_s"),
-                "events/s",
-                None,
-                None,
-            ));
-            rows.push(row(
-                &format!("{label}: delivered / expected"),
-                &format!("{key}.complete"),
-                "",
-                None,
-                None,
-            ));
-            rows.push(row(
-                &format!("{label}: p50"),
-                &format!("{key}.p50_ms"),
-                "ms",
-                None,
-                None,
-            ));
-            rows.push(row(
-                &format!("{label}: p99"),
-                &format!("{key}.p99_ms"),
-                "ms",
-                None,
-                p99_target,
-            ));
-            rows.push(row(
-                &format!("{label}: max"),
-                &format!("{key}.max_ms"),
-                "ms",
-                None,
-                None,
-            ));
-        }
-        out.push_str(&table(rows));
+        out.push_str(&self.table(fanout_rows(fanout)));
         out.push_str("### Idle connections (server RSS growth / connections)\n\n");
-        out.push_str(&table(vec![
-            row(
-                "idle SSE connection",
-                "idle.sse.kib_per_conn",
-                "KiB",
-                None,
-                Some(Target::AtMost(16.0)),
-            ),
-            row(
-                "idle WebSocket connection",
-                "idle.ws.kib_per_conn",
-                "KiB",
-                None,
-                Some(Target::AtMost(24.0)),
-            ),
-        ]));
+        out.push_str(&self.table(idle_rows()));
         out.push_str("### Durability (SIGKILL mid-run, restart, resume)\n\n");
-        out.push_str(&table(vec![
-            row("acknowledged appends", "durability.acked", "", None, None),
+        out.push_str(&self.table(durability_rows()));
+        out.push_str(&self.failures());
+        out
+    }
+
+    fn markdown_sqlite(&self, fanout: &[usize]) -> String {
+        let m = &self.machine;
+        let store = format!(
+            "SQLite {} (the library sqlx bundles; tailcast links the same one), database file in {}",
+            m.sqlite, m.data_dir
+        );
+        let mut out = self.preamble(&store);
+        out.push_str(
+            "### Raw SQLite baselines (same file, same pragmas: WAL, synchronous=FULL; same row shape; through sqlx)\n\n",
+        );
+        out.push_str(&self.table(vec![
             row(
-                "acknowledged but missing from the log",
-                "durability.lost",
-                "",
+                "(a) INSERT, one row per transaction, 1 connection: p50",
+                "lite.row_tx_1.p50_ms",
+                "ms",
                 None,
-                Some(Target::Equals(0.0)),
+                None,
             ),
             row(
-                "gaps in the log",
-                "durability.log_gaps",
-                "",
+                "(a) INSERT, one row per transaction, 1 connection: p99",
+                "lite.row_tx_1.p99_ms",
+                "ms",
                 None,
-                Some(Target::Equals(0.0)),
+                None,
             ),
             row(
-                "duplicate event ids in the log",
-                "durability.duplicate_ids",
-                "",
+                "(a) INSERT, one row per transaction, 1 connection",
+                "lite.row_tx_1.rows_s",
+                "rows/s",
                 None,
-                Some(Target::Equals(0.0)),
+                None,
             ),
             row(
-                "seqs a subscriber saw twice",
-                "durability.subscriber_duplicates",
-                "",
+                "(b) multi-row INSERT, 100 rows per transaction, 1 connection",
+                "lite.multirow_100.rows_s",
+                "rows/s",
                 None,
-                Some(Target::Equals(0.0)),
+                None,
             ),
             row(
-                "seqs a subscriber skipped",
-                "durability.subscriber_gaps",
-                "",
+                "(c) multi-row INSERT of one row into each of 64 streams per transaction, 1 connection",
+                "lite.spread_64.rows_s",
+                "rows/s",
                 None,
-                Some(Target::Equals(0.0)),
+                None,
             ),
             row(
-                "subscribers that did not reach the head",
-                "durability.subscribers_incomplete",
-                "",
+                "(d) SELECT … WHERE stream_id = ? ORDER BY seq, whole seeded stream",
+                "lite.read_seq.rows_s",
+                "rows/s",
                 None,
-                Some(Target::Equals(0.0)),
+                None,
             ),
         ]));
+        out.push_str("### Append (ratios to the SQLite baselines)\n\n");
+        out.push_str(&self.table(vec![
+            row(
+                "1 sequential client, REST: p50 latency (vs (a) p50)",
+                "append.seq.p50_ms",
+                "ms",
+                Some("lite.row_tx_1.p50_ms"),
+                None,
+            ),
+            row(
+                "1 sequential client, REST: p99 latency (vs (a) p99)",
+                "append.seq.p99_ms",
+                "ms",
+                Some("lite.row_tx_1.p99_ms"),
+                None,
+            ),
+            row(
+                "1 sequential client, REST (vs (a))",
+                "append.seq.events_s",
+                "events/s",
+                Some("lite.row_tx_1.rows_s"),
+                None,
+            ),
+            row(
+                "64 clients, single events, REST (vs (a))",
+                "append.rest64.events_s",
+                "events/s",
+                Some("lite.row_tx_1.rows_s"),
+                None,
+            ),
+            row(
+                "64 clients, single events, pipelined WS publish (vs (a))",
+                "append.ws64.events_s",
+                "events/s",
+                Some("lite.row_tx_1.rows_s"),
+                None,
+            ),
+            row(
+                "64 clients, single events, REST (vs (c))",
+                "append.rest64.events_s",
+                "events/s",
+                Some("lite.spread_64.rows_s"),
+                None,
+            ),
+            row(
+                "64 clients, single events, pipelined WS publish (vs (c))",
+                "append.ws64.events_s",
+                "events/s",
+                Some("lite.spread_64.rows_s"),
+                None,
+            ),
+            row(
+                "8 clients, 100 events per request, REST (vs (b))",
+                "append.batch100.events_s",
+                "events/s",
+                Some("lite.multirow_100.rows_s"),
+                None,
+            ),
+        ]));
+        out.push_str("### Append, as the server saw it (its /metrics, per scenario: append requests per commit, mean time of one commit)\n\n");
+        let mut rows = Vec::new();
+        for (label, key) in [
+            ("1 sequential client", "append.seq"),
+            ("64 REST clients", "append.rest64"),
+            ("64 WS clients, pipelined", "append.ws64"),
+            ("8 REST clients × 100 events", "append.batch100"),
+        ] {
+            rows.push(row(
+                &format!("{label}: requests per commit"),
+                &format!("{key}.server_jobs_per_commit"),
+                "",
+                None,
+                None,
+            ));
+            rows.push(row(
+                &format!("{label}: commit time"),
+                &format!("{key}.server_commit_ms"),
+                "ms",
+                None,
+                None,
+            ));
+        }
+        out.push_str(&self.table(rows));
+        out.push_str("### Catch-up from cursor 0 (ratio to (d) sequential read)\n\n");
+        out.push_str(&self.table(catchup_rows("lite.read_seq.rows_s", None)));
+        out.push_str("### Durability (SIGKILL mid-run, restart on the same file, resume)\n\n");
+        out.push_str(&self.table(durability_rows()));
+        let fan = fanout_rows(fanout);
+        if self.measured(&fan) {
+            out.push_str("### Fan-out (publish-to-client latency: from the publisher's send, so it includes the append)\n\n");
+            out.push_str(&self.table(fan));
+        }
+        let idle = idle_rows();
+        if self.measured(&idle) {
+            out.push_str("### Idle connections (server RSS growth / connections)\n\n");
+            out.push_str(&self.table(idle));
+        }
+        out.push_str(&self.failures());
+        out
+    }
+
+    fn failures(&self) -> String {
+        let mut out = String::new();
         if !self.errors.is_empty() {
             out.push_str("### Scenarios that failed\n\n");
             for e in &self.errors {
@@ -406,6 +482,151 @@ impl Report {
     }
 }
 
+fn catchup_rows(base: &'static str, target: Option<f64>) -> Vec<Row> {
+    ["sse", "ws", "ndjson"]
+        .iter()
+        .map(|t| {
+            row(
+                &format!("catch-up over {t}"),
+                &format!("catchup.{t}.events_s"),
+                "events/s",
+                Some(base),
+                target.map(Target::RatioAtLeast),
+            )
+        })
+        .collect()
+}
+
+fn fanout_rows(fanout: &[usize]) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let mut groups: Vec<(String, String)> = Vec::new();
+    for t in ["sse", "ws"] {
+        for n in fanout {
+            groups.push((
+                format!("{n} {t} subscribers, one stream"),
+                format!("fanout.{t}.{n}"),
+            ));
+        }
+    }
+    groups.push((
+        "one SSE subscriber on each of many streams".into(),
+        "streams.sse".into(),
+    ));
+    for (label, key) in groups {
+        let p99_target = (key.ends_with(".1000")).then_some(Target::AtMost(50.0));
+        rows.push(row(
+            &format!("{label}: published"),
+            &format!("{key}.published_s"),
+            "events/s",
+            None,
+            None,
+        ));
+        rows.push(row(
+            &format!("{label}: delivered"),
+            &format!("{key}.delivered_s"),
+            "events/s",
+            None,
+            None,
+        ));
+        rows.push(row(
+            &format!("{label}: delivered / expected"),
+            &format!("{key}.complete"),
+            "",
+            None,
+            None,
+        ));
+        rows.push(row(
+            &format!("{label}: p50"),
+            &format!("{key}.p50_ms"),
+            "ms",
+            None,
+            None,
+        ));
+        rows.push(row(
+            &format!("{label}: p99"),
+            &format!("{key}.p99_ms"),
+            "ms",
+            None,
+            p99_target,
+        ));
+        rows.push(row(
+            &format!("{label}: max"),
+            &format!("{key}.max_ms"),
+            "ms",
+            None,
+            None,
+        ));
+    }
+    rows
+}
+
+fn idle_rows() -> Vec<Row> {
+    vec![
+        row(
+            "idle SSE connection",
+            "idle.sse.kib_per_conn",
+            "KiB",
+            None,
+            Some(Target::AtMost(16.0)),
+        ),
+        row(
+            "idle WebSocket connection",
+            "idle.ws.kib_per_conn",
+            "KiB",
+            None,
+            Some(Target::AtMost(24.0)),
+        ),
+    ]
+}
+
+fn durability_rows() -> Vec<Row> {
+    vec![
+        row("acknowledged appends", "durability.acked", "", None, None),
+        row(
+            "acknowledged but missing from the log",
+            "durability.lost",
+            "",
+            None,
+            Some(Target::Equals(0.0)),
+        ),
+        row(
+            "gaps in the log",
+            "durability.log_gaps",
+            "",
+            None,
+            Some(Target::Equals(0.0)),
+        ),
+        row(
+            "duplicate event ids in the log",
+            "durability.duplicate_ids",
+            "",
+            None,
+            Some(Target::Equals(0.0)),
+        ),
+        row(
+            "seqs a subscriber saw twice",
+            "durability.subscriber_duplicates",
+            "",
+            None,
+            Some(Target::Equals(0.0)),
+        ),
+        row(
+            "seqs a subscriber skipped",
+            "durability.subscriber_gaps",
+            "",
+            None,
+            Some(Target::Equals(0.0)),
+        ),
+        row(
+            "subscribers that did not reach the head",
+            "durability.subscribers_incomplete",
+            "",
+            None,
+            Some(Target::Equals(0.0)),
+        ),
+    ]
+}
+
 fn yes(b: bool) -> String {
     if b {
         "yes".into()
@@ -414,12 +635,22 @@ fn yes(b: bool) -> String {
     }
 }
 
-/// Replaces what lies between the result markers of `doc` with `table`.
-pub fn splice(doc: &str, table: &str) -> Option<String> {
-    const START: &str = "<!-- results:start -->";
-    const END: &str = "<!-- results:end -->";
-    let s = doc.find(START)? + START.len();
-    let e = doc.find(END)?;
+/// The markers between which `store`'s results go.
+pub fn markers(store: Store) -> (&'static str, &'static str) {
+    match store {
+        Store::Postgres => ("<!-- results:start -->", "<!-- results:end -->"),
+        Store::Sqlite => (
+            "<!-- sqlite-results:start -->",
+            "<!-- sqlite-results:end -->",
+        ),
+    }
+}
+
+/// Replaces what lies between `store`'s result markers in `doc` with `table`.
+pub fn splice(store: Store, doc: &str, table: &str) -> Option<String> {
+    let (start, end) = markers(store);
+    let s = doc.find(start)? + start.len();
+    let e = doc.find(end)?;
     (s <= e).then(|| format!("{}\n{}{}", &doc[..s], table, &doc[e..]))
 }
 
@@ -437,14 +668,19 @@ mod tests {
         };
         let r = Report {
             command: String::new(),
+            store: Store::Postgres,
             started_utc: String::new(),
             finished_utc: String::new(),
+            load_start: String::new(),
+            load_end: String::new(),
             machine: Machine {
                 nproc: 2,
                 memory_gib: 1.0,
                 cpu: "c".into(),
                 kernel: "k".into(),
                 postgres: "p".into(),
+                sqlite: String::new(),
+                data_dir: String::new(),
             },
             sizes: serde_json::Value::Null,
             runs: vec![run(10.0, 1.0), run(30.0, 10.0), run(20.0, 4.0)],
@@ -462,8 +698,82 @@ mod tests {
         assert_eq!(cells[2], "10.0–30.0");
         assert_eq!(cells[5], "yes");
         assert_eq!(
-            splice("a<!-- results:start -->old<!-- results:end -->z", "new\n").unwrap(),
+            splice(
+                Store::Postgres,
+                "a<!-- results:start -->old<!-- results:end -->z",
+                "new\n"
+            )
+            .unwrap(),
             "a<!-- results:start -->\nnew\n<!-- results:end -->z"
         );
+    }
+
+    #[test]
+    fn each_store_has_its_own_section() {
+        let doc = "<!-- results:start -->pg<!-- results:end -->\n\
+                   <!-- sqlite-results:start -->old<!-- sqlite-results:end -->";
+        assert_eq!(
+            splice(Store::Sqlite, doc, "lite\n").unwrap(),
+            "<!-- results:start -->pg<!-- results:end -->\n\
+             <!-- sqlite-results:start -->\nlite\n<!-- sqlite-results:end -->"
+        );
+        assert!(splice(
+            Store::Sqlite,
+            "<!-- results:start --><!-- results:end -->",
+            "x"
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn results_written_before_the_store_choice_are_postgres() {
+        let old = r#"{"command":"bench/run","started_utc":"a","finished_utc":"b",
+            "machine":{"nproc":2,"memory_gib":1.0,"cpu":"c","kernel":"k","postgres":"PostgreSQL 15"},
+            "sizes":{"fanout":[100]},"runs":[{"base.row_tx_1.p50_ms":0.3}],"errors":[]}"#;
+        let r: Report = serde_json::from_str(old).unwrap();
+        assert_eq!(r.store, Store::Postgres);
+        let md = r.markdown(&[100]);
+        assert!(md.contains("PostgreSQL 15. 1 run(s)"), "{md}");
+        assert!(md.contains("### Raw PostgreSQL baselines"));
+    }
+
+    #[test]
+    fn the_sqlite_section_compares_with_sqlite_baselines() {
+        let mut m = Metrics::default();
+        m.0.insert("lite.row_tx_1.rows_s".into(), 100.0);
+        m.0.insert("append.rest64.events_s".into(), 1000.0);
+        m.0.insert("durability.lost".into(), 0.0);
+        let r = Report {
+            command: "bench/run --store sqlite".into(),
+            store: Store::Sqlite,
+            started_utc: String::new(),
+            finished_utc: String::new(),
+            load_start: "1.00 2.00 3.00".into(),
+            load_end: "4.00 5.00 6.00".into(),
+            machine: Machine {
+                nproc: 2,
+                memory_gib: 1.0,
+                cpu: "c".into(),
+                kernel: "k".into(),
+                postgres: String::new(),
+                sqlite: "3.46.0".into(),
+                data_dir: "/tmp/x on ext4".into(),
+            },
+            sizes: serde_json::Value::Null,
+            runs: vec![m],
+            errors: vec![],
+        };
+        let md = r.markdown(&[100]);
+        assert!(md.contains("SQLite 3.46.0"), "{md}");
+        assert!(md.contains("1.00 2.00 3.00 at the start, 4.00 5.00 6.00 at the end"));
+        assert!(
+            md.contains(
+                "| 64 clients, single events, REST (vs (a)) | 1.0k events/s | 1 run | 10.00× |"
+            ),
+            "{md}"
+        );
+        assert!(!md.contains("PostgreSQL"), "{md}");
+        // Fan-out and idle connections were not run: no empty tables for them.
+        assert!(!md.contains("Fan-out"), "{md}");
     }
 }
