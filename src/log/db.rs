@@ -75,7 +75,7 @@ impl SqliteDb {
 }
 
 /// True for the URLs the embedded backend opens.
-pub fn is_sqlite_url(url: &str) -> bool {
+fn is_sqlite_url(url: &str) -> bool {
     url.starts_with("sqlite:")
 }
 
