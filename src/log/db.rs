@@ -209,9 +209,19 @@ async fn open_sqlite(
     })
 }
 
-/// Takes the exclusive lock on `PATH.lock`, or explains who holds it.
+/// Takes the exclusive lock on `PATH.lock`, or explains who holds it. `PATH` is the file's
+/// real path (symbolic links and `..` resolved), so two spellings of one file share one lock.
 fn lock_file(db: &Path) -> anyhow::Result<File> {
-    let mut name = db.as_os_str().to_owned();
+    let dir = match db.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => dir.canonicalize(),
+        None => std::env::current_dir(),
+    }
+    .with_context(|| format!("cannot resolve the directory of {}", db.display()))?;
+    let file_name = db.file_name().context("the SQLite path names no file")?;
+    let real = dir.join(file_name);
+    // The file itself may be a link (when it exists already).
+    let real = real.canonicalize().unwrap_or(real);
+    let mut name = real.into_os_string();
     name.push(".lock");
     let path = PathBuf::from(name);
     let file = std::fs::OpenOptions::new()
@@ -383,6 +393,30 @@ mod tests {
         let again = Db::connect(&url, 2, Duration::from_secs(2)).await.unwrap();
         again.migrate().await.unwrap();
         assert!(again.is_sqlite());
+    }
+
+    #[tokio::test]
+    async fn another_spelling_of_the_same_file_is_refused_too() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("real")).unwrap();
+        let first = format!("sqlite://{}/real/t.db", dir.path().display());
+        let _db = Db::connect(&first, 2, Duration::from_secs(2))
+            .await
+            .unwrap();
+        // A link to the database file itself would otherwise get a lock file of its own.
+        std::os::unix::fs::symlink(dir.path().join("real/t.db"), dir.path().join("alias.db"))
+            .unwrap();
+        for other in ["alias.db", "real/../alias.db"] {
+            let url = format!("sqlite://{}/{other}", dir.path().display());
+            let err = Db::connect(&url, 2, Duration::from_secs(2))
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("in use by another tailcast process"),
+                "{other}: {err}"
+            );
+        }
     }
 
     #[tokio::test]
