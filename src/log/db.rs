@@ -20,10 +20,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
+use serde::Serialize;
 use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgArgumentBuffer, PgPoolOptions, PgTypeInfo, PgValueRef};
+use sqlx::postgres::{PgArgumentBuffer, PgHasArrayType, PgPoolOptions, PgTypeInfo, PgValueRef};
 use sqlx::sqlite::{
     SqliteArgumentValue, SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePool,
     SqlitePoolOptions, SqliteSynchronous, SqliteTypeInfo, SqliteValueRef,
@@ -371,6 +372,45 @@ impl<'r> Decode<'r, Sqlite> for Ts {
         DateTime::from_timestamp_millis(ms)
             .map(Ts)
             .ok_or_else(|| format!("time out of range: {ms} ms").into())
+    }
+}
+
+/// A list bound as one parameter: an array on PostgreSQL (`= any($1)`, `unnest($1)`), JSON text
+/// on SQLite (`in (select value from json_each($1))`). Like [`Ts`], it keeps one bind for both.
+#[derive(Debug, Clone, Copy)]
+pub struct List<'a, T>(pub &'a [T]);
+
+impl<T> Type<Postgres> for List<'_, T>
+where
+    T: PgHasArrayType,
+{
+    fn type_info() -> PgTypeInfo {
+        T::array_type_info()
+    }
+}
+
+impl<'a, T> Encode<'_, Postgres> for List<'a, T>
+where
+    T: PgHasArrayType,
+    for<'q> T: Encode<'q, Postgres> + Type<Postgres>,
+{
+    fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
+        <&[T] as Encode<Postgres>>::encode_by_ref(&self.0, buf)
+    }
+}
+
+impl<T> Type<Sqlite> for List<'_, T> {
+    fn type_info() -> SqliteTypeInfo {
+        <String as Type<Sqlite>>::type_info()
+    }
+}
+
+impl<'q, T: Serialize> Encode<'q, Sqlite> for List<'_, T> {
+    fn encode_by_ref(
+        &self,
+        args: &mut Vec<SqliteArgumentValue<'q>>,
+    ) -> Result<IsNull, BoxDynError> {
+        <String as Encode<Sqlite>>::encode(serde_json::to_string(self.0)?, args)
     }
 }
 

@@ -9,7 +9,7 @@ use futures::TryStreamExt;
 use serde::Serialize;
 use sqlx::{PgPool, QueryBuilder, Row, Sqlite};
 
-use super::db::{on_db, on_tx, Db, SqliteDb, Ts, Tx};
+use super::db::{on_db, on_tx, Db, List, SqliteDb, Ts, Tx};
 use super::model::{ceil_millis, format_time, StoredEvent, StreamName};
 
 /// Channel on which every appender commit is announced to all nodes.
@@ -61,11 +61,6 @@ pub const EVENT_COLUMNS: &str = "seq, type as ty, data, event_id as id, key, tim
 
 /// Most values one SQLite statement may bind.
 const SQLITE_MAX_BINDS: usize = 32_766;
-
-/// A JSON array of `items`, for SQLite statements that take a list as one `json_each` value.
-fn json_list<T: Serialize>(items: &[T]) -> String {
-    serde_json::to_string(items).expect("a list of strings and numbers serialises")
-}
 
 pub async fn stream(db: &Db, name: &str) -> Result<Option<StreamRow>, sqlx::Error> {
     let sql = format!("select {STREAM_COLUMNS} from streams where name = $1");
@@ -322,20 +317,12 @@ pub async fn lock_streams(
              returning id",
         ),
     };
-    let rows: Vec<StreamRow> = match tx {
-        Tx::Postgres(t) => {
-            sqlx::query_as(&select)
-                .bind(names)
-                .fetch_all(&mut **t)
-                .await?
-        }
-        Tx::Sqlite(t) => {
-            sqlx::query_as(&select)
-                .bind(json_list(names))
-                .fetch_all(&mut **t)
-                .await?
-        }
-    };
+    let rows: Vec<StreamRow> = on_tx!(tx, |ex| {
+        sqlx::query_as(&select)
+            .bind(List(names))
+            .fetch_all(ex)
+            .await
+    })?;
     let mut found: HashMap<String, StreamRow> =
         rows.into_iter().map(|r| (r.name.clone(), r)).collect();
     let mut created = HashSet::new();
@@ -345,33 +332,19 @@ pub async fn lock_streams(
         .filter(|n| !found.contains_key(*n))
         .collect();
     if !missing.is_empty() {
-        let (ids, rows): (Vec<i64>, Vec<StreamRow>) = match tx {
-            Tx::Postgres(t) => {
-                let ids = sqlx::query_scalar(insert)
-                    .bind(&missing)
-                    .bind(Ts(time))
-                    .fetch_all(&mut **t)
-                    .await?;
-                let rows = sqlx::query_as(&select)
-                    .bind(&missing)
-                    .fetch_all(&mut **t)
-                    .await?;
-                (ids, rows)
-            }
-            Tx::Sqlite(t) => {
-                let list = json_list(&missing);
-                let ids = sqlx::query_scalar(insert)
-                    .bind(&list)
-                    .bind(Ts(time))
-                    .fetch_all(&mut **t)
-                    .await?;
-                let rows = sqlx::query_as(&select)
-                    .bind(&list)
-                    .fetch_all(&mut **t)
-                    .await?;
-                (ids, rows)
-            }
-        };
+        let ids: Vec<i64> = on_tx!(tx, |ex| {
+            sqlx::query_scalar(insert)
+                .bind(List(&missing))
+                .bind(Ts(time))
+                .fetch_all(ex)
+                .await
+        })?;
+        let rows: Vec<StreamRow> = on_tx!(tx, |ex| {
+            sqlx::query_as(&select)
+                .bind(List(&missing))
+                .fetch_all(ex)
+                .await
+        })?;
         created.extend(ids);
         found.extend(rows.into_iter().map(|r| (r.name.clone(), r)));
     }
@@ -384,20 +357,19 @@ pub async fn drop_created_streams(tx: &mut Tx, ids: &[i64]) -> Result<(), sqlx::
     if ids.is_empty() {
         return Ok(());
     }
-    match tx {
-        Tx::Postgres(t) => sqlx::query("delete from streams where id = any($1) and head = 0")
-            .bind(ids)
-            .execute(&mut **t)
-            .await?
-            .rows_affected(),
-        Tx::Sqlite(t) => sqlx::query(
-            "delete from streams where id in (select value from json_each($1)) and head = 0",
-        )
-        .bind(json_list(ids))
-        .execute(&mut **t)
-        .await?
-        .rows_affected(),
+    let sql = match tx {
+        Tx::Postgres(_) => "delete from streams where id = any($1) and head = 0",
+        Tx::Sqlite(_) => {
+            "delete from streams where id in (select value from json_each($1)) and head = 0"
+        }
     };
+    on_tx!(tx, |ex| {
+        sqlx::query(sql)
+            .bind(List(ids))
+            .execute(ex)
+            .await
+            .map(|d| d.rows_affected())
+    })?;
     Ok(())
 }
 
@@ -433,7 +405,7 @@ pub async fn existing_ids(
                    from json_each($1) as t
                    join events e on e.stream_id = t.value ->> 0 and e.event_id = t.value ->> 1"#,
             )
-            .bind(json_list(&pairs))
+            .bind(List(&pairs))
             .fetch_all(&mut **t)
             .await?
         }
@@ -542,7 +514,7 @@ pub async fn update_heads(
                    from json_each($1) as t
                    where streams.id = t.value ->> 0"#,
             )
-            .bind(json_list(&rows))
+            .bind(List(&rows))
             .bind(Ts(time))
             .execute(&mut **t)
             .await?;
