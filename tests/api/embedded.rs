@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::helpers::{listening_addr, WAIT};
+use crate::helpers::{listening_addr, terminate, WAIT};
 
 /// `tailcast` in `dir` with no database configured; returns it and its address.
 async fn start_in(dir: &Path) -> (Child, String) {
@@ -29,26 +29,17 @@ async fn start_in(dir: &Path) -> (Child, String) {
     (child, addr)
 }
 
-/// SIGTERM: a graceful stop, which must exit 0.
-async fn terminate(mut child: Child) {
-    let pid = child.id().expect("running").to_string();
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = tokio::time::timeout(WAIT, child.wait())
-        .await
-        .expect("exit in time")
-        .unwrap();
-    assert!(status.success(), "{status}");
+async fn get_json(client: &reqwest::Client, url: String) -> Value {
+    let res = client.get(url).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.json().await.unwrap()
 }
 
 #[tokio::test]
 async fn with_no_database_url_the_binary_serves_a_durable_log_from_tailcast_data() {
     let dir = tempfile::tempdir().unwrap();
     let client = reqwest::Client::builder().timeout(WAIT).build().unwrap();
-    let (child, addr) = start_in(dir.path()).await;
+    let (mut child, addr) = start_in(dir.path()).await;
     let base = format!("http://{addr}");
     for i in 1..=3 {
         let res = client
@@ -61,30 +52,16 @@ async fn with_no_database_url_the_binary_serves_a_durable_log_from_tailcast_data
         let ack: Value = res.json().await.unwrap();
         assert_eq!(ack["first_seq"], i);
     }
-    let stats: Value = client
-        .get(format!("{base}/v1/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = get_json(&client, format!("{base}/v1/stats")).await;
     assert_eq!(stats["backend"], "sqlite");
     assert_eq!(stats["listener"], Value::Null);
     assert!(dir.path().join("tailcast-data/tailcast.db").is_file());
-    terminate(child).await;
+    terminate(&mut child).await;
 
     // A restart in the same directory finds the log, and retries stay idempotent.
-    let (child, addr) = start_in(dir.path()).await;
+    let (mut child, addr) = start_in(dir.path()).await;
     let base = format!("http://{addr}");
-    let page: Value = client
-        .get(format!("{base}/v1/streams/demo/events?after=0"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page = get_json(&client, format!("{base}/v1/streams/demo/events?after=0")).await;
     let seqs: Vec<i64> = page["events"]
         .as_array()
         .unwrap()
@@ -106,7 +83,7 @@ async fn with_no_database_url_the_binary_serves_a_durable_log_from_tailcast_data
         retry["events"][0],
         json!({"seq":2,"id":"e2","duplicate":true})
     );
-    terminate(child).await;
+    terminate(&mut child).await;
 }
 
 #[tokio::test]

@@ -266,3 +266,18 @@ pub async fn listening_addr<R: tokio::io::AsyncBufRead + Unpin>(
     .await
     .expect("tailcast listening in time")
 }
+
+/// Sends SIGTERM (a graceful stop) to a child `tailcast` and waits for it to exit 0.
+pub async fn terminate(child: &mut tokio::process::Child) {
+    let pid = child.id().expect("running").to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("exits within the deadline")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::backend::{backend_test, on_db, TestDb};
-use crate::helpers::{listening_addr, SseClient, TestApp, WAIT};
+use crate::helpers::{listening_addr, terminate, SseClient, TestApp, WAIT};
 use crate::nodes::wait_until;
 
 /// Outcome per event id: `Some(seq)` acknowledged, `None` failed.
@@ -171,17 +171,7 @@ async fn the_binary_shuts_down_gracefully_on_sigterm_and_never_logs_tokens(db: T
     })
     .await;
 
-    let pid = child.id().unwrap().to_string();
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = tokio::time::timeout(WAIT, child.wait())
-        .await
-        .expect("exits within the deadline")
-        .unwrap();
-    assert!(status.success(), "{status:?}");
+    terminate(&mut child).await;
     for p in producers {
         tokio::time::timeout(WAIT, p).await.unwrap().unwrap();
     }
