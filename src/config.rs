@@ -143,7 +143,11 @@ pub struct Config {
     /// Seconds a write transaction's session may sit idle inside it before PostgreSQL ends
     /// the session and releases its locks (`idle_in_transaction_session_timeout`; 0: never):
     /// a frozen node cannot hold its streams' locks longer than this.
-    #[arg(long, env = "TAILCAST_IDLE_IN_TRANSACTION_TIMEOUT_S", default_value_t = 5)]
+    #[arg(
+        long,
+        env = "TAILCAST_IDLE_IN_TRANSACTION_TIMEOUT_S",
+        default_value_t = 5
+    )]
     pub idle_in_transaction_timeout_s: u64,
 
     /// Default retention: events older than this many seconds are removed (0: keep forever).

@@ -295,7 +295,11 @@ mod tests {
         let mut reader = tx.subscribe();
         for i in 0..50 {
             tx.send_sized(i, 30).unwrap();
-            assert_eq!(reader.recv().await.unwrap(), i, "a reader that keeps up gets all");
+            assert_eq!(
+                reader.recv().await.unwrap(),
+                i,
+                "a reader that keeps up gets all"
+            );
             assert!(tx.bytes() <= 100, "held {} bytes", tx.bytes());
         }
         assert_eq!(tx.len(), 3, "three 30-byte messages fit in 100 bytes");

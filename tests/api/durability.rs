@@ -55,7 +55,14 @@ async fn no_acknowledged_append_is_lost_and_nothing_uncommitted_is_delivered_acr
 
     let acks = Arc::new(Mutex::new(Acks::default()));
     let producers: Vec<_> = (0..PRODUCERS)
-        .map(|p| tokio::spawn(produce(app.url(&format!("/v1/streams/{STREAM}/events")), p, acks.clone(), deadline)))
+        .map(|p| {
+            tokio::spawn(produce(
+                app.url(&format!("/v1/streams/{STREAM}/events")),
+                p,
+                acks.clone(),
+                deadline,
+            ))
+        })
         .collect();
 
     // Crash the database each time another slice of the batches has been acknowledged, so
@@ -63,9 +70,11 @@ async fn no_acknowledged_append_is_lost_and_nothing_uncommitted_is_delivered_acr
     let total = PRODUCERS * BATCHES;
     for r in 1..=RESTARTS {
         let target = total * r / (RESTARTS + 1);
-        wait_for(deadline, &format!("{target} batches acknowledged before crash {r}"), || {
-            acks.lock().unwrap().batches >= target
-        })
+        wait_for(
+            deadline,
+            &format!("{target} batches acknowledged before crash {r}"),
+            || acks.lock().unwrap().batches >= target,
+        )
         .await;
         pg.crash_restart().await;
     }
@@ -77,32 +86,57 @@ async fn no_acknowledged_append_is_lost_and_nothing_uncommitted_is_delivered_acr
     let log = app.read_all(STREAM).await;
     let head = log.len() as i64;
     for (i, ev) in log.iter().enumerate() {
-        assert_eq!(ev["seq"].as_i64(), Some(i as i64 + 1), "the log is 1..=head without a gap");
+        assert_eq!(
+            ev["seq"].as_i64(),
+            Some(i as i64 + 1),
+            "the log is 1..=head without a gap"
+        );
     }
     let mut ids = HashSet::new();
     for ev in &log {
         let id = ev["id"].as_str().expect("every event has an id").to_owned();
         assert!(ids.insert(id.clone()), "id {id} is in the log twice");
     }
-    assert_eq!(acks.seqs.len(), total * PER_BATCH, "every event was acknowledged in the end");
+    assert_eq!(
+        acks.seqs.len(),
+        total * PER_BATCH,
+        "every event was acknowledged in the end"
+    );
     for (id, seq) in &acks.seqs {
         let at = &log[(*seq - 1) as usize];
-        assert_eq!(at["id"], json!(id), "acknowledged {id} at seq {seq}, the log has {at}");
+        assert_eq!(
+            at["id"],
+            json!(id),
+            "acknowledged {id} at seq {seq}, the log has {at}"
+        );
     }
-    assert_eq!(head as usize, total * PER_BATCH, "nothing but the acknowledged events");
+    assert_eq!(
+        head as usize,
+        total * PER_BATCH,
+        "nothing but the acknowledged events"
+    );
 
     // Live delivery: each reader got 1..=head in order, once, each equal to the log's event.
     wait_for(deadline, "the live readers caught up with the log", || {
-        sse_seen.lock().unwrap().len() as i64 >= head && ws_seen.lock().unwrap().len() as i64 >= head
+        sse_seen.lock().unwrap().len() as i64 >= head
+            && ws_seen.lock().unwrap().len() as i64 >= head
     })
     .await;
     sse_reader.abort();
     ws_reader.abort();
     for (name, seen) in [("SSE", &sse_seen), ("WebSocket", &ws_seen)] {
         let seen = seen.lock().unwrap();
-        assert_eq!(seen.len() as i64, head, "{name} delivered every event exactly once");
+        assert_eq!(
+            seen.len() as i64,
+            head,
+            "{name} delivered every event exactly once"
+        );
         for (i, ev) in seen.iter().enumerate() {
-            assert_eq!(ev, &log[i], "{name} delivered {ev}, the log has {} at that seq", log[i]);
+            assert_eq!(
+                ev, &log[i],
+                "{name} delivered {ev}, the log has {} at that seq",
+                log[i]
+            );
         }
     }
     eprintln!(
@@ -125,7 +159,10 @@ async fn produce(url: String, p: usize, acks: Arc<Mutex<Acks>>, deadline: Instan
             .map(|e| json!({"type":"token","id":format!("p{p}-b{b}-e{e}"),"data":{"p":p,"b":b,"e":e}}))
             .collect();
         loop {
-            assert!(Instant::now() < deadline, "producer {p} batch {b} never acknowledged");
+            assert!(
+                Instant::now() < deadline,
+                "producer {p} batch {b} never acknowledged"
+            );
             let res = client.post(&url).json(&batch).send().await;
             let Ok(res) = res else {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -138,7 +175,10 @@ async fn produce(url: String, p: usize, acks: Arc<Mutex<Acks>>, deadline: Instan
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
-            assert_eq!(status, 201, "an append either succeeds or asks for a retry: {body}");
+            assert_eq!(
+                status, 201,
+                "an append either succeeds or asks for a retry: {body}"
+            );
             let mut acks = acks.lock().unwrap();
             for ev in body["events"].as_array().expect("acks") {
                 let id = ev["id"].as_str().unwrap().to_owned();
@@ -158,7 +198,11 @@ async fn produce(url: String, p: usize, acks: Arc<Mutex<Acks>>, deadline: Instan
 async fn follow_sse(base: String, seen: Arc<Mutex<Vec<Value>>>) {
     let client = reqwest::Client::new();
     loop {
-        let last = seen.lock().unwrap().last().map_or(0, |e| e["seq"].as_i64().unwrap());
+        let last = seen
+            .lock()
+            .unwrap()
+            .last()
+            .map_or(0, |e| e["seq"].as_i64().unwrap());
         let res = client
             .get(format!("{base}/v1/streams/{STREAM}/sse"))
             .header("last-event-id", last.to_string())
@@ -199,7 +243,11 @@ async fn follow_ws(addr: std::net::SocketAddr, seen: Arc<Mutex<Vec<Value>>>) {
                 seen.lock().unwrap().push(v);
             }
             Some("unsubscribed") => {
-                let last = seen.lock().unwrap().last().map_or(0, |e| e["seq"].as_i64().unwrap());
+                let last = seen
+                    .lock()
+                    .unwrap()
+                    .last()
+                    .map_or(0, |e| e["seq"].as_i64().unwrap());
                 socket.send(subscribe(last)).await.unwrap();
             }
             _ => {}

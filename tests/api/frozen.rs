@@ -55,7 +55,10 @@ async fn a_frozen_node_holding_a_stream_lock_stalls_other_nodes_only_until_the_i
     let mut attempts = 0;
     loop {
         attempts += 1;
-        assert!(attempts < 200, "never caught node A holding the stream's lock");
+        assert!(
+            attempts < 200,
+            "never caught node A holding the stream's lock"
+        );
         let before = acked.lock().unwrap().len();
         wait_until("node A acknowledges more appends", || {
             let acked = acked.clone();
@@ -158,7 +161,12 @@ async fn row_is_locked(pool: &sqlx::PgPool, stream: &str) -> bool {
 }
 
 /// Appends single events `p-0`, `p-1`, … each retried with its id until acknowledged.
-async fn produce_until_acked(url: String, p: usize, n: usize, acked: Arc<Mutex<HashMap<String, i64>>>) {
+async fn produce_until_acked(
+    url: String,
+    p: usize,
+    n: usize,
+    acked: Arc<Mutex<HashMap<String, i64>>>,
+) {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
@@ -166,7 +174,11 @@ async fn produce_until_acked(url: String, p: usize, n: usize, acked: Arc<Mutex<H
     for i in 0..n {
         let id = format!("{p}-{i}");
         loop {
-            let res = client.post(&url).json(&json!({"id": id, "data": i})).send().await;
+            let res = client
+                .post(&url)
+                .json(&json!({"id": id, "data": i}))
+                .send()
+                .await;
             let Ok(res) = res else { continue };
             let status = res.status().as_u16();
             let body: Value = res.json().await.unwrap_or(Value::Null);
@@ -187,7 +199,9 @@ async fn read_all(client: &reqwest::Client, node: &NodeProcess, stream: &str) ->
     let mut after = 0;
     loop {
         let page: Value = client
-            .get(node.url(&format!("/v1/streams/{stream}/events?after={after}&limit=1000")))
+            .get(node.url(&format!(
+                "/v1/streams/{stream}/events?after={after}&limit=1000"
+            )))
             .send()
             .await
             .unwrap()
@@ -220,8 +234,17 @@ async fn a_stream_deleted_between_its_creation_elsewhere_and_the_lock_does_not_k
             .unwrap();
         // Our append: its insert waits for the creator to finish.
         let append = {
-            let (client, url) = (app.client.clone(), app.url(&format!("/v1/streams/{stream}/events")));
-            tokio::spawn(async move { client.post(url).json(&json!({"id": "x", "data": 1})).send().await })
+            let (client, url) = (
+                app.client.clone(),
+                app.url(&format!("/v1/streams/{stream}/events")),
+            );
+            tokio::spawn(async move {
+                client
+                    .post(url)
+                    .json(&json!({"id": "x", "data": 1}))
+                    .send()
+                    .await
+            })
         };
         wait_until("the append waits for the creator", || {
             let pool = pool.clone();
@@ -250,11 +273,18 @@ async fn a_stream_deleted_between_its_creation_elsewhere_and_the_lock_does_not_k
         creator.commit().await.unwrap();
         deleter.await.unwrap().expect("the delete");
 
-        let res = tokio::time::timeout(WAIT, append).await.expect("answered").unwrap().unwrap();
+        let res = tokio::time::timeout(WAIT, append)
+            .await
+            .expect("answered")
+            .unwrap()
+            .unwrap();
         let status = res.status();
         let body: Value = res.json().await.unwrap();
         assert_eq!(status, 201, "round {round}: {body}");
-        assert_eq!(body["events"][0]["seq"], 1, "the stream was created afresh: {body}");
+        assert_eq!(
+            body["events"][0]["seq"], 1,
+            "the stream was created afresh: {body}"
+        );
     }
     // The appender is alive and the node ready.
     let res = app.append("after-the-race", json!({"data": 2})).await;

@@ -92,9 +92,15 @@ impl PrivateCluster {
         let data = cluster.data();
         cluster
             .run("initdb", |c| {
-                c.arg("-D")
-                    .arg(&data)
-                    .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"]);
+                c.arg("-D").arg(&data).args([
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                ]);
             })
             .await;
         // A port found free may be taken before the server binds it: try a few.
@@ -103,7 +109,11 @@ impl PrivateCluster {
             if cluster.pg_ctl_ok("start").await {
                 break;
             }
-            assert!(attempt < 3, "could not start the private PostgreSQL cluster: {}", cluster.log());
+            assert!(
+                attempt < 3,
+                "could not start the private PostgreSQL cluster: {}",
+                cluster.log()
+            );
         }
         Some(cluster)
     }
@@ -199,7 +209,8 @@ impl Drop for PrivateCluster {
     fn drop(&mut self) {
         let mut c = if self.as_postgres {
             let mut c = std::process::Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(self.bin.join("pg_ctl"));
+            c.args(["-u", "postgres", "--"])
+                .arg(self.bin.join("pg_ctl"));
             c
         } else {
             std::process::Command::new(self.bin.join("pg_ctl"))

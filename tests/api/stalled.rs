@@ -1,6 +1,7 @@
 //! Stalled readers cost a bounded amount of memory (issue 14): a WebSocket client and an SSE
-//! client that stop reading (real sockets with small receive buffers) while ~200 MB is
-//! published to the stream they follow. The server's resident memory — the real binary, a
+//! client that stop reading (real sockets with small receive buffers) while 64 MiB is
+//! published to the stream they follow (192 MiB in BENCHMARKS.md's run: the same bound; the
+//! suite keeps to a smaller volume for time, still far above what the bound lets through). The server's resident memory — the real binary, a
 //! process of its own, so the test's own buffers do not count — must grow by far less than
 //! what was published; and once the readers read again, each gets every seq exactly once, in
 //! order (they fell back to the log, as a lagging reader does).
@@ -22,11 +23,12 @@ const STREAM: &str = "stalled";
 const EVENT_BYTES: usize = 64 * 1024;
 const PER_BATCH: usize = 16;
 /// Batches published before the baseline is taken (the readers are stalled by then).
-const WARM_UP: usize = 16;
-/// Batches published while the readers stay stalled: 192 × 1 MiB.
-const BATCHES: usize = 192;
-/// The most the server may grow by while they are published.
-const GROWTH_LIMIT: u64 = 64 << 20;
+const WARM_UP: usize = 8;
+/// Batches published while the readers stay stalled: 64 × 1 MiB. Without a byte bound the
+/// live buffer (1024 batches) would keep every one of them for the stalled readers.
+const BATCHES: usize = 64;
+/// The most the server may grow by while they are published (half of what is published).
+const GROWTH_LIMIT: u64 = 32 << 20;
 
 #[backend_test]
 async fn stalled_ws_and_sse_readers_cost_bounded_memory_and_resume_exactly(db: TestDb) {
@@ -36,6 +38,8 @@ async fn stalled_ws_and_sse_readers_cost_bounded_memory_and_resume_exactly(db: T
         &[
             // The readers stall for the whole publish: they must not be cut off for it.
             ("TAILCAST_WRITE_TIMEOUT_S", "600"),
+            // A client that reads nothing answers no Ping either: no heartbeat verdict.
+            ("TAILCAST_WS_HEARTBEAT_MS", "600000"),
             ("TAILCAST_LIVE_BUFFER_BYTES", &(4usize << 20).to_string()),
             ("TAILCAST_WS_SEND_QUEUE_BYTES", &(1usize << 20).to_string()),
         ],
@@ -90,12 +94,14 @@ async fn stalled_ws_and_sse_readers_cost_bounded_memory_and_resume_exactly(db: T
 
     publish(WARM_UP).await;
     let before = rss(node.pid);
+    let started = std::time::Instant::now();
     publish(BATCHES).await;
     let after = rss(node.pid);
+    let took = started.elapsed();
     let published = (BATCHES * PER_BATCH * EVENT_BYTES) as u64;
     let grown = after.saturating_sub(before);
     eprintln!(
-        "stalled readers: published {} MiB, server RSS {} -> {} MiB (+{} MiB)",
+        "stalled readers: published {} MiB in {took:?}, server RSS {} -> {} MiB (+{} MiB)",
         published >> 20,
         before >> 20,
         after >> 20,
@@ -129,35 +135,57 @@ async fn stalled_ws_and_sse_readers_cost_bounded_memory_and_resume_exactly(db: T
         }
     });
     let sse_reader = tokio::spawn(async move {
-        let mut frames = sse.frames();
+        let mut chunks = sse.chunks();
+        let mut buf: Vec<u8> = Vec::new();
+        // Bytes of `buf` already searched for a frame's end.
+        let mut scanned = 0usize;
         let mut expect = 1usize;
         while expect <= total {
-            let frame = frames.next().await.expect("SSE open");
-            let Some(data) = frame.split('\n').find_map(|l| l.strip_prefix("data: ")) else {
-                continue;
-            };
-            if frame.starts_with("event:") {
+            let from = scanned.saturating_sub(1);
+            if let Some(i) = buf[from..].windows(2).position(|w| w == b"\n\n") {
+                let end = from + i;
+                let frame = std::str::from_utf8(&buf[..end]).expect("UTF-8 frame");
+                if frame.starts_with("id: ") {
+                    let data = frame.split_once("\ndata: ").expect("data").1;
+                    let (seq, id) = seq_and_id(data);
+                    assert_eq!(seq, expect, "SSE seq out of order");
+                    assert_eq!(id, format!("e{seq}"));
+                    expect += 1;
+                }
+                buf.drain(..end + 2);
+                scanned = 0;
                 continue;
             }
-            let (seq, id) = seq_and_id(data);
-            assert_eq!(seq, expect, "SSE seq out of order");
-            assert_eq!(id, format!("e{seq}"));
-            expect += 1;
+            scanned = buf.len();
+            let chunk = tokio::time::timeout(WAIT, chunks.next())
+                .await
+                .expect("SSE bytes in time")
+                .expect("SSE open")
+                .expect("SSE chunk");
+            buf.extend_from_slice(&chunk);
         }
     });
+    let started = std::time::Instant::now();
     tokio::time::timeout(Duration::from_secs(120), async {
         ws_reader.await.expect("WebSocket reader");
         sse_reader.await.expect("SSE reader");
     })
     .await
     .expect("the readers caught up in time");
+    eprintln!(
+        "stalled readers: both read {total} events in {:?}",
+        started.elapsed()
+    );
 }
 
 /// The `seq` and `id` of an event's JSON (envelope or WebSocket `event` op), without parsing
 /// its 64 KiB of data: `seq` comes before `data`, `id` after it.
 fn seq_and_id(json: &str) -> (usize, String) {
     let at = json.find("\"seq\":").expect("a seq") + 6;
-    let digits: String = json[at..].chars().take_while(|c| c.is_ascii_digit()).collect();
+    let digits: String = json[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
     let at = json.rfind("\"id\":\"").expect("an id") + 6;
     let id: String = json[at..].chars().take_while(|c| *c != '"').collect();
     (digits.parse().unwrap(), id)
