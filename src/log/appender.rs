@@ -345,7 +345,7 @@ impl Failure {
             Failure::Db(e) if is_unavailable(e) => Error::Unavailable,
             // Another session held a stream's lock past `lock_timeout` (a frozen node whose
             // session the server has not ended yet): nothing was stored, retry shortly.
-            Failure::Db(e) if is_lock_timeout(e) => Error::Unavailable,
+            Failure::Db(e) if is_lock_timeout(e) || is_idle_timeout(e) => Error::Unavailable,
             Failure::Db(e) => Error::Internal(format!("database: {e}")),
         }
     }
@@ -365,6 +365,11 @@ fn is_lock_timeout(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
 }
 
+/// 25P03 idle_in_transaction_session_timeout: the server ended the session mid-transaction.
+fn is_idle_timeout(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("25P03"))
+}
+
 async fn commit_with_retry(
     db: &Db,
     node: &str,
@@ -375,9 +380,12 @@ async fn commit_with_retry(
     let mut attempt = 0;
     loop {
         match commit(db, node, limits, specs, health).await {
-            // 40P01 deadlock (streams created by two nodes at once), 40001 serialization.
+            // 40P01 deadlock (streams created by two nodes at once), 40001 serialization;
+            // 25P03: the server ended the session for sitting idle in the transaction (this
+            // process was frozen past --idle-in-transaction-timeout-s). None of them committed.
             Err(Failure::Db(sqlx::Error::Database(db)))
-                if attempt < 5 && matches!(db.code().as_deref(), Some("40P01" | "40001")) =>
+                if attempt < 5
+                    && matches!(db.code().as_deref(), Some("40P01" | "40001" | "25P03")) =>
             {
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(2 << attempt)).await;

@@ -11,6 +11,7 @@
 //! Row locks, sessions and several nodes are PostgreSQL's.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,10 +43,11 @@ async fn a_frozen_node_holding_a_stream_lock_stalls_other_nodes_only_until_the_i
 
     // Node A appends to the stream without pause; every acknowledged id is recorded.
     let acked: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
     let producers: Vec<_> = (0..4)
         .map(|p| {
-            let (url, acked) = (a.url(&events), acked.clone());
-            tokio::spawn(async move { produce_until_acked(url, p, 1_000_000, acked).await })
+            let (url, acked, stop) = (a.url(&events), acked.clone(), stop.clone());
+            tokio::spawn(async move { produce_until_acked(url, p, stop, acked).await })
         })
         .collect();
 
@@ -104,11 +106,9 @@ async fn a_frozen_node_holding_a_stream_lock_stalls_other_nodes_only_until_the_i
         async move { acked.lock().unwrap().len() > thawed + 20 }
     })
     .await;
-    for p in &producers {
-        p.abort();
-    }
+    stop.store(true, Ordering::Relaxed);
     for p in producers {
-        let _ = p.await;
+        p.await.expect("a producer of node A");
     }
 
     // The log is 1..=head, no id twice, and every acknowledged id sits at its seq.
@@ -160,18 +160,22 @@ async fn row_is_locked(pool: &sqlx::PgPool, stream: &str) -> bool {
     }
 }
 
-/// Appends single events `p-0`, `p-1`, … each retried with its id until acknowledged.
+/// Appends single events `p-0`, `p-1`, … each retried with its id until acknowledged (a 503
+/// is the only refusal allowed), until told to stop.
 async fn produce_until_acked(
     url: String,
     p: usize,
-    n: usize,
+    stop: Arc<AtomicBool>,
     acked: Arc<Mutex<HashMap<String, i64>>>,
 ) {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
         .unwrap();
-    for i in 0..n {
+    for i in 0.. {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
         let id = format!("{p}-{i}");
         loop {
             let res = client
