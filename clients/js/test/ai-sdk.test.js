@@ -8,6 +8,8 @@ import { after, afterEach, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { createHmac } from "node:crypto";
+import { readFile } from "node:fs/promises";
+import http from "node:http";
 import { copyFileSync, mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import os from "node:os";
@@ -296,6 +298,44 @@ describe("the example app in Chromium", () => {
     await strictApp.runsDone();
     assert.match(status, /refused this page's origin http:\/\/127\.0\.0\.1:\d+ \(start tailcast with --cors-origins/);
     assert.deepEqual(pageErrors, []);
+  });
+});
+
+describe("refusals in the browser", () => {
+  test("TailcastClient ends a subscription with a terminal cors_refused error, over WebSocket and SSE", async () => {
+    const strict = await Server.spawn({ env: { TAILCAST_CORS_ORIGINS: "http://example.invalid" } });
+    // A page on another origin serving the packed client module.
+    const pkgDir = path.join(packed.app, "node_modules", "@tailcast", "client");
+    const pageOrigin = await listenOn(
+      http.createServer(async (req, res) => {
+        if (req.url === "/tailcast.js") res.writeHead(200, { "content-type": "text/javascript" }).end(await readFile(path.join(pkgDir, "tailcast.js")));
+        else res.writeHead(200, { "content-type": "text/html" }).end("<!doctype html><title>other origin</title>");
+      }),
+    );
+    const browser = await launchBrowser();
+    cleanups.push(() => browser.close());
+    const page = await browser.context.newPage();
+    await page.goto(pageOrigin);
+    for (const transport of ["ws", "sse"]) {
+      const outcome = await page.evaluate(
+        async ({ url, transport }) => {
+          const { TailcastClient } = await import("/tailcast.js");
+          const client = new TailcastClient({ url, transport, backoff: { initialMs: 50, maxMs: 200 } });
+          const statuses = [];
+          client.on("status", (s) => statuses.push(s.state));
+          const err = await new Promise((resolve) => {
+            client.subscribe("run:1", { onError: resolve }, () => {});
+            setTimeout(() => resolve(null), 15000);
+          });
+          client.close?.();
+          return { code: err?.code, name: err?.name, message: err?.message, statuses };
+        },
+        { url: strict.url, transport },
+      );
+      assert.equal(outcome.code, "cors_refused", `${transport}: ${JSON.stringify(outcome)}`);
+      assert.equal(outcome.name, "TailcastError");
+      assert.match(outcome.message, /--cors-origins http:\/\/127\.0\.0\.1:\d+/);
+    }
   });
 });
 
