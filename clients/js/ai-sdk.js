@@ -122,10 +122,11 @@ export async function pipeUIMessageStream(readable, options) {
   };
 
   // Reads the source into the queue while the writer below appends what is there.
+  let reader = null;
   const reading = (async () => {
     try {
       if (typeof readable?.getReader === "function") {
-        const reader = readable.getReader();
+        reader = readable.getReader();
         for (;;) {
           const { done, value } = await reader.read();
           if (done) break;
@@ -170,7 +171,7 @@ export async function pipeUIMessageStream(readable, options) {
     }
   } catch (e) {
     // Stop reading a source nobody will write anywhere.
-    if (typeof readable?.cancel === "function" && !ended) readable.cancel(e).catch(() => {});
+    if (!ended) reader?.cancel(e).catch(() => {});
     throw e;
   }
   await reading;
@@ -234,6 +235,11 @@ export async function readUIMessageChunks(opts) {
   const fetchFn = opts.fetch ?? globalThis.fetch.bind(globalThis);
   const endpoint = `${opts.url.replace(/\/+$/, "")}/v1/streams/${encodeURIComponent(opts.stream)}/ui-message-stream`;
   const retryForMs = opts.retryForMs ?? 120000;
+  // Aborted by the caller's signal or by cancelling the returned stream (the chat's stop).
+  const abort = new AbortController();
+  const signal = abort.signal;
+  if (opts.signal?.aborted) abort.abort(opts.signal.reason);
+  opts.signal?.addEventListener?.("abort", () => abort.abort(opts.signal.reason), { once: true });
   let cursor = null;
   let attempt = 0;
   let failingSince = null;
@@ -245,9 +251,9 @@ export async function readUIMessageChunks(opts) {
     if (cursor !== null) headers["last-event-id"] = String(cursor);
     let res;
     try {
-      res = await fetchFn(endpoint, { headers, signal: opts.signal, cache: "no-store" });
+      res = await fetchFn(endpoint, { headers, signal, cache: "no-store" });
     } catch (e) {
-      if (opts.signal?.aborted) throw e;
+      if (signal?.aborted) throw e;
       throw await classifyFetchFailure(fetchFn, endpoint, e);
     }
     if (res.status === 204) return null;
@@ -264,10 +270,10 @@ export async function readUIMessageChunks(opts) {
         failingSince = null;
         return res;
       } catch (e) {
-        if (opts.signal?.aborted || !isTransient(e)) throw e;
+        if (signal?.aborted || !isTransient(e)) throw e;
         failingSince ??= Date.now();
         if (Date.now() - failingSince > retryForMs) throw e;
-        await sleep(backoffDelay(attempt++, opts.backoff), opts.signal);
+        await sleep(backoffDelay(attempt++, opts.backoff), signal);
       }
     }
   }
@@ -297,10 +303,11 @@ export async function readUIMessageChunks(opts) {
             }
             controller.enqueue(chunk);
             if (id !== null && id !== "") cursor = Number(id);
-          }, opts.signal);
+          }, signal);
         } catch (e) {
-          if (opts.signal?.aborted || e === bad) {
-            controller.error(e);
+          if (signal.aborted || e === bad) {
+            // After a cancel this is a no-op; after the caller's abort the reader sees why.
+            controller.error(signal.aborted ? signal.reason : e);
             return;
           }
           // The connection broke mid-answer: resume below.
@@ -314,7 +321,7 @@ export async function readUIMessageChunks(opts) {
         try {
           res = await openRetrying();
         } catch (e) {
-          controller.error(e);
+          controller.error(signal.aborted ? signal.reason : e);
           return;
         }
         if (!res) {
@@ -323,8 +330,8 @@ export async function readUIMessageChunks(opts) {
         }
       }
     },
-    cancel() {
-      res.body?.cancel().catch(() => {});
+    cancel(reason) {
+      abort.abort(reason);
     },
   });
 }

@@ -232,6 +232,22 @@ describe("TailcastChatTransport", () => {
     assert.deepEqual(ids, ids.map((_, i) => `ui-${i}`));
   });
 
+  test("the chat's stop() ends the read at once and leaves the chat ready", async () => {
+    const server = await Server.spawn();
+    const app = await example.createApp({ tailcastUrl: server.url, delayMs: 50 });
+    const appUrl = await listenOn(app);
+    const transport = new client.TailcastChatTransport({ url: server.url, api: `${appUrl}/api/chat`, storage: null });
+    const chat = new TestChat({ id: "stopped", transport });
+    const done = chat.sendMessage({ text: "stop me" });
+    await waitFor(() => chat.testState.messages.at(-1)?.role === "assistant", "the answer has begun");
+    await chat.stop();
+    await done;
+    assert.equal(chat.testState.status, "ready");
+    const text = chat.testState.messages.at(-1).parts.find((p) => p.type === "text")?.text ?? "";
+    await app.runsDone();
+    assert.ok(text.length < 'You said: "stop me". Every word'.length + 40, `the read went on after stop(): ${text}`);
+  });
+
   test("reconnectToStream resumes a remembered answer; 401 and 403 end it with a terminal error", async () => {
     const secret = "test-secret-that-is-at-least-32-bytes-long";
     const server = await Server.spawn({ env: { TAILCAST_JWT_SECRET: secret, TAILCAST_ADMIN_TOKEN: "admin-token" } });
@@ -268,14 +284,14 @@ describe("the example app in Chromium", () => {
     page.on("pageerror", (e) => pageErrors.push(e.message));
 
     await page.goto(appOrigin);
-    await page.waitForFunction(() => document.querySelector("#status")?.dataset.status === "ready");
+    await page.waitForFunction(() => document.querySelector("#status")?.dataset.status === "ready", null, { polling: 50 });
     await page.fill("input", "from the browser");
     await page.click("button");
     const assistant = 'li[data-role="assistant"]';
-    await page.waitForFunction((sel) => (document.querySelector(sel)?.textContent ?? "").split(" ").length > 6, assistant);
+    await page.waitForFunction((sel) => (document.querySelector(sel)?.textContent ?? "").split(" ").length > 6, assistant, { polling: 20 });
     const before = await page.textContent(assistant);
     await page.reload();
-    await page.waitForFunction((sel) => document.querySelector("#status")?.dataset.status === "ready" && /repeats none\.$/.test(document.querySelector(sel)?.textContent ?? ""), assistant, { timeout: 20000 });
+    await page.waitForFunction((sel) => document.querySelector("#status")?.dataset.status === "ready" && /repeats none\.$/.test(document.querySelector(sel)?.textContent ?? ""), assistant, { timeout: 20000, polling: 50 });
     const text = await page.textContent(assistant);
     assert.ok(text.startsWith(before.trim()), `resumed answer ${JSON.stringify(text)} does not continue ${JSON.stringify(before)}`);
     assert.equal(text, 'You said: "from the browser". Every word of this answer is an event in tailcast, so a reload, a dropped connection or a restart of tailcast loses none of them and repeats none.');
@@ -289,10 +305,10 @@ describe("the example app in Chromium", () => {
     const consoleErrors = [];
     page.on("console", (m) => m.type() === "error" && consoleErrors.push(m.text()));
     await page.goto(strictOrigin);
-    await page.waitForFunction(() => document.querySelector("#status")?.dataset.status === "ready");
+    await page.waitForFunction(() => document.querySelector("#status")?.dataset.status === "ready", null, { polling: 50 });
     await page.fill("input", "hello");
     await page.click("button");
-    await page.waitForFunction(() => document.querySelector("#status")?.dataset.status === "error", null, { timeout: 20000 });
+    await page.waitForFunction(() => document.querySelector("#status")?.dataset.status === "error", null, { timeout: 20000, polling: 50 });
     const status = await page.textContent("#status");
     await app.runsDone();
     await strictApp.runsDone();
