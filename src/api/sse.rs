@@ -1,7 +1,8 @@
 //! `GET /v1/streams/{stream}/sse`: a subscription framed as Server-Sent Events.
 //!
 //! The body is written by hand rather than through axum's `Sse` so that each event's frame
-//! is encoded once (`Frame::sse`) and the same bytes go to every subscriber.
+//! is encoded once (`Frame::sse`) and the same bytes go to every subscriber. The reading loop
+//! (`event_stream`) is shared with the other SSE framing, the AI SDK view in `ui_stream.rs`.
 
 use std::time::Duration;
 
