@@ -170,3 +170,38 @@ async fn notices_are_comments_or_error_chunks(db: TestDb) {
     );
     assert_eq!(frames.next().await, None);
 }
+
+/// Chunks removed by retention: the client gets an `error` chunk saying so, then the rest.
+#[backend_test]
+async fn a_retention_gap_is_an_error_chunk_then_the_rest(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| {
+        c.retention_max_events = 3;
+        c.retention_interval_ms = 20;
+    })
+    .await;
+    let c = chunks();
+    app.append("chat", ui_events(&c)).await; // 1..=6; 4..=6 kept
+    wire::wait_until("trimmed to the newest 3", || async {
+        app.get_json("/v1/streams/chat").await["oldest_seq"] == 4
+    })
+    .await;
+    let mut frames = ui_frames(&app, "chat", "", None).await;
+    let gap = frames.next_content().await.unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(gap.strip_prefix("data: ").expect(&gap)).unwrap();
+    assert_eq!(v["type"], "error");
+    assert!(
+        v["errorText"]
+            .as_str()
+            .unwrap()
+            .starts_with("tailcast gap: events 1..3"),
+        "{v}"
+    );
+    for (i, chunk) in c.iter().enumerate().skip(3) {
+        assert_eq!(
+            frames.next_content().await.unwrap(),
+            format!("id: {}\ndata: {chunk}", i + 1)
+        );
+    }
+    app.shutdown().await;
+}
