@@ -236,3 +236,16 @@ def test_stop_cancels_an_asyncio_agent(server, stream):
                 assert heard == [ev]
 
     asyncio.run(main())
+
+
+def test_closing_a_watch_ends_its_thread_and_connection(tc, server, stream):
+    def sse_connections():
+        return httpx.get(f"{server.url}/v1/stats", timeout=5).json()["connections"]["sse"]
+
+    before = sse_connections()
+    watch = tc.watch_stop(stream)
+    wait_for(lambda: sse_connections() == before + 1, 20, "the watch to connect")
+    watch.close()
+    watch._thread.join(5)
+    assert not watch._thread.is_alive() and not watch.stopped
+    wait_for(lambda: sse_connections() == before, 20, "the watch's connection to close")

@@ -266,6 +266,7 @@ class AsyncFollow(AsyncIterator[Event]):
             url, params, headers = st.request()
             headers.update(c._headers)
             timeout = httpx.Timeout(c._timeout, read=c.idle_timeout)
+            wait: Optional[float] = None
             try:
                 async with c._http.stream(
                     "GET", c.base_url + url, params=params, headers=headers, timeout=timeout
@@ -276,6 +277,7 @@ class AsyncFollow(AsyncIterator[Event]):
                         await r.aread()
                         if core.is_fatal_status(r.status_code):
                             core.raise_for(r)
+                        wait = core.retry_after(r)
                     else:
                         async for text in r.aiter_text():
                             for ev in st.feed(text):
@@ -284,7 +286,7 @@ class AsyncFollow(AsyncIterator[Event]):
                                 return
             except httpx.TransportError:
                 pass
-            await asyncio.sleep(st.reconnect_delay())
+            await asyncio.sleep(max(st.reconnect_delay(), wait or 0.0))
 
 
 class AsyncWriter:

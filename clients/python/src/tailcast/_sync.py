@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
@@ -300,9 +301,13 @@ class Follow(Iterator[Event]):
         self._closed = True
         r = self._response
         if r is not None:
+            # Closing a socket does not wake a thread blocked reading it; shutting it down does.
             try:
-                r.close()
-            except Exception:  # noqa: BLE001 - closing from another thread may race the reader
+                ns = r.extensions.get("network_stream")
+                sock = ns.get_extra_info("socket") if ns is not None else None
+                if sock is not None:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except Exception:  # noqa: BLE001 - best effort; the reader may be gone already
                 pass
         try:
             self._gen.close()
@@ -315,6 +320,7 @@ class Follow(Iterator[Event]):
             url, params, headers = st.request()
             headers.update(c._headers)
             timeout = httpx.Timeout(c._timeout, read=c.idle_timeout)
+            wait: Optional[float] = None
             try:
                 with c._http.stream(
                     "GET", c.base_url + url, params=params, headers=headers, timeout=timeout
@@ -326,6 +332,7 @@ class Follow(Iterator[Event]):
                         r.read()
                         if core.is_fatal_status(r.status_code):
                             core.raise_for(r)
+                        wait = core.retry_after(r)
                     else:
                         for text in r.iter_text():
                             for ev in st.feed(text):
@@ -339,7 +346,7 @@ class Follow(Iterator[Event]):
                 self._response = None
             if self._closed:
                 return
-            time.sleep(st.reconnect_delay())
+            time.sleep(max(st.reconnect_delay(), wait or 0.0))
 
 
 class Writer:
