@@ -53,6 +53,8 @@ class Proxy:
         self.drop_every = 0
         #: Answer the next N POSTs with 503 + Retry-After: 0, forwarding nothing.
         self.fail_503 = 0
+        #: The problem code of those 503s.
+        self.code_503 = "unavailable"
         self.posts = 0
         self._stop = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -91,7 +93,10 @@ class Proxy:
                     elif self.drop_every and self.posts % self.drop_every == 0:
                         drop = True
             if fail:
-                body = b'{"type":"about:blank","title":"Service Unavailable","status":503,"code":"unavailable","detail":"proxy"}'
+                body = (
+                    b'{"type":"about:blank","title":"Service Unavailable","status":503,"code":"'
+                    + self.code_503.encode() + b'","detail":"proxy"}'
+                )
                 conn.sendall(
                     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\n"
                     b"retry-after: 0\r\nconnection: close\r\ncontent-length: "

@@ -56,6 +56,16 @@ def test_503_is_retried_and_nothing_was_stored_by_it(tc, proxy, stream):
             via.append(stream, "c", 3)
 
 
+def test_outcome_unknown_is_resent_only_with_idempotency_ids(tc, proxy, stream):
+    proxy.fail_503, proxy.code_503 = 1, "outcome_unknown"
+    with Tailcast(proxy.url, retry=FAST) as via:
+        assert via.append(stream, "token", 1).seq == 1  # resent with the same id
+        proxy.fail_503 = 1
+        with pytest.raises(tailcast.OutcomeUnknown):
+            via.stop(stream, "once")  # no id: resending could double it
+    assert [f[2] for f in proxy.forwarded] == ["503", "answered", "503"]
+
+
 def test_requests_without_an_id_are_not_resent_after_an_ambiguous_failure(tc, proxy, stream):
     tc.append(stream, "token", 1)
     proxy.drop_after_forward = 1

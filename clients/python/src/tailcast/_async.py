@@ -79,7 +79,7 @@ class AsyncTailcast:
                 if attempt >= self.retry.attempts or not (idempotent or core.safe_to_resend(e)):
                     raise TransportError(f"{method} {url}: {e!r}") from e
             else:
-                if response.status_code not in core.RETRY_STATUSES or attempt >= self.retry.attempts:
+                if attempt >= self.retry.attempts or not core.should_retry(response, idempotent):
                     core.raise_for(response)
                     return response
             await asyncio.sleep(self.retry.delay(attempt, response))

@@ -77,6 +77,20 @@ def retry_after(response: httpx.Response) -> Optional[float]:
 RETRY_STATUSES = frozenset({429, 503})
 
 
+def should_retry(response: httpx.Response, idempotent: bool) -> bool:
+    """429 and 503 are refusals: nothing was done, so any request may be sent again, except
+    a 503 ``outcome_unknown`` (a commit was cut off; it may have happened), which only
+    requests that carry idempotency ids may resend."""
+    if response.status_code not in RETRY_STATUSES:
+        return False
+    if idempotent:
+        return True
+    try:
+        return json.loads(response.content).get("code") != "outcome_unknown"
+    except (ValueError, AttributeError):
+        return True
+
+
 def safe_to_resend(exc: httpx.TransportError) -> bool:
     """True when the request surely never reached the server (so even a request without an
     idempotency id may be sent again)."""

@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import httpx
 
 from . import _core as core
-from .errors import ApiError, InputExists, TransportError
+from .errors import InputExists, TransportError
 from .models import AppendResult, Event
 
 __all__ = ["Tailcast", "Writer", "Follow", "StopWatch"]
@@ -89,7 +89,7 @@ class Tailcast:
                 if attempt >= self.retry.attempts or not (idempotent or core.safe_to_resend(e)):
                     raise TransportError(f"{method} {url}: {e!r}") from e
             else:
-                if response.status_code not in core.RETRY_STATUSES or attempt >= self.retry.attempts:
+                if attempt >= self.retry.attempts or not core.should_retry(response, idempotent):
                     core.raise_for(response)
                     return response
             time.sleep(self.retry.delay(attempt, response))

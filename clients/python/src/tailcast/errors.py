@@ -64,6 +64,7 @@ __all__ = [
     "InternalServerError",
     "Unavailable",
     "ShuttingDown",
+    "OutcomeUnknown",
     "StreamNotice",
     "StreamGap",
     "StreamReset",
@@ -323,6 +324,12 @@ class ShuttingDown(ServerError):
     """503: the server is shutting down. Retried automatically."""
 
 
+class OutcomeUnknown(ServerError):
+    """503: the database was lost mid-commit; the events may or may not be stored. Appends are
+    retried automatically (with the same ids, so never doubled); requests without an id are
+    not, and raise this."""
+
+
 # Notices on a followed stream (SSE ``event: notice``).
 class StreamNotice(TailcastError):
     """The server could not continue a follow from the cursor as given."""
@@ -401,6 +408,7 @@ ERROR_CODES: Dict[str, Type[ApiError]] = {
     "internal": InternalServerError,
     "unavailable": Unavailable,
     "shutting_down": ShuttingDown,
+    "outcome_unknown": OutcomeUnknown,
 }
 
 _BY_STATUS: Dict[int, Type[ApiError]] = {
