@@ -4,6 +4,7 @@ and the SSE parser on its own."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -82,3 +83,40 @@ def test_sse_parser_ids_are_not_dispatched_before_their_block_ends():
 
 def test_runner_sets_the_environment():
     assert os.environ.get("TAILCAST_BIN"), "run through clients/python/run-tests"
+
+
+TYPED_USER = '''
+import asyncio
+from typing import List
+from tailcast import AsyncTailcast, AppendResult, Event, StreamGap, Tailcast
+
+def produce(tc: Tailcast) -> int:
+    res: AppendResult = tc.append("s", "token", {"text": "hi"})
+    with tc.writer("s") as w:
+        w.write("token", {"text": "!"})
+    return res.seq
+
+def consume(tc: Tailcast) -> List[int]:
+    try:
+        return [e.seq for e in tc.follow("s", after=0)]
+    except StreamGap as gap:
+        return [gap.oldest or 0]
+
+async def agent(tc: AsyncTailcast) -> None:
+    task = asyncio.current_task()
+    assert task is not None
+    async with tc.watch_stop("s", cancel=task) as watch:
+        ev: Event | None = await watch.wait()
+        print(ev, await tc.ask("s", "ok?", timeout=1.5))
+'''
+
+
+def test_the_installed_package_type_checks_under_mypy_strict(tmp_path):
+    """py.typed ships, and the package and a typed user of it pass `mypy --strict`."""
+    (tmp_path / "user.py").write_text(TYPED_USER)
+    mypy = [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache")]
+    # The package itself, then a user of it (which fails without py.typed: "missing library
+    # stubs or py.typed marker").
+    for target in (["-p", "tailcast"], [str(tmp_path / "user.py")]):
+        r = subprocess.run(mypy + target, capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr

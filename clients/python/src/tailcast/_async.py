@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import httpx
 
@@ -260,7 +260,7 @@ class AsyncFollow(AsyncIterator[Event]):
     async def aclose(self) -> None:
         await self._gen.aclose()
 
-    async def _run(self) -> AsyncIterator[Event]:
+    async def _run(self) -> AsyncGenerator[Event, None]:
         st, c = self.state, self._client
         while not st.done:
             url, params, headers = st.request()

@@ -86,7 +86,7 @@ def should_retry(response: httpx.Response, idempotent: bool) -> bool:
     if idempotent:
         return True
     try:
-        return json.loads(response.content).get("code") != "outcome_unknown"
+        return bool(json.loads(response.content).get("code") != "outcome_unknown")
     except (ValueError, AttributeError):
         return True
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Generator, Iterable, Iterator, List, Optional, Sequence
 
 import httpx
 
@@ -314,7 +314,7 @@ class Follow(Iterator[Event]):
         except (ValueError, RuntimeError):
             pass  # running in another thread: it ends on its own once the response is closed
 
-    def _run(self) -> Iterator[Event]:
+    def _run(self) -> Generator[Event, None, None]:
         st, c = self.state, self._client
         while not st.done and not self._closed:
             url, params, headers = st.request()
