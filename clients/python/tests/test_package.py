@@ -114,7 +114,7 @@ async def agent(tc: AsyncTailcast) -> None:
 def test_the_installed_package_type_checks_under_mypy_strict(tmp_path):
     """py.typed ships, and the package and a typed user of it pass `mypy --strict`."""
     (tmp_path / "user.py").write_text(TYPED_USER)
-    mypy = [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache")]
+    mypy = [sys.executable, "-m", "mypy", "--strict", "--python-version", "3.10", "--cache-dir", str(tmp_path / "cache")]
     # The package itself, then a user of it (which fails without py.typed: "missing library
     # stubs or py.typed marker").
     for target in (["-p", "tailcast"], [str(tmp_path / "user.py")]):

@@ -36,6 +36,8 @@ class AsyncTailcast:
         self._own_http = http is None
         self._http = http or httpx.AsyncClient(timeout=timeout)
         self._headers = core.auth_headers(token)
+        #: Requests sent again so far (after a transport error, 429 or 503): for monitoring.
+        self.retries = 0
 
     async def __aenter__(self) -> "AsyncTailcast":
         return self
@@ -82,6 +84,7 @@ class AsyncTailcast:
                 if attempt >= self.retry.attempts or not core.should_retry(response, idempotent):
                     core.raise_for(response)
                     return response
+            self.retries += 1
             await asyncio.sleep(self.retry.delay(attempt, response))
 
     # -- producer ---------------------------------------------------------------------------

@@ -42,6 +42,8 @@ class Tailcast:
         self._own_http = http is None
         self._http = http or httpx.Client(timeout=timeout)
         self._headers = core.auth_headers(token)
+        #: Requests sent again so far (after a transport error, 429 or 503): for monitoring.
+        self.retries = 0
 
     def __enter__(self) -> "Tailcast":
         return self
@@ -92,6 +94,7 @@ class Tailcast:
                 if attempt >= self.retry.attempts or not core.should_retry(response, idempotent):
                     core.raise_for(response)
                     return response
+            self.retries += 1
             time.sleep(self.retry.delay(attempt, response))
 
     # -- producer ---------------------------------------------------------------------------
