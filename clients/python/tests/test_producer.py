@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 import tailcast
-from tailcast import AsyncTailcast
+from tailcast import AsyncTailcast, Tailcast
 
 
 def seqs_and_data(tc, stream):
@@ -147,5 +147,37 @@ def test_async_producer_and_reader(server, stream):
             assert (await tc.info(stream))["closed"] is True
             with pytest.raises(tailcast.StreamClosed):
                 await tc.append(stream, "x", 1)
+
+    asyncio.run(main())
+
+
+def test_a_token_is_sent_on_every_request_and_a_missing_one_is_unauthorized(make_server, stream):
+    srv = make_server("--admin-token", "s3cret-token")
+    with Tailcast(srv.url, token="s3cret-token") as tc:
+        assert tc.append(stream, "token", 1).seq == 1
+        tc.close(stream)
+        assert [e.seq for e in tc.follow(stream)] == [1, 2]  # SSE with the bearer header
+        assert [e.seq for e in tc.read(stream)] == [1, 2]
+    with Tailcast(srv.url) as anon:
+        with pytest.raises(tailcast.Unauthorized):
+            anon.append(stream, "token", 2)
+        with pytest.raises(tailcast.Unauthorized):
+            list(anon.follow(stream))
+    with Tailcast(srv.url, token="wrong") as bad:
+        with pytest.raises(tailcast.Unauthorized):
+            bad.info(stream)
+
+
+def test_async_writer_drain_bounds_the_queue(server, stream):
+    async def main():
+        async with AsyncTailcast(server.url) as tc:
+            w = tc.writer(stream, max_events=50, max_pending=100)
+            for i in range(500):
+                w.write("token", {"i": i})
+                await w.drain()  # waits while 100 are queued
+                assert len(w._queue) <= 100
+            await w.aclose()
+            assert w.events == 500 and w.last_seq == 500
+            assert [e.data["i"] async for e in tc.read(stream)] == list(range(500))
 
     asyncio.run(main())
