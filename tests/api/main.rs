@@ -30,6 +30,7 @@ mod shutdown;
 mod sse;
 mod sse_stress;
 mod stalled;
+mod ui_stream;
 mod wire;
 mod ws;
 mod ws_auth;
