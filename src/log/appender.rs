@@ -7,7 +7,7 @@
 //! idle, a lone append goes straight through: `recv_many` never waits for company.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -90,6 +90,7 @@ pub struct Appender {
     health: Arc<DbHealth>,
     closing: CancellationToken,
     running: Arc<AtomicBool>,
+    restarts: Arc<AtomicU64>,
 }
 
 impl Appender {
@@ -107,6 +108,7 @@ impl Appender {
         let (tx, rx) = mpsc::channel(max_batch * 4);
         let closing = CancellationToken::new();
         let running = Arc::new(AtomicBool::new(true));
+        let restarts = Arc::new(AtomicU64::new(0));
         let worker = Worker {
             db,
             sink,
@@ -120,12 +122,14 @@ impl Appender {
             Arc::new(tokio::sync::Mutex::new(rx)),
             Arc::new(worker),
             running.clone(),
+            restarts.clone(),
         ));
         let appender = Appender {
             tx,
             health,
             closing,
             running,
+            restarts,
         };
         (appender, task)
     }
@@ -134,6 +138,11 @@ impl Appender {
     /// is not ready then.
     pub fn is_running(&self) -> bool {
         self.running.load(Ordering::Acquire)
+    }
+
+    /// Times the appender task failed and was restarted.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
     }
 
     /// Refuses new appends (503 `shutting_down`) and lets the task commit what is queued and
@@ -185,6 +194,7 @@ async fn supervise(
     rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
     worker: Arc<Worker>,
     running: Arc<AtomicBool>,
+    restarts: Arc<AtomicU64>,
 ) {
     const RESTART_FIRST: Duration = Duration::from_millis(50);
     const RESTART_MAX: Duration = Duration::from_secs(5);
@@ -196,6 +206,7 @@ async fn supervise(
             Ok(()) => return,
             Err(e) => {
                 running.store(false, Ordering::Release);
+                restarts.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(m::APPENDER_RESTARTS).increment(1);
                 let cause = panic_cause(e);
                 tracing::error!(%cause, ?delay, "appender task failed; restarting it");
@@ -701,5 +712,73 @@ fn deliver(sink: &dyn CommitSink, jobs: Vec<Job>, plan: Plan, started: Instant) 
     }
     for (reply, res) in replies {
         let _ = reply.send(res);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::health::DbHealth;
+
+    /// A hub that fails (panics) the first time it is handed a commit.
+    struct FailsOnce(AtomicBool);
+
+    impl CommitSink for FailsOnce {
+        fn committed(&self, _: Vec<Committed>) {
+            if !self.0.swap(true, Ordering::SeqCst) {
+                panic!("the sink failed on purpose");
+            }
+        }
+    }
+
+    fn spec(id: &str) -> AppendSpec {
+        AppendSpec {
+            stream: StreamName::parse("s").unwrap(),
+            events: vec![NewEvent {
+                ty: "t".into(),
+                data: "1".into(),
+                id: Some(id.into()),
+                key: None,
+            }],
+            expected_seq: None,
+            close: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_appender_task_is_restarted_and_its_batch_answered_outcome_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("log.db").display());
+        let db = Db::connect(&url, 2, Duration::from_secs(5)).await.unwrap();
+        db.migrate().await.unwrap();
+        let settings = AppenderSettings {
+            max_batch: 8,
+            limits: TxLimits::default(),
+        };
+        let sink = Arc::new(FailsOnce(AtomicBool::new(false)));
+        let (appender, task) = Appender::spawn(db, sink, "n".into(), settings, DbHealth::new());
+
+        // The batch committed, then the task failed before answering: the caller cannot be
+        // told it failed (it did not), only that its outcome is unknown.
+        let first = appender.append(spec("a")).await;
+        assert!(matches!(first, Err(Error::OutcomeUnknown)), "{first:?}");
+        // The restarted task serves the retry, which finds the first commit by its id.
+        let retry = tokio::time::timeout(Duration::from_secs(10), appender.append(spec("a")))
+            .await
+            .expect("answered after the restart")
+            .expect("appended");
+        assert!(retry.events[0].duplicate, "{retry:?}");
+        assert_eq!(retry.first_seq, 1);
+        let next = appender.append(spec("b")).await.expect("appended");
+        assert_eq!(next.first_seq, 2);
+        assert_eq!(appender.restarts(), 1);
+        assert!(appender.is_running());
+
+        appender.close();
+        drop(appender);
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the supervisor ends with the last handle")
+            .unwrap();
     }
 }
