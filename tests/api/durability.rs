@@ -20,9 +20,9 @@ use crate::pgcluster::PrivateCluster;
 
 const STREAM: &str = "durable";
 const PRODUCERS: usize = 8;
-const BATCHES: usize = 40;
+const BATCHES: usize = 48;
 const PER_BATCH: usize = 4;
-const RESTARTS: usize = 5;
+const RESTARTS: usize = 8;
 /// The whole test (load, crashes, and every client catching up) must end within this.
 const BUDGET: Duration = Duration::from_secs(50);
 
