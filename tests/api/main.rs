@@ -26,6 +26,7 @@ mod shutdown;
 mod sql_append;
 mod sse;
 mod sse_stress;
+mod ui_stream;
 mod wire;
 mod ws;
 mod ws_auth;
