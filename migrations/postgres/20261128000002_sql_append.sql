@@ -85,8 +85,13 @@ begin
     if n_jobs = 0 then
         return;
     end if;
-    names := array(select n from (select distinct n from unnest(j_stream) as t(n)) as d
-                    order by n collate "C");
+    -- (A lone job, the common case under light load, skips the set-up queries.)
+    if n_jobs = 1 then
+        names := j_stream;
+    else
+        names := array(select n from (select distinct n from unnest(j_stream) as t(n)) as d
+                        order by n collate "C");
+    end if;
 
     -- Lock the rows in name order, so that two batches sharing streams (on any nodes) cannot
     -- deadlock, creating the missing ones. A concurrent creator may win an insert (`do
@@ -112,19 +117,25 @@ begin
     end loop;
     s_written := array_fill(false, array[array_length(names, 1)]);
 
-    select array_agg(u.i order by t.i) into j_sidx
-      from unnest(j_stream) with ordinality as t(n, i)
-      join unnest(names) with ordinality as u(n, i) on u.n = t.n;
-    select array_agg(t.s order by t.i), array_agg(t.i order by t.i) into j_start
-      from (select i, (sum(c) over (order by i) - c + 1)::int as s
-              from unnest(j_count) with ordinality as t(c, i)) as t;
-    select array_agg(t.i order by t.i, g) into e_job
-      from unnest(j_count) with ordinality as t(c, i), generate_series(1, t.c) as g;
+    if n_jobs = 1 then
+        j_sidx := array[1];
+        j_start := array[1];
+        e_job := array_fill(1, array[n_ev]);
+    else
+        select array_agg(u.i order by t.i) into j_sidx
+          from unnest(j_stream) with ordinality as t(n, i)
+          join unnest(names) with ordinality as u(n, i) on u.n = t.n;
+        select array_agg(t.s order by t.i) into j_start
+          from (select i, (sum(c) over (order by i) - c + 1)::int as s
+                  from unnest(j_count) with ordinality as t(c, i)) as t;
+        select array_agg(t.i order by t.i, g) into e_job
+          from unnest(j_count) with ordinality as t(c, i), generate_series(1, t.c) as g;
+    end if;
     j_base := array_fill(null::bigint, array[n_jobs]);
     errors := array_fill(null::text, array[n_jobs]);
     error_heads := array_fill(null::bigint, array[n_jobs]);
 
-    with_ids := exists (select 1 from unnest(e_id) as t(x) where x is not null);
+    with_ids := cardinality(array_remove(e_id, null)) > 0;
     if with_ids then
         -- For each event with an id: its seq if the log holds the id already, and the previous
         -- event of the batch with the same stream and id (the chain later events walk back).
@@ -206,11 +217,16 @@ begin
 
     if not with_ids then
         -- No duplicates possible: an accepted job's events take the seqs after its base.
-        select array_agg(case when j_base[t.j] >= 0 then j_base[t.j] + (t.o - j_start[t.j] + 1)
-                              else seqs[t.o] end order by t.o),
-               array_agg(case when j_base[t.j] >= 0 then false else dups[t.o] end order by t.o)
-          into seqs, dups
-          from unnest(e_job) with ordinality as t(j, o);
+        seqs := coalesce(seqs, array_fill(null::bigint, array[n_ev]));
+        dups := coalesce(dups, array_fill(null::boolean, array[n_ev]));
+        for j in 1 .. n_jobs loop
+            if j_base[j] >= 0 then
+                for e in j_start[j] .. j_start[j] + j_count[j] - 1 loop
+                    seqs[e] := j_base[j] + (e - j_start[j] + 1);
+                    dups[e] := false;
+                end loop;
+            end if;
+        end loop;
     end if;
 
     insert into events (stream_id, seq, type, data, event_id, key, time)
@@ -219,30 +235,33 @@ begin
            as t(j, seq, dup, ty, data, eid, k)
      where not t.dup;
 
-    select array_agg(n order by n collate "C"), array_agg(hd order by n collate "C"),
-           array_agg(c order by n collate "C")
-      into written_streams, written_heads, written_closed
-      from unnest(names, s_id, s_head, s_closed, s_written) as t(n, id, hd, c, w)
-     where w;
+    written_streams := '{}';
+    written_heads := '{}';
+    written_closed := '{}';
+    for si in 1 .. cardinality(names) loop
+        if s_written[si] then
+            written_streams := written_streams || names[si];
+            written_heads := written_heads || s_head[si];
+            written_closed := written_closed || s_closed[si];
+        end if;
+    end loop;
 
-    if written_streams is null then
-        written_streams := '{}';
-        written_heads := '{}';
-        written_closed := '{}';
-    else
+    if cardinality(written_streams) > 0 then
         update streams s set head = t.hd, closed = t.c, updated_at = p_time
           from unnest(s_id, s_head, s_closed, s_written) as t(id, hd, c, w)
          where t.w and s.id = t.id;
         -- One notification per batch (never per event: NOTIFY serialises commits on a global
         -- lock): `node\nstream head\n…`, split to stay under pg_notify's 8000 bytes.
-        perform pg_notify('tailcast_appends', p_node || string_agg(line, '' order by i))
-           from (select i, E'\n' || n || ' ' || hd as line,
-                        (sum(length(n) + 22) over (order by i) - length(n) - 22) / 6000 as chunk
-                   from unnest(written_streams, written_heads) with ordinality as t(n, hd, i)) as l
-          group by chunk;
-        if p_token is not null then
-            insert into commit_tokens (token) values (p_token);
-        end if;
+        -- (One statement with the token: a data-modifying CTE always runs.)
+        with mark as (insert into commit_tokens (token) select p_token where p_token is not null)
+        select count(*) into locked from (
+            select pg_notify('tailcast_appends', p_node || string_agg(line, '' order by i))
+              from (select i, E'\n' || n || ' ' || hd as line,
+                           (sum(length(n) + 22) over (order by i) - length(n) - 22) / 6000
+                           as chunk
+                      from unnest(written_streams, written_heads) with ordinality
+                           as t(n, hd, i)) as l
+             group by chunk) as sent;
     end if;
 
     -- Streams created here that no job wrote to leave nothing behind.
