@@ -478,6 +478,67 @@ pub async fn insert_events(
     Ok(())
 }
 
+/// A batch of append jobs as the column arrays `tailcast.append_jobs` takes (see its
+/// migration): one element per job in `stream`..`close`, one per event (the events of the
+/// first job first) in `ty`..`key`.
+#[derive(Default)]
+pub struct JobRows<'a> {
+    pub stream: Vec<&'a str>,
+    pub count: Vec<i32>,
+    pub expected: Vec<Option<i64>>,
+    pub close: Vec<bool>,
+    pub ty: Vec<&'a str>,
+    pub data: Vec<&'a str>,
+    pub id: Vec<Option<&'a str>>,
+    pub key: Vec<Option<&'a str>>,
+}
+
+/// What `tailcast.append_jobs` decided, per event, per job and per stream written.
+#[derive(Debug, sqlx::FromRow)]
+pub struct JobsOutcome {
+    /// Per event: its seq (a duplicate's: the original's); None if its job was refused.
+    pub seqs: Vec<Option<i64>>,
+    /// Per event: true if a duplicate.
+    pub dups: Vec<Option<bool>>,
+    /// Per job: None, `stream_closed` or `seq_conflict`.
+    pub errors: Vec<Option<String>>,
+    /// Per job: the head that refused it.
+    pub error_heads: Vec<Option<i64>>,
+    pub written_streams: Vec<String>,
+    pub written_heads: Vec<i64>,
+    pub written_closed: Vec<bool>,
+}
+
+/// Applies a whole batch with one statement (PostgreSQL): locks the streams (held until `tx`
+/// ends), de-duplicates ids, assigns seqs, inserts, moves the heads, queues the NOTIFY (with
+/// `node` as its first line) and, if anything was written, records `token` in
+/// `commit_tokens` (see [`commit_outcome`]). The same function applications call through
+/// `tailcast.append`, so both follow one implementation of the rules.
+pub async fn append_jobs(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    node: &str,
+    token: uuid::Uuid,
+    time: DateTime<Utc>,
+    rows: &JobRows<'_>,
+) -> Result<JobsOutcome, sqlx::Error> {
+    sqlx::query_as(
+        "select * from tailcast.append_jobs($1, $2::uuid, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(node)
+    .bind(token.to_string())
+    .bind(Ts(time))
+    .bind(&rows.stream)
+    .bind(&rows.count)
+    .bind(&rows.expected)
+    .bind(&rows.close)
+    .bind(&rows.ty)
+    .bind(&rows.data)
+    .bind(&rows.id)
+    .bind(&rows.key)
+    .fetch_one(&mut **tx)
+    .await
+}
+
 /// Sets the new heads (and closed flags) of the streams a batch wrote to.
 pub async fn update_heads(
     tx: &mut Tx,

@@ -23,6 +23,7 @@ mod props;
 mod replay;
 mod retention;
 mod shutdown;
+mod sql_append;
 mod sse;
 mod sse_stress;
 mod ui_stream;
