@@ -157,23 +157,30 @@ pub enum Offset {
     Seq(i64),
 }
 
-/// Digits in an offset: enough for any i64, and a fixed width so offsets sort as strings.
-const OFFSET_DIGITS: usize = 19;
+/// Digits in each half of an offset: a fixed width, so offsets sort as strings.
+const OFFSET_DIGITS: usize = 16;
+/// Largest seq an offset can carry (16 decimal digits).
+const MAX_OFFSET_SEQ: i64 = 9_999_999_999_999_999;
 
+/// `0000000000000000_{seq}`: the shape of the reference server's offsets (whose zero offset
+/// the conformance suite writes out), with the seq, zero-padded, in the second half. The
+/// first half is reserved (always zero).
 pub fn format_offset(seq: i64) -> String {
-    format!("{seq:0OFFSET_DIGITS$}")
+    format!("{:0w$}_{:0w$}", 0, seq.clamp(0, MAX_OFFSET_SEQ), w = OFFSET_DIGITS)
 }
 
 /// Parses an offset token: `-1`, `now`, or one this server minted.
 pub fn parse_offset(raw: &str) -> Result<Offset> {
+    let digits = |s: &str| s.len() == OFFSET_DIGITS && s.bytes().all(|b| b.is_ascii_digit());
     match raw {
         "-1" => Ok(Offset::Start),
         "now" => Ok(Offset::Now),
-        _ if raw.len() == OFFSET_DIGITS && raw.bytes().all(|b| b.is_ascii_digit()) => raw
-            .parse::<i64>()
-            .map(Offset::Seq)
-            .map_err(|_| bad_offset(raw)),
-        _ => Err(bad_offset(raw)),
+        _ => match raw.split_once('_') {
+            Some((epoch, seq)) if digits(epoch) && digits(seq) && epoch.bytes().all(|b| b == b'0') => {
+                seq.parse::<i64>().map(Offset::Seq).map_err(|_| bad_offset(raw))
+            }
+            _ => Err(bad_offset(raw)),
+        },
     }
 }
 
@@ -300,14 +307,13 @@ mod tests {
 
     #[test]
     fn offsets_sort_as_strings_and_parse_back() {
-        let offs: Vec<String> = [0, 9, 10, 99, 100, i64::MAX]
-            .into_iter()
-            .map(format_offset)
-            .collect();
+        let seqs = [0, 9, 10, 99, 100, MAX_OFFSET_SEQ];
+        let offs: Vec<String> = seqs.into_iter().map(format_offset).collect();
         let mut sorted = offs.clone();
         sorted.sort();
         assert_eq!(offs, sorted);
-        for (o, n) in offs.iter().zip([0, 9, 10, 99, 100, i64::MAX]) {
+        assert_eq!(offs[0], "0000000000000000_0000000000000000");
+        for (o, n) in offs.iter().zip(seqs) {
             assert_eq!(parse_offset(o).unwrap(), Offset::Seq(n));
         }
         assert_eq!(parse_offset("-1").unwrap(), Offset::Start);

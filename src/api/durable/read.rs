@@ -26,7 +26,6 @@ use crate::api::extract::Stream;
 use crate::app::{AppState, ConnectionGuard, Transport};
 use crate::auth::{Grant, Principal};
 use crate::error::{Error, Result};
-use crate::live::frame::put_sse_data;
 use crate::live::subscription::PAGE_BYTES;
 use crate::live::{Filter, Item, Start, Subscription};
 use crate::log::model::TYPE_STREAM_CLOSED;
@@ -456,7 +455,7 @@ impl SseTask {
         let mut buf = BytesMut::with_capacity(payload.len() + 32);
         buf.put_slice(b"event: data\n");
         if self.base64 {
-            buf.put_slice(b"data: ");
+            buf.put_slice(b"data:");
             buf.put_slice(
                 base64::engine::general_purpose::STANDARD
                     .encode(payload)
@@ -464,7 +463,7 @@ impl SseTask {
             );
             buf.put_u8(b'\n');
         } else {
-            put_sse_data(&mut buf, payload);
+            put_data_lines(&mut buf, payload);
         }
         buf.put_u8(b'\n');
         self.tx.send(buf.freeze()).await.is_ok()
@@ -483,10 +482,35 @@ impl SseTask {
             }
         }
         let mut buf = BytesMut::new();
-        buf.put_slice(b"event: control\ndata: ");
+        buf.put_slice(b"event: control\ndata:");
         buf.put_slice(control.to_string().as_bytes());
         buf.put_slice(b"\n\n");
         self.tx.send(buf.freeze()).await.is_ok()
+    }
+}
+
+/// Writes a payload as SSE `data:` lines, one per line of it (any of `\n`, `\r\n`, `\r`
+/// ends a line, so no payload can end the event or start another). `data:` is followed by
+/// the line itself, with a space in between only when the line starts with one (a parser
+/// drops one leading space).
+fn put_data_lines(buf: &mut BytesMut, payload: &[u8]) {
+    let mut rest = payload;
+    loop {
+        let end = rest.iter().position(|b| *b == b'\n' || *b == b'\r');
+        let line = &rest[..end.unwrap_or(rest.len())];
+        buf.put_slice(b"data:");
+        if line.first() == Some(&b' ') {
+            buf.put_u8(b' ');
+        }
+        buf.put_slice(line);
+        buf.put_u8(b'\n');
+        let Some(i) = end else { return };
+        let skip = if rest[i] == b'\r' && rest.get(i + 1) == Some(&b'\n') {
+            2
+        } else {
+            1
+        };
+        rest = &rest[i + skip..];
     }
 }
 
@@ -514,4 +538,16 @@ pub async fn head(
     }
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_lines_split_every_line_break_and_keep_leading_spaces() {
+        let mut buf = BytesMut::new();
+        put_data_lines(&mut buf, b"a\r\n\r\nevent: x\r b\nc");
+        assert_eq!(&buf[..], b"data:a\ndata:\ndata:event: x\ndata:  b\ndata:c\n");
+    }
 }

@@ -436,7 +436,13 @@ pub async fn create(
             found.tail(),
             found.closed(),
         );
-        if let Ok(v) = HeaderValue::from_str(&format!("/v1/stream/{name}")) {
+        // Absolute, as the protocol asks: the scheme a proxy in front reports, else http.
+        let host = header_str(&headers, "host")?.unwrap_or("localhost");
+        let scheme = match header_str(&headers, "x-forwarded-proto")? {
+            Some("https") => "https",
+            _ => "http",
+        };
+        if let Ok(v) = HeaderValue::from_str(&format!("{scheme}://{host}/v1/stream/{name}")) {
             res.headers_mut().insert(header::LOCATION, v);
         }
         return Ok(res);
@@ -668,16 +674,16 @@ pub async fn append(
             Some(_) => {}
         }
     }
+    if let Some(p) = &producer {
+        if let Some(answer) = check_producer(&app, &name, p).await? {
+            return Ok(answer);
+        }
+    }
     if let (Some(seq), Some(last)) = (&writer_seq, &found.ds.writer_seq) {
         if seq.as_bytes() <= last.as_bytes() {
             return Err(Error::WriterSeqConflict(format!(
                 "Stream-Seq {seq:?} is not above the last one accepted, {last:?}"
             )));
-        }
-    }
-    if let Some(p) = &producer {
-        if let Some(answer) = check_producer(&app, &name, p).await? {
-            return Ok(answer);
         }
     }
     let mut events = body_events(&app, &found.ds.content_type, &body, false)?;
@@ -688,7 +694,9 @@ pub async fn append(
     }
     let appends_data = !events.is_empty();
     if close {
-        events.push(closed_event());
+        let mut ev = closed_event();
+        ev.id = producer.as_ref().map(|p| p.event_id(events.len()));
+        events.push(ev);
     }
     let spec = AppendSpec {
         stream: name.clone(),
@@ -734,7 +742,8 @@ pub async fn append(
     match &producer {
         Some(p) => {
             extra.extend(p.headers(p.seq));
-            let status = if fresh {
+            // A close-only request answers 204 like any close; new data answers 200.
+            let status = if fresh && appends_data {
                 StatusCode::OK
             } else {
                 StatusCode::NO_CONTENT
