@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use sqlx::Row;
 
 use super::db::{on_db, Db, Ts};
+use super::store::StreamRow;
 
 /// A Durable Streams stream's row (`ds_streams`).
 #[derive(Debug, Clone, PartialEq)]
@@ -65,6 +66,56 @@ where
         accessed_at: row.try_get::<Ts, _>("accessed_at")?.0,
         created_at: row.try_get::<Ts, _>("created_at")?.0,
     })
+}
+
+/// A stream's protocol row and, if anything was ever appended to it, its log row: one query,
+/// as every request starts with it.
+pub async fn stream_with_row(
+    db: &Db,
+    name: &str,
+) -> Result<Option<(DsStream, Option<StreamRow>)>, sqlx::Error> {
+    let columns: Vec<String> = COLUMNS.split(", ").map(|c| format!("d.{c}")).collect();
+    let columns = columns.join(", ");
+    let sql = format!(
+        "select {columns}, s.id as s_id, s.head as s_head, s.trimmed_to as s_trimmed_to,
+                s.closed as s_closed, s.created_at as s_created_at, s.updated_at as s_updated_at
+         from ds_streams d left join streams s on s.name = d.name
+         where d.name = $1"
+    );
+    macro_rules! map {
+        ($row:expr) => {{
+            let r = $row;
+            let ds = from_row(&r)?;
+            let id: Option<i64> = r.try_get("s_id")?;
+            let row = match id {
+                None => None,
+                Some(id) => Some(StreamRow {
+                    id,
+                    name: ds.name.clone(),
+                    head: r.try_get("s_head")?,
+                    trimmed_to: r.try_get("s_trimmed_to")?,
+                    closed: r.try_get("s_closed")?,
+                    created_at: r.try_get::<Ts, _>("s_created_at")?.0,
+                    updated_at: r.try_get::<Ts, _>("s_updated_at")?.0,
+                }),
+            };
+            Ok::<_, sqlx::Error>((ds, row))
+        }};
+    }
+    match db {
+        Db::Postgres(pool) => match sqlx::query(&sql).bind(name).fetch_optional(pool).await? {
+            Some(r) => map!(r).map(Some),
+            None => Ok(None),
+        },
+        Db::Sqlite(lite) => match sqlx::query(&sql)
+            .bind(name)
+            .fetch_optional(lite.reader())
+            .await?
+        {
+            Some(r) => map!(r).map(Some),
+            None => Ok(None),
+        },
+    }
 }
 
 pub async fn stream(db: &Db, name: &str) -> Result<Option<DsStream>, sqlx::Error> {

@@ -31,7 +31,7 @@ use chrono::Utc;
 use crate::app::AppState;
 use crate::error::{Error, Result};
 use crate::log::durable::{self as ds, DsStream};
-use crate::log::store::{self, StreamRow};
+use crate::log::store::StreamRow;
 use crate::log::StreamName;
 
 pub const NEXT_OFFSET: &str = "stream-next-offset";
@@ -166,7 +166,12 @@ const MAX_OFFSET_SEQ: i64 = 9_999_999_999_999_999;
 /// the conformance suite writes out), with the seq, zero-padded, in the second half. The
 /// first half is reserved (always zero).
 pub fn format_offset(seq: i64) -> String {
-    format!("{:0w$}_{:0w$}", 0, seq.clamp(0, MAX_OFFSET_SEQ), w = OFFSET_DIGITS)
+    format!(
+        "{:0w$}_{:0w$}",
+        0,
+        seq.clamp(0, MAX_OFFSET_SEQ),
+        w = OFFSET_DIGITS
+    )
 }
 
 /// Parses an offset token: `-1`, `now`, or one this server minted.
@@ -176,8 +181,12 @@ pub fn parse_offset(raw: &str) -> Result<Offset> {
         "-1" => Ok(Offset::Start),
         "now" => Ok(Offset::Now),
         _ => match raw.split_once('_') {
-            Some((epoch, seq)) if digits(epoch) && digits(seq) && epoch.bytes().all(|b| b == b'0') => {
-                seq.parse::<i64>().map(Offset::Seq).map_err(|_| bad_offset(raw))
+            Some((epoch, seq))
+                if digits(epoch) && digits(seq) && epoch.bytes().all(|b| b == b'0') =>
+            {
+                seq.parse::<i64>()
+                    .map(Offset::Seq)
+                    .map_err(|_| bad_offset(raw))
             }
             _ => Err(bad_offset(raw)),
         },
@@ -265,14 +274,13 @@ pub async fn find(app: &AppState, name: &StreamName) -> Result<Found> {
 
 /// Like [`find`], but a soft-deleted stream is returned (fork creation and deletion need it).
 pub async fn find_any(app: &AppState, name: &StreamName) -> Result<Option<Found>> {
-    let Some(ds) = ds::stream(&app.db, name.as_str()).await? else {
+    let Some((ds, row)) = ds::stream_with_row(&app.db, name.as_str()).await? else {
         return Ok(None);
     };
     if !ds.deleted && ds.expired(Utc::now()) {
         write::remove_stream(app, name).await?;
         return Ok(None);
     }
-    let row = store::stream(&app.db, name.as_str()).await?;
     Ok(Some(Found { ds, row }))
 }
 

@@ -548,6 +548,9 @@ mod tests {
     fn data_lines_split_every_line_break_and_keep_leading_spaces() {
         let mut buf = BytesMut::new();
         put_data_lines(&mut buf, b"a\r\n\r\nevent: x\r b\nc");
-        assert_eq!(&buf[..], b"data:a\ndata:\ndata:event: x\ndata:  b\ndata:c\n");
+        assert_eq!(
+            &buf[..],
+            b"data:a\ndata:\ndata:event: x\ndata:  b\ndata:c\n"
+        );
     }
 }

@@ -620,7 +620,6 @@ pub async fn append(
     let close = wants_close(&headers);
     let producer = Producer::from_headers(&headers)?;
     let writer_seq = header_str(&headers, "stream-seq")?.map(str::to_owned);
-    find(&app, &name).await?;
     if body.is_empty() && !close {
         return Err(Error::InvalidParameter(
             "an append needs a body (only a close, Stream-Closed: true, may be empty)".into(),
@@ -734,9 +733,16 @@ pub async fn append(
         ds::set_writer_seq(&app.db, name.as_str(), seq).await?;
     }
     touch(&app, &found).await?;
-    let found = find(&app, &name).await?;
-    let mut extra = vec![(NEXT_OFFSET, format_offset(found.tail()))];
-    if found.closed() {
+    // The new tail: the last event written, less the `stream.closed` a close adds. A retry
+    // that was all duplicates wrote nothing, so the stream says where it is.
+    let (tail, closed) = if fresh {
+        (res.last_seq - i64::from(close), close)
+    } else {
+        let found = find(&app, &name).await?;
+        (found.tail(), found.closed())
+    };
+    let mut extra = vec![(NEXT_OFFSET, format_offset(tail))];
+    if closed {
         extra.push((CLOSED, "true".to_owned()));
     }
     match &producer {
