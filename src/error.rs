@@ -157,6 +157,9 @@ pub enum Error {
     /// 410 (Durable Streams): the stream was deleted while forks still read from it.
     #[error("stream {0:?} was deleted")]
     StreamGone(String),
+    /// 410 (Durable Streams): the data at this offset was removed by retention.
+    #[error("the data after this offset was removed by retention; the oldest offset is {oldest}")]
+    OffsetGone { oldest: String },
 }
 
 impl Error {
@@ -201,7 +204,7 @@ impl Error {
             | WriterSeqConflict(_)
             | ProducerSeqGap { .. } => StatusCode::CONFLICT,
             StaleProducerEpoch { .. } => StatusCode::FORBIDDEN,
-            StreamGone(_) => StatusCode::GONE,
+            StreamGone(_) | OffsetGone { .. } => StatusCode::GONE,
         }
     }
 
@@ -258,6 +261,7 @@ impl Error {
             ProducerSeqGap { .. } => "producer_seq_gap",
             StaleProducerEpoch { .. } => "stale_producer_epoch",
             StreamGone(_) => "stream_gone",
+            OffsetGone { .. } => "offset_gone",
         }
     }
 

@@ -212,6 +212,14 @@ fn after_of(offset: Option<Offset>, found: &Found) -> Result<i64> {
             format_offset(found.tail())
         )));
     }
+    // Retention removed what follows this offset: say so rather than skip it silently.
+    if let Some(trimmed) = found.row.as_ref().map(|r| r.trimmed_to) {
+        if after < trimmed {
+            return Err(Error::OffsetGone {
+                oldest: format_offset(trimmed),
+            });
+        }
+    }
     Ok(after)
 }
 

@@ -298,7 +298,7 @@ fn same_config(req: &CreateRequest, found: &Found) -> bool {
         (None, None) => true,
         (Some(f), Some(of)) => {
             f.source.as_str() == of
-                && f.offset.is_none_or(|o| Some(o) == ds.fork_seq_anchor())
+                && f.offset.is_none_or(|o| Some(o) == fork_anchor(ds))
                 && f.sub == ds.fork_sub.unwrap_or(0)
         }
         _ => false,
@@ -309,20 +309,15 @@ fn same_config(req: &CreateRequest, found: &Found) -> bool {
         && fork_ok
 }
 
-trait ForkAnchor {
-    fn fork_seq_anchor(&self) -> Option<i64>;
-}
-
-impl ForkAnchor for DsStream {
-    /// The offset the fork was requested at (its inherited seq less a JSON sub-offset).
-    fn fork_seq_anchor(&self) -> Option<i64> {
-        let seq = self.fork_seq?;
-        if is_json(&self.content_type) {
-            Some(seq - self.fork_sub.unwrap_or(0))
-        } else {
-            // A byte sub-offset's partial append is one more event past the anchor.
-            Some(seq - i64::from(self.fork_sub.unwrap_or(0) > 0))
-        }
+/// The offset a fork was requested at: the seq it inherited through, less its sub-offset
+/// (JSON: that many messages; bytes: the one partial append).
+fn fork_anchor(ds: &DsStream) -> Option<i64> {
+    let seq = ds.fork_seq?;
+    let sub = ds.fork_sub.unwrap_or(0);
+    if is_json(&ds.content_type) {
+        Some(seq - sub)
+    } else {
+        Some(seq - i64::from(sub > 0))
     }
 }
 
@@ -577,7 +572,7 @@ async fn copy_fork(app: &AppState, name: &StreamName, plan: &ForkPlan) -> Result
             .map(|e| {
                 let mut body = e.body;
                 let mut data = e.data;
-                if let Some((seq, len)) = plan.partial.filter(|(s, _)| *s == e.seq) {
+                if let Some((_, len)) = plan.partial.filter(|(seq, _)| *seq == e.seq) {
                     match &mut body {
                         Some(b) => b.truncate(len),
                         None => {
@@ -585,7 +580,6 @@ async fn copy_fork(app: &AppState, name: &StreamName, plan: &ForkPlan) -> Result
                             data = "null".into();
                         }
                     }
-                    let _ = seq;
                 }
                 NewEvent {
                     ty: e.ty,
