@@ -153,6 +153,16 @@ fn put_json_str(buf: &mut BytesMut, s: &str) {
 /// An event holding a byte payload carries it as a base64 string in `data`, followed by
 /// `"encoding":"base64"`.
 pub fn encode_envelope(stream: &str, ev: &StoredEvent) -> Bytes {
+    encode_envelope_locating_data(stream, ev).0
+}
+
+/// `encode_envelope`, and where the event's `data` lies in it (so a framing that sends only
+/// the data, like the AI SDK view, can slice it out without a copy). For a byte payload
+/// that is its base64 string, quotes included.
+pub fn encode_envelope_locating_data(
+    stream: &str,
+    ev: &StoredEvent,
+) -> (Bytes, std::ops::Range<usize>) {
     let body_len = ev.body.as_ref().map_or(0, |b| b.len() * 4 / 3 + 32);
     let mut buf =
         BytesMut::with_capacity(96 + stream.len() + ev.ty.len() + ev.data.len() + body_len);
@@ -163,6 +173,7 @@ pub fn encode_envelope(stream: &str, ev: &StoredEvent) -> Bytes {
     buf.put_slice(b",\"type\":");
     put_json_str(&mut buf, &ev.ty);
     buf.put_slice(b",\"data\":");
+    let start = buf.len();
     match &ev.body {
         Some(body) => {
             use base64::Engine as _;
@@ -172,9 +183,13 @@ pub fn encode_envelope(stream: &str, ev: &StoredEvent) -> Bytes {
                     .encode(body)
                     .as_bytes(),
             );
-            buf.put_slice(b"\",\"encoding\":\"base64\"");
+            buf.put_u8(b'"');
         }
         None => buf.put_slice(ev.data.as_bytes()),
+    }
+    let data = start..buf.len();
+    if ev.body.is_some() {
+        buf.put_slice(b",\"encoding\":\"base64\"");
     }
     if let Some(id) = &ev.id {
         buf.put_slice(b",\"id\":");
@@ -187,7 +202,7 @@ pub fn encode_envelope(stream: &str, ev: &StoredEvent) -> Bytes {
     buf.put_slice(b",\"time\":\"");
     buf.put_slice(format_time(&ev.time).as_bytes());
     buf.put_slice(b"\"}");
-    buf.freeze()
+    (buf.freeze(), data)
 }
 
 fn itoa_i64(n: i64) -> String {
@@ -251,5 +266,31 @@ mod tests {
             std::str::from_utf8(&env).unwrap(),
             r#"{"stream":"run:42","seq":17,"type":"token","data":{"b":1, "a":[1e400]},"key":"k\"1","time":"2026-11-18T11:06:40.123Z"}"#
         );
+    }
+
+    #[test]
+    fn envelope_locates_its_data() {
+        let ev = StoredEvent {
+            seq: 3,
+            ty: "ui".into(),
+            data: "{\"type\":\"text-delta\",\"id\":\"t\",\"delta\":\"\\\"é\"}".into(),
+            id: Some("x".into()),
+            key: None,
+            time: DateTime::from_timestamp_millis(0).unwrap(),
+            body: None,
+        };
+        let (env, at) = encode_envelope_locating_data("s\"é", &ev);
+        assert_eq!(&env[at], ev.data.as_bytes());
+        // A byte payload's data is its base64 string, and the envelope says so after it.
+        let bytes = StoredEvent {
+            body: Some(vec![0, 255, b'"']),
+            data: "null".into(),
+            ..ev
+        };
+        let (env, at) = encode_envelope_locating_data("s", &bytes);
+        assert_eq!(&env[at.clone()], b"\"AP8i\"");
+        assert!(std::str::from_utf8(&env[at.end..])
+            .unwrap()
+            .starts_with(",\"encoding\":\"base64\",\"id\":\"x\""));
     }
 }

@@ -26,6 +26,7 @@ mod retention;
 mod shutdown;
 mod sse;
 mod sse_stress;
+mod ui_stream;
 mod wire;
 mod ws;
 mod ws_auth;
