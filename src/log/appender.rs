@@ -599,6 +599,7 @@ fn plan_job<'a>(
                 out.data.push(&ev.data);
                 out.id.push(ev.id.as_deref());
                 out.key.push(ev.key.as_deref());
+                out.body.push(ev.body.as_deref());
                 if let Some(id) = &ev.id {
                     st.new_ids.insert(id.clone(), st.head);
                 }
@@ -656,6 +657,7 @@ fn deliver(sink: &dyn CommitSink, jobs: Vec<Job>, plan: Plan, started: Instant) 
                             id: ev.id,
                             key: ev.key,
                             time: plan.time,
+                            body: ev.body,
                         });
                     }
                 }

@@ -8,6 +8,7 @@ mod cluster;
 mod conformance;
 mod console;
 mod crash;
+mod durable;
 mod embedded;
 mod helpers;
 mod hostile;
