@@ -850,6 +850,7 @@ mod tests {
                 data: "1".into(),
                 id: Some(id.into()),
                 key: None,
+                body: None,
             }],
             expected_seq: None,
             close: false,
