@@ -469,7 +469,7 @@ async fn commit(
 ) -> Result<Plan, Failure> {
     let time = wire_time(Utc::now());
     if let Db::Postgres(pool) = db {
-        return commit_postgres(db, pool, node, specs, health, time).await;
+        return commit_postgres(db, pool, node, limits, specs, health, time).await;
     }
     let names: BTreeSet<&str> = specs.iter().map(|s| s.stream.as_str()).collect();
     let names: Vec<&str> = names.into_iter().collect();
@@ -571,6 +571,7 @@ async fn commit_postgres(
     db: &Db,
     pool: &sqlx::PgPool,
     node: &str,
+    limits: TxLimits,
     specs: &[&AppendSpec],
     health: &DbHealth,
     time: chrono::DateTime<Utc>,
@@ -589,7 +590,8 @@ async fn commit_postgres(
         }
     }
     let token = uuid::Uuid::new_v4();
-    let mut tx = pool.begin().await?;
+    // Lock and idle-in-transaction timeouts set in the BEGIN round trip (see `TxLimits`).
+    let mut tx = pool.begin_with(limits.begin_sql()).await?;
     let res = store::append_jobs(&mut tx, node, token, time, &rows).await?;
     let outcomes = job_outcomes(specs, &res)?;
     let mut written: HashMap<&str, (i64, bool)> = HashMap::new();

@@ -275,7 +275,8 @@ impl Default for TxLimits {
 }
 
 impl TxLimits {
-    fn begin_sql(self) -> String {
+    /// `BEGIN` with the limits set for the transaction (one simple query, one round trip).
+    pub fn begin_sql(self) -> String {
         // Integers only, so nothing here needs quoting; `set local` ends with the transaction.
         format!(
             "begin; set local lock_timeout = {}; set local idle_in_transaction_session_timeout = {}",
