@@ -587,6 +587,7 @@ async fn commit_postgres(
             rows.data.push(&ev.data);
             rows.id.push(ev.id.as_deref());
             rows.key.push(ev.key.as_deref());
+            rows.body.push(ev.body.as_deref());
         }
     }
     let token = uuid::Uuid::new_v4();

@@ -495,7 +495,7 @@ pub async fn insert_events(
 
 /// A batch of append jobs as the column arrays `tailcast.append_jobs` takes (see its
 /// migration): one element per job in `stream`..`close`, one per event (the events of the
-/// first job first) in `ty`..`key`.
+/// first job first) in `ty`..`body`.
 #[derive(Default)]
 pub struct JobRows<'a> {
     pub stream: Vec<&'a str>,
@@ -506,6 +506,8 @@ pub struct JobRows<'a> {
     pub data: Vec<&'a str>,
     pub id: Vec<Option<&'a str>>,
     pub key: Vec<Option<&'a str>>,
+    /// Byte payloads (Durable Streams byte mode); sent as one null when no event has one.
+    pub body: Vec<Option<&'a [u8]>>,
 }
 
 /// What `tailcast.append_jobs` decided, per event, per job and per stream written.
@@ -537,7 +539,8 @@ pub async fn append_jobs(
     rows: &JobRows<'_>,
 ) -> Result<JobsOutcome, sqlx::Error> {
     sqlx::query_as(
-        "select * from tailcast.append_jobs($1, $2::uuid, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        "select * from tailcast.append_jobs($1, $2::uuid, $3, $4, $5, $6, $7, $8, $9, $10, $11,
+                                            $12)",
     )
     .bind(node)
     .bind(token.to_string())
@@ -550,6 +553,7 @@ pub async fn append_jobs(
     .bind(&rows.data)
     .bind(&rows.id)
     .bind(&rows.key)
+    .bind(rows.body.iter().any(Option::is_some).then_some(&rows.body))
     .fetch_one(&mut **tx)
     .await
 }

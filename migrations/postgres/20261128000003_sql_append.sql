@@ -25,6 +25,8 @@ create schema if not exists tailcast;
 --   j_expected  append only if the stream's head is this (null: any head).
 --   j_close     the job closes the stream (its one event is `stream.closed`).
 --   e_type, e_data, e_id, e_key: the events (validated by the caller; data as JSON text).
+--   e_body      per event: its byte payload (events.body, a Durable Streams byte-mode
+--               append), or null; null for the whole array when no event has one.
 -- Results:
 --   seqs        per event: its seq (a duplicate's: the original's); null if its job was refused.
 --   dups        per event: true if it was a duplicate (nothing written for it).
@@ -44,6 +46,7 @@ create function tailcast.append_jobs(
     e_data text[],
     e_id text[],
     e_key text[],
+    e_body bytea[] default null,
     out seqs bigint[],
     out dups boolean[],
     out errors text[],
@@ -229,10 +232,11 @@ begin
         end loop;
     end if;
 
-    insert into events (stream_id, seq, type, data, event_id, key, time)
-    select s_id[j_sidx[t.j]], t.seq, t.ty, t.data, t.eid, t.k, p_time
-      from unnest(e_job, seqs, dups, e_type, e_data, e_id, e_key)
-           as t(j, seq, dup, ty, data, eid, k)
+    insert into events (stream_id, seq, type, data, event_id, key, time, body)
+    select s_id[j_sidx[t.j]], t.seq, t.ty, t.data, t.eid, t.k, p_time, t.b
+      from unnest(e_job, seqs, dups, e_type, e_data, e_id, e_key,
+                  coalesce(e_body, array_fill(null::bytea, array[n_ev])))
+           as t(j, seq, dup, ty, data, eid, k, b)
      where not t.dup;
 
     written_streams := '{}';
@@ -277,7 +281,7 @@ do $$
 begin
     execute format(
         'alter function tailcast.append_jobs(text, uuid, timestamptz, text[], int[], bigint[],
-             boolean[], text[], text[], text[], text[]) set search_path = %I, pg_temp',
+             boolean[], text[], text[], text[], text[], bytea[]) set search_path = %I, pg_temp',
         current_schema());
 end;
 $$;
