@@ -63,3 +63,19 @@ tailcast: no PostgreSQL server is reachable, and none could be started or instal
 MSG
   return 1
 }
+
+# The crash tests (tests/api/durability.rs, frozen node) start private clusters of their own
+# with initdb/pg_ctl from /usr/lib/postgresql/*/bin, whatever server DATABASE_URL points at.
+# Makes sure those binaries exist (installing Debian's postgresql as root if not), and tells
+# the tests a missing one is a failure, not a skip.
+ensure_postgres_binaries() {
+  export TAILCAST_REQUIRE_PG_BINARIES=1
+  if compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null; then return 0; fi
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "tailcast: installing Debian's postgresql (the crash tests run private clusters)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2 && apt-get install -y -qq postgresql >&2 && return 0
+  fi
+  echo "tailcast: no PostgreSQL server binaries under /usr/lib/postgresql/*/bin; install postgresql" >&2
+  return 1
+}

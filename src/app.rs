@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::live::notify::{self, ListenerConfig, ListenerStatus};
 use crate::live::{Hub, Source};
 use crate::log::health::DbHealth;
-use crate::log::{retention, Appender, Db};
+use crate::log::{retention, Appender, AppenderSettings, Db};
 use crate::metrics as m;
 use crate::net::TimeoutListener;
 
@@ -177,13 +177,16 @@ impl App {
             .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_owned())
             .into();
         let auth = Arc::new(Authenticator::from_config(&config)?);
-        let hub = Hub::new(config.live_buffer);
+        let hub = Hub::new(config.live_buffer, config.live_buffer_bytes);
         let health = DbHealth::new();
         let (appender, appender_task) = Appender::spawn(
             db.clone(),
             hub.clone(),
             node_id.clone(),
-            config.appender_max_batch,
+            AppenderSettings {
+                max_batch: config.appender_max_batch,
+                limits: config.tx_limits(),
+            },
             health.clone(),
         );
         let shutdown = CancellationToken::new();

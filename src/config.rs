@@ -56,6 +56,12 @@ pub struct Config {
     #[arg(long, env = "TAILCAST_LIVE_BUFFER", default_value_t = 1024)]
     pub live_buffer: usize,
 
+    /// Bytes of live events buffered per stream (on this node) for subscribers that have not
+    /// taken them yet; one that falls further behind re-reads the log. The newest batch is
+    /// always kept, whatever its size.
+    #[arg(long, env = "TAILCAST_LIVE_BUFFER_BYTES", default_value_t = 4 << 20)]
+    pub live_buffer_bytes: usize,
+
     /// Seconds between SSE keep-alive comments.
     #[arg(long, env = "TAILCAST_SSE_KEEPALIVE_S", default_value_t = 15)]
     pub sse_keepalive_s: u64,
@@ -90,6 +96,11 @@ pub struct Config {
     /// resume from the log once the client catches up).
     #[arg(long, env = "TAILCAST_WS_SEND_QUEUE", default_value_t = 256)]
     pub ws_send_queue: usize,
+
+    /// Bytes of messages queued for one WebSocket (and not yet written to its socket) before
+    /// its subscriptions stop being read; at least one message is always let through.
+    #[arg(long, env = "TAILCAST_WS_SEND_QUEUE_BYTES", default_value_t = 1 << 20)]
+    pub ws_send_queue_bytes: usize,
 
     /// Most subscriptions one WebSocket may hold at once.
     #[arg(long, env = "TAILCAST_WS_MAX_SUBSCRIPTIONS", default_value_t = 1000)]
@@ -127,6 +138,22 @@ pub struct Config {
     /// re-probing an unreachable database); doubled per failure up to 5 s.
     #[arg(long, env = "TAILCAST_RECONNECT_DELAY_MS", default_value_t = 100)]
     pub reconnect_delay_ms: u64,
+
+    /// Seconds an append may wait for a stream's row lock held by another transaction
+    /// (PostgreSQL `lock_timeout`; 0: forever). Past it the append fails with 503
+    /// `unavailable` and nothing is stored.
+    #[arg(long, env = "TAILCAST_LOCK_TIMEOUT_S", default_value_t = 10)]
+    pub lock_timeout_s: u64,
+
+    /// Seconds a write transaction's session may sit idle inside it before PostgreSQL ends
+    /// the session and releases its locks (`idle_in_transaction_session_timeout`; 0: never):
+    /// a frozen node cannot hold its streams' locks longer than this.
+    #[arg(
+        long,
+        env = "TAILCAST_IDLE_IN_TRANSACTION_TIMEOUT_S",
+        default_value_t = 5
+    )]
+    pub idle_in_transaction_timeout_s: u64,
 
     /// Default retention: events older than this many seconds are removed (0: keep forever).
     /// Streams may override it (`PUT /v1/streams/{stream}/retention`).
@@ -238,6 +265,14 @@ impl Config {
         match self.ws_max_message_bytes {
             0 => self.max_batch_bytes + (64 << 10),
             n => n,
+        }
+    }
+
+    /// The limits on the appender's PostgreSQL transactions.
+    pub fn tx_limits(&self) -> crate::log::db::TxLimits {
+        crate::log::db::TxLimits {
+            lock_s: self.lock_timeout_s,
+            idle_in_transaction_s: self.idle_in_transaction_timeout_s,
         }
     }
 

@@ -6,6 +6,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const APPENDED_EVENTS: &str = "tailcast_appended_events_total";
 pub const APPEND_BATCHES: &str = "tailcast_append_batches_total";
+/// Times the appender task failed and was restarted by its supervisor.
+pub const APPENDER_RESTARTS: &str = "tailcast_appender_restarts_total";
 pub const APPEND_BATCH_SIZE: &str = "tailcast_append_batch_size";
 pub const APPEND_LATENCY: &str = "tailcast_append_latency_seconds";
 pub const APPEND_COMMIT_SECONDS: &str = "tailcast_append_commit_seconds";

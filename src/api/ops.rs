@@ -26,8 +26,16 @@ async fn healthz() -> Response {
     Json(json!({ "status": "ok" })).into_response()
 }
 
-/// Ready when the database answers and every embedded migration is applied.
+/// Ready when the appender task is running, the database answers and every embedded
+/// migration is applied.
 async fn readyz(State(app): State<AppState>) -> Response {
+    if !app.appender.is_running() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "appender_restarting" })),
+        )
+            .into_response();
+    }
     let latest = app
         .db
         .migrator()

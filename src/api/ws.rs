@@ -12,6 +12,7 @@
 mod protocol;
 #[cfg(test)]
 mod protocol_props;
+mod queue;
 
 use std::time::{Duration, Instant};
 
@@ -26,7 +27,6 @@ use futures::stream::{FuturesOrdered, SplitSink, SplitStream};
 use futures::{SinkExt, Stream, StreamExt};
 use serde_json::json;
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
 use tokio::time::{interval_at, MissedTickBehavior};
 use tokio_stream::StreamMap;
 use tracing::Instrument;
@@ -142,7 +142,7 @@ struct Connection {
     app: AppState,
     who: Principal,
     subs: StreamMap<StreamName, SubStream>,
-    out: mpsc::Sender<Message>,
+    out: queue::Outbox,
     /// Publishes whose appends are under way, answered in the order they came. A client may
     /// keep many in flight, and they then share group commits.
     publishes: FuturesOrdered<PendingReply>,
@@ -158,7 +158,10 @@ impl Connection {
         let _conn = ConnectionGuard::new(&app, Transport::Ws);
         let connection_id = uuid::Uuid::now_v7().simple().to_string();
         let (sink, frames) = socket.split();
-        let (out, queue) = mpsc::channel(app.config.ws_send_queue.max(4));
+        let (out, queue) = queue::channel(
+            app.config.ws_send_queue.max(4),
+            app.config.ws_send_queue_bytes,
+        );
         let writer = tokio::spawn(write_loop(sink, queue));
         let heartbeat = app.config.ws_heartbeat();
         let write_timeout = app.config.write_timeout();
@@ -209,7 +212,7 @@ impl Connection {
         loop {
             // Only this task sends into the queue, so room seen here is still there when
             // an item arrives below.
-            let room = self.out.capacity() > 0;
+            let room = self.out.has_room();
             let wake = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return End::Close(CLOSE_GOING_AWAY, "server shutting down"),
@@ -229,7 +232,7 @@ impl Connection {
                     Wake::Sub(stream, ev)
                 }
                 // The queue is full: wait for room, then go round again.
-                _ = self.out.reserve(), if !room => Wake::Room,
+                _ = self.out.room(), if !room => Wake::Room,
                 _ = ticks.tick() => Wake::Tick,
             };
             match wake {
@@ -460,7 +463,7 @@ impl Connection {
     }
 }
 
-async fn send(out: &mpsc::Sender<Message>, msg: Message) {
+async fn send(out: &queue::Outbox, msg: Message) {
     // Fails only when the writer is gone; the loop notices through `out.closed()`.
     let _ = out.send(msg).await;
 }
@@ -490,13 +493,15 @@ fn read_failure(e: axum::Error) -> End {
     }
 }
 
-async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut queue: mpsc::Receiver<Message>) {
+async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut queue: queue::Inbox) {
     let mut batch = Vec::new();
     // Everything already queued goes out with one flush.
     while queue.recv_many(&mut batch, 64).await > 0 {
         let mut closing = false;
+        let mut bytes = 0;
         for msg in batch.drain(..) {
             closing = matches!(msg, Message::Close(_));
+            bytes += queue::weight(&msg);
             if sink.feed(msg).await.is_err() {
                 return;
             }
@@ -511,6 +516,8 @@ async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut queue: mpsc::Re
             }
             return;
         }
+        // Only now off the connection's books: until flushed, it is memory held for it.
+        queue.written(bytes);
         if closing {
             return;
         }

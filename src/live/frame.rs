@@ -54,6 +54,12 @@ impl Frame {
         })
     }
 
+    /// What holding this frame costs, about: its envelope and the two encodings of it that
+    /// transports build lazily (counted up front, so a buffer's bound holds once they are).
+    pub fn weight(&self) -> usize {
+        3 * self.envelope.len() + self.ty.len() + 128
+    }
+
     /// `id: <seq>` and the envelope as `data:` lines, ending with the blank line.
     pub fn sse(&self) -> &Bytes {
         self.sse.get_or_init(|| {

@@ -36,6 +36,8 @@ struct Channel {
 pub struct Hub {
     streams: Mutex<HashMap<StreamName, Channel>>,
     capacity: usize,
+    /// Bytes of frames one stream's channel holds for its slowest subscriber.
+    max_bytes: usize,
     subscriptions: AtomicUsize,
     /// Times a subscriber's channel overflowed and it went back to the log (this node).
     lag_fallbacks: AtomicU64,
@@ -53,10 +55,13 @@ struct Guard {
 }
 
 impl Hub {
-    pub fn new(capacity: usize) -> Arc<Self> {
+    /// A hub whose per-stream channels hold at most `capacity` commit batches and
+    /// `max_bytes` bytes of encoded events for subscribers that have not taken them.
+    pub fn new(capacity: usize, max_bytes: usize) -> Arc<Self> {
         Arc::new(Hub {
             streams: Mutex::new(HashMap::new()),
             capacity: capacity.max(2),
+            max_bytes,
             subscriptions: AtomicUsize::new(0),
             lag_fallbacks: AtomicU64::new(0),
         })
@@ -68,7 +73,7 @@ impl Hub {
         let rx = match map.get(stream) {
             Some(ch) => ch.tx.subscribe(),
             None => {
-                let (tx, rx) = ring::channel(self.capacity);
+                let (tx, rx) = ring::bounded(self.capacity, self.max_bytes);
                 map.insert(stream.clone(), Channel { tx, published: 0 });
                 metrics::gauge!(m::LIVE_STREAMS).set(map.len() as f64);
                 rx
@@ -128,8 +133,11 @@ impl Hub {
         let mut map = self.streams.lock().expect("hub lock");
         if let Some(ch) = map.get_mut(stream) {
             ch.published = ch.published.max(head);
+            let bytes = events.iter().map(|f| f.weight()).sum();
             // Err means no receiver is left; the last guard removes the entry.
-            let _ = ch.tx.send(Arc::new(LiveMsg::Events { events, head }));
+            let _ = ch
+                .tx
+                .send_sized(Arc::new(LiveMsg::Events { events, head }), bytes);
         }
     }
 

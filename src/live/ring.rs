@@ -1,12 +1,15 @@
-//! A broadcast channel whose buffer grows only as far as its slowest receiver lags.
+//! A broadcast channel whose buffer grows only as far as its slowest receiver lags, and
+//! never past a bound in messages and in bytes.
 //!
 //! `tokio::sync::broadcast` allocates its whole capacity up front: at 1024 slots that is about
 //! 40 KiB per stream with a subscriber, which dominated the memory of an idle connection (one
 //! quiet stream each). Here a message is kept only until every receiver that was subscribed
-//! when it was sent has taken it, and never more than `capacity` messages: an idle stream
-//! holds no buffer at all, a busy one whose receivers keep up holds a few messages, and a
-//! receiver that falls `capacity` messages behind gets `Lagged` (and reads the log), exactly
-//! as with tokio's channel.
+//! when it was sent has taken it, and never more than `capacity` messages or `max_bytes`
+//! bytes (as the sender weighs them; the newest message is always kept, whatever its size):
+//! an idle stream holds no buffer at all, a busy one whose receivers keep up holds a few
+//! messages, and a receiver that falls behind the bound gets `Lagged` (and reads the log),
+//! exactly as with tokio's channel. A stalled receiver therefore pins at most the bound,
+//! however much is sent after it stopped.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -18,17 +21,28 @@ struct Slot<T> {
     value: T,
     /// Receivers that have not taken this message yet.
     unread: usize,
+    /// The message's weight, as given to `send_sized`.
+    bytes: usize,
 }
 
 struct State<T> {
     slots: VecDeque<Slot<T>>,
     /// Position of `slots[0]`; positions count every message ever sent.
     first: u64,
+    /// Sum of the held messages' weights.
+    bytes: usize,
     receivers: usize,
     senders: usize,
 }
 
 impl<T> State<T> {
+    fn pop_front(&mut self) {
+        if let Some(slot) = self.slots.pop_front() {
+            self.first += 1;
+            self.bytes -= slot.bytes;
+        }
+    }
+
     fn end(&self) -> u64 {
         self.first + self.slots.len() as u64
     }
@@ -36,8 +50,7 @@ impl<T> State<T> {
     /// Drops messages from the front that every receiver has taken.
     fn trim(&mut self) {
         while self.slots.front().is_some_and(|s| s.unread == 0) {
-            self.slots.pop_front();
-            self.first += 1;
+            self.pop_front();
         }
         if self.slots.is_empty() && self.slots.capacity() > 64 {
             // A burst is over: give its buffer back.
@@ -49,6 +62,7 @@ impl<T> State<T> {
 struct Shared<T> {
     state: Mutex<State<T>>,
     capacity: usize,
+    max_bytes: usize,
     notify: Notify,
 }
 
@@ -64,14 +78,22 @@ pub struct Receiver<T> {
 
 /// A channel keeping at most `capacity` (≥ 1) messages for lagging receivers.
 pub fn channel<T: Clone>(capacity: usize) -> (Sender<T>, Receiver<T>) {
+    bounded(capacity, usize::MAX)
+}
+
+/// A channel keeping at most `capacity` (≥ 1) messages and `max_bytes` bytes of them (as
+/// weighed by [`Sender::send_sized`]; the newest is kept even if it alone weighs more).
+pub fn bounded<T: Clone>(capacity: usize, max_bytes: usize) -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             slots: VecDeque::new(),
             first: 0,
+            bytes: 0,
             receivers: 0,
             senders: 1,
         }),
         capacity: capacity.max(1),
+        max_bytes,
         notify: Notify::new(),
     });
     let tx = Sender { shared };
@@ -82,17 +104,28 @@ pub fn channel<T: Clone>(capacity: usize) -> (Sender<T>, Receiver<T>) {
 impl<T: Clone> Sender<T> {
     /// Sends to every current receiver; `Err(value)` if there is none.
     pub fn send(&self, value: T) -> Result<(), T> {
+        self.send_sized(value, 0)
+    }
+
+    /// Sends a message that weighs `bytes` toward the channel's byte bound.
+    pub fn send_sized(&self, value: T, bytes: usize) -> Result<(), T> {
         let mut st = self.shared.state.lock().expect("ring lock");
         if st.receivers == 0 {
             return Err(value);
         }
-        if st.slots.len() >= self.shared.capacity {
-            // The slowest receiver is `capacity` behind: it will see `Lagged`.
-            st.slots.pop_front();
-            st.first += 1;
-        }
         let unread = st.receivers;
-        st.slots.push_back(Slot { value, unread });
+        st.slots.push_back(Slot {
+            value,
+            unread,
+            bytes,
+        });
+        st.bytes += bytes;
+        // The slowest receivers are past the bound: they will see `Lagged`.
+        while st.slots.len() > 1
+            && (st.slots.len() > self.shared.capacity || st.bytes > self.shared.max_bytes)
+        {
+            st.pop_front();
+        }
         drop(st);
         self.shared.notify.notify_waiters();
         Ok(())
@@ -115,6 +148,11 @@ impl<T: Clone> Sender<T> {
     /// Messages held for receivers that have not taken them yet.
     pub fn len(&self) -> usize {
         self.shared.state.lock().expect("ring lock").slots.len()
+    }
+
+    /// Bytes (as weighed by the sender) held for receivers that have not taken them yet.
+    pub fn bytes(&self) -> usize {
+        self.shared.state.lock().expect("ring lock").bytes
     }
 
     pub fn is_empty(&self) -> bool {
@@ -249,6 +287,37 @@ mod tests {
             .unwrap();
         assert_eq!(first.unwrap(), 7);
         assert!(matches!(second, Err(RecvError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn a_stalled_receiver_pins_at_most_the_byte_bound_and_then_lags() {
+        let (tx, mut stalled) = bounded::<u32>(1024, 100);
+        let mut reader = tx.subscribe();
+        for i in 0..50 {
+            tx.send_sized(i, 30).unwrap();
+            assert_eq!(
+                reader.recv().await.unwrap(),
+                i,
+                "a reader that keeps up gets all"
+            );
+            assert!(tx.bytes() <= 100, "held {} bytes", tx.bytes());
+        }
+        assert_eq!(tx.len(), 3, "three 30-byte messages fit in 100 bytes");
+        assert!(matches!(stalled.recv().await, Err(RecvError::Lagged(47))));
+        for i in 47..50 {
+            assert_eq!(stalled.recv().await.unwrap(), i);
+        }
+        assert_eq!(tx.bytes(), 0, "taken by everyone: freed");
+    }
+
+    #[tokio::test]
+    async fn a_message_over_the_byte_bound_is_still_delivered() {
+        let (tx, mut rx) = bounded::<u32>(16, 10);
+        tx.send_sized(1, 5).unwrap();
+        tx.send_sized(2, 50).unwrap();
+        assert_eq!(tx.len(), 1, "only the newest is kept");
+        assert!(matches!(rx.recv().await, Err(RecvError::Lagged(1))));
+        assert_eq!(rx.recv().await.unwrap(), 2);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! idle, a lone append goes straight through: `recv_many` never waits for company.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::db::Db;
+use super::db::{Db, TxLimits};
 use super::health::DbHealth;
 use super::model::{wire_time, NewEvent, StoredEvent, StreamName};
 use super::store::{self, EventRows};
@@ -73,42 +74,75 @@ struct Job {
     queued: Instant,
 }
 
+/// How the appender works: its batch size and the limits on its transactions.
+#[derive(Debug, Clone, Copy)]
+pub struct AppenderSettings {
+    /// Most appends one group commit may take.
+    pub max_batch: usize,
+    /// Lock and idle-in-transaction timeouts of its PostgreSQL transactions.
+    pub limits: TxLimits,
+}
+
 /// The handle producers append through. Cheap to clone.
 #[derive(Clone)]
 pub struct Appender {
     tx: mpsc::Sender<Job>,
     health: Arc<DbHealth>,
     closing: CancellationToken,
+    running: Arc<AtomicBool>,
+    restarts: Arc<AtomicU64>,
 }
 
 impl Appender {
-    /// Starts the appender task. It ends once every `Appender` handle is dropped (or
-    /// [`Appender::close`] is called) and the queue is drained, so awaiting the returned
-    /// handle flushes every accepted append.
+    /// Starts the appender task, under a supervisor that restarts it if it fails. It ends
+    /// once every `Appender` handle is dropped (or [`Appender::close`] is called) and the
+    /// queue is drained, so awaiting the returned handle flushes every accepted append.
     pub fn spawn(
         db: Db,
         sink: Arc<dyn CommitSink>,
         node_id: Arc<str>,
-        max_batch: usize,
+        settings: AppenderSettings,
         health: Arc<DbHealth>,
     ) -> (Appender, JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(max_batch.max(1) * 4);
+        let max_batch = settings.max_batch.max(1);
+        let (tx, rx) = mpsc::channel(max_batch * 4);
         let closing = CancellationToken::new();
-        let task = tokio::spawn(run(
-            rx,
+        let running = Arc::new(AtomicBool::new(true));
+        let restarts = Arc::new(AtomicU64::new(0));
+        let worker = Worker {
             db,
             sink,
             node_id,
-            max_batch.max(1),
-            health.clone(),
-            closing.clone(),
+            max_batch,
+            limits: settings.limits,
+            health: health.clone(),
+            closing: closing.clone(),
+        };
+        let task = tokio::spawn(supervise(
+            Arc::new(tokio::sync::Mutex::new(rx)),
+            Arc::new(worker),
+            running.clone(),
+            restarts.clone(),
         ));
         let appender = Appender {
             tx,
             health,
             closing,
+            running,
+            restarts,
         };
         (appender, task)
+    }
+
+    /// False while the appender task is down (between a failure and its restart): the node
+    /// is not ready then.
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+
+    /// Times the appender task failed and was restarted.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
     }
 
     /// Refuses new appends (503 `shutting_down`) and lets the task commit what is queued and
@@ -129,19 +163,89 @@ impl Appender {
             queued: Instant::now(),
         };
         self.tx.send(job).await.map_err(|_| Error::ShuttingDown)?;
-        answer.await.map_err(|_| Error::ShuttingDown)?
+        match answer.await {
+            Ok(res) => res,
+            // The task dropped the job unanswered: it is shutting down, or it failed while the
+            // job's batch was in flight, perhaps mid-COMMIT. The events may be stored; the
+            // caller retries with the same ids (idempotent) once the task has restarted.
+            Err(_) if self.closing.is_cancelled() => Err(Error::ShuttingDown),
+            Err(_) => Err(Error::OutcomeUnknown),
+        }
     }
 }
 
-async fn run(
-    mut rx: mpsc::Receiver<Job>,
+/// What the appender task needs, shared by each of its incarnations.
+struct Worker {
     db: Db,
     sink: Arc<dyn CommitSink>,
     node_id: Arc<str>,
     max_batch: usize,
+    limits: TxLimits,
     health: Arc<DbHealth>,
     closing: CancellationToken,
+}
+
+/// Runs the appender task and restarts it whenever it fails (a panic: a bug, but one that
+/// must not leave the node answering every append with an error while it looks ready). The
+/// queue outlives each incarnation, so appends queued meanwhile wait for the next one; those
+/// in the failed task's batches are answered `outcome_unknown`. While the task is down,
+/// `running` is false and /readyz reports the node not ready.
+async fn supervise(
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
+    worker: Arc<Worker>,
+    running: Arc<AtomicBool>,
+    restarts: Arc<AtomicU64>,
 ) {
+    const RESTART_FIRST: Duration = Duration::from_millis(50);
+    const RESTART_MAX: Duration = Duration::from_secs(5);
+    let mut delay = RESTART_FIRST;
+    loop {
+        let started = Instant::now();
+        let task = tokio::spawn(run(rx.clone(), worker.clone()));
+        match task.await {
+            Ok(()) => return,
+            Err(e) => {
+                running.store(false, Ordering::Release);
+                restarts.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::APPENDER_RESTARTS).increment(1);
+                let cause = panic_cause(e);
+                tracing::error!(%cause, ?delay, "appender task failed; restarting it");
+                if started.elapsed() > Duration::from_secs(60) {
+                    delay = RESTART_FIRST;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RESTART_MAX);
+                running.store(true, Ordering::Release);
+                tracing::info!("appender task restarted");
+            }
+        }
+    }
+}
+
+fn panic_cause(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned()),
+        Err(e) => e.to_string(),
+    }
+}
+
+async fn run(rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>, worker: Arc<Worker>) {
+    // One incarnation at a time owns the queue; the guard goes with a failed one.
+    let mut rx = rx.lock_owned().await;
+    let Worker {
+        db,
+        sink,
+        node_id,
+        max_batch,
+        limits,
+        health,
+        closing,
+    } = &*worker;
+    let max_batch = *max_batch;
     // Batches in flight at once, each on its own connection. With one, a request that
     // arrives while a batch waits for its WAL flush waits for that flush *and* its own, so
     // 64 single-event clients spread over 2-3 small batches per cycle (bench: 8.5k events/s,
@@ -155,12 +259,13 @@ async fn run(
     let in_flight = if db.is_sqlite() { 1 } else { 3 };
     let mut inflight = FuturesUnordered::new();
     let mut open = true;
+    // A restarted incarnation finds the queue already closed if shutdown began meanwhile.
     let mut closed = false;
     loop {
         tokio::select! {
             jobs = next_jobs(&mut rx, max_batch), if open && inflight.len() < in_flight => {
                 match jobs {
-                    Some(jobs) => inflight.push(commit_jobs(&db, &*sink, &node_id, &health, jobs)),
+                    Some(jobs) => inflight.push(commit_jobs(db, &**sink, node_id, *limits, health, jobs)),
                     None => open = false,
                 }
             }
@@ -186,12 +291,13 @@ async fn commit_jobs(
     db: &Db,
     sink: &dyn CommitSink,
     node: &str,
+    limits: TxLimits,
     health: &DbHealth,
     jobs: Vec<Job>,
 ) {
     let started = Instant::now();
     let specs: Vec<&AppendSpec> = jobs.iter().map(|j| &j.spec).collect();
-    let result = commit_with_retry(db, node, &specs, health).await;
+    let result = commit_with_retry(db, node, limits, &specs, health).await;
     match &result {
         Ok(_) => health.mark_up(),
         // A pool timeout may only mean every connection is busy: the LISTEN connection's
@@ -206,13 +312,13 @@ async fn commit_jobs(
             metrics::counter!(m::APPEND_BATCHES).increment(1);
             deliver(sink, jobs, plan, started);
         }
-        Err(Failure::Db(e)) if jobs.len() > 1 && !is_unavailable(&e) => {
+        Err(Failure::Db(e)) if jobs.len() > 1 && !is_unavailable(&e) && !is_lock_timeout(&e) => {
             // One bad append must not fail its neighbours: retry each alone. (Never after an
             // unknown outcome: those appends may be in the log.)
             tracing::warn!(error = %e, jobs = jobs.len(), "batch failed; retrying appends one by one");
             for job in jobs {
                 let started = Instant::now();
-                match commit_with_retry(db, node, &[&job.spec], health).await {
+                match commit_with_retry(db, node, limits, &[&job.spec], health).await {
                     Ok(plan) => deliver(sink, vec![job], plan, started),
                     Err(e) => {
                         let _ = job.reply.send(Err(e.to_error()));
@@ -248,6 +354,9 @@ impl Failure {
         match self {
             Failure::Unknown => Error::OutcomeUnknown,
             Failure::Db(e) if is_unavailable(e) => Error::Unavailable,
+            // Another session held a stream's lock past `lock_timeout` (a frozen node whose
+            // session the server has not ended yet): nothing was stored, retry shortly.
+            Failure::Db(e) if is_lock_timeout(e) || is_idle_timeout(e) => Error::Unavailable,
             Failure::Db(e) => Error::Internal(format!("database: {e}")),
         }
     }
@@ -262,18 +371,32 @@ struct Plan {
     time: chrono::DateTime<Utc>,
 }
 
+/// 55P03 lock_not_available: `lock_timeout` expired waiting for a stream's row lock.
+fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
+}
+
+/// 25P03 idle_in_transaction_session_timeout: the server ended the session mid-transaction.
+fn is_idle_timeout(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("25P03"))
+}
+
 async fn commit_with_retry(
     db: &Db,
     node: &str,
+    limits: TxLimits,
     specs: &[&AppendSpec],
     health: &DbHealth,
 ) -> Result<Plan, Failure> {
     let mut attempt = 0;
     loop {
-        match commit(db, node, specs, health).await {
-            // 40P01 deadlock (streams created by two nodes at once), 40001 serialization.
+        match commit(db, node, limits, specs, health).await {
+            // 40P01 deadlock (streams created by two nodes at once), 40001 serialization;
+            // 25P03: the server ended the session for sitting idle in the transaction (this
+            // process was frozen past --idle-in-transaction-timeout-s). None of them committed.
             Err(Failure::Db(sqlx::Error::Database(db)))
-                if attempt < 5 && matches!(db.code().as_deref(), Some("40P01" | "40001")) =>
+                if attempt < 5
+                    && matches!(db.code().as_deref(), Some("40P01" | "40001" | "25P03")) =>
             {
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(2 << attempt)).await;
@@ -340,23 +463,29 @@ async fn resolve_in_doubt(db: &Db, token: uuid::Uuid, err: sqlx::Error) -> Resul
 async fn commit(
     db: &Db,
     node: &str,
+    limits: TxLimits,
     specs: &[&AppendSpec],
     health: &DbHealth,
 ) -> Result<Plan, Failure> {
     let time = wire_time(Utc::now());
     if let Db::Postgres(pool) = db {
-        return commit_postgres(db, pool, node, specs, health, time).await;
+        return commit_postgres(db, pool, node, limits, specs, health, time).await;
     }
     let names: BTreeSet<&str> = specs.iter().map(|s| s.stream.as_str()).collect();
     let names: Vec<&str> = names.into_iter().collect();
 
-    let mut tx = db.begin_write().await?;
+    let mut tx = db.begin_write_limited(limits).await?;
     let (rows, created) = store::lock_streams(&mut tx, &names, time).await?;
 
     let mut id_streams = Vec::new();
     let mut id_values = Vec::new();
     for spec in specs {
-        let sid = rows[spec.stream.as_str()].id;
+        // `lock_streams` returns every stream or fails; a job whose stream is missing
+        // anyway is answered with an error below, never a panic.
+        let Some(row) = rows.get(spec.stream.as_str()) else {
+            continue;
+        };
+        let sid = row.id;
         for id in spec.events.iter().filter_map(|e| e.id.as_deref()) {
             id_streams.push(sid);
             id_values.push(id);
@@ -381,8 +510,13 @@ async fn commit(
     let mut out = EventRows::default();
     let mut outcomes = Vec::with_capacity(specs.len());
     for spec in specs {
-        let st = states.get_mut(spec.stream.as_str()).expect("locked above");
-        let outcome = plan_job(spec, st, &existing, &mut out);
+        let outcome = match states.get_mut(spec.stream.as_str()) {
+            Some(st) => plan_job(spec, st, &existing, &mut out),
+            None => Err(Error::Internal(format!(
+                "stream {} could not be locked for an append",
+                spec.stream
+            ))),
+        };
         outcomes.push(outcome);
     }
 
@@ -403,7 +537,9 @@ async fn commit(
     let mut heads = HashMap::new();
     let mut announced = Vec::new();
     for spec in specs {
-        let st = &states[spec.stream.as_str()];
+        let Some(st) = states.get(spec.stream.as_str()) else {
+            continue;
+        };
         if st.written && !heads.contains_key(&spec.stream) {
             heads.insert(spec.stream.clone(), (st.head, st.closed));
         }
@@ -435,6 +571,7 @@ async fn commit_postgres(
     db: &Db,
     pool: &sqlx::PgPool,
     node: &str,
+    limits: TxLimits,
     specs: &[&AppendSpec],
     health: &DbHealth,
     time: chrono::DateTime<Utc>,
@@ -454,7 +591,8 @@ async fn commit_postgres(
         }
     }
     let token = uuid::Uuid::new_v4();
-    let mut tx = pool.begin().await?;
+    // Lock and idle-in-transaction timeouts set in the BEGIN round trip (see `TxLimits`).
+    let mut tx = pool.begin_with(limits.begin_sql()).await?;
     let res = store::append_jobs(&mut tx, node, token, time, &rows).await?;
     let outcomes = job_outcomes(specs, &res)?;
     let mut written: HashMap<&str, (i64, bool)> = HashMap::new();
@@ -672,14 +810,15 @@ fn deliver(sink: &dyn CommitSink, jobs: Vec<Job>, plan: Plan, started: Instant) 
     let committed: Vec<Committed> = by_stream
         .into_iter()
         .filter(|(_, evs)| !evs.is_empty())
-        .map(|(stream, events)| {
-            let (head, closed) = plan.heads[&stream];
-            Committed {
+        .filter_map(|(stream, events)| {
+            // Every stream with events written has its head recorded by `commit`.
+            let (head, closed) = *plan.heads.get(&stream)?;
+            Some(Committed {
                 stream,
                 head,
                 closed,
                 events,
-            }
+            })
         })
         .collect();
     if !committed.is_empty() {
@@ -687,5 +826,74 @@ fn deliver(sink: &dyn CommitSink, jobs: Vec<Job>, plan: Plan, started: Instant) 
     }
     for (reply, res) in replies {
         let _ = reply.send(res);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::health::DbHealth;
+
+    /// A hub that fails (panics) the first time it is handed a commit.
+    struct FailsOnce(AtomicBool);
+
+    impl CommitSink for FailsOnce {
+        fn committed(&self, _: Vec<Committed>) {
+            if !self.0.swap(true, Ordering::SeqCst) {
+                panic!("the sink failed on purpose");
+            }
+        }
+    }
+
+    fn spec(id: &str) -> AppendSpec {
+        AppendSpec {
+            stream: StreamName::parse("s").unwrap(),
+            events: vec![NewEvent {
+                ty: "t".into(),
+                data: "1".into(),
+                id: Some(id.into()),
+                key: None,
+                body: None,
+            }],
+            expected_seq: None,
+            close: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_appender_task_is_restarted_and_its_batch_answered_outcome_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("log.db").display());
+        let db = Db::connect(&url, 2, Duration::from_secs(5)).await.unwrap();
+        db.migrate().await.unwrap();
+        let settings = AppenderSettings {
+            max_batch: 8,
+            limits: TxLimits::default(),
+        };
+        let sink = Arc::new(FailsOnce(AtomicBool::new(false)));
+        let (appender, task) = Appender::spawn(db, sink, "n".into(), settings, DbHealth::new());
+
+        // The batch committed, then the task failed before answering: the caller cannot be
+        // told it failed (it did not), only that its outcome is unknown.
+        let first = appender.append(spec("a")).await;
+        assert!(matches!(first, Err(Error::OutcomeUnknown)), "{first:?}");
+        // The restarted task serves the retry, which finds the first commit by its id.
+        let retry = tokio::time::timeout(Duration::from_secs(10), appender.append(spec("a")))
+            .await
+            .expect("answered after the restart")
+            .expect("appended");
+        assert!(retry.events[0].duplicate, "{retry:?}");
+        assert_eq!(retry.first_seq, 1);
+        let next = appender.append(spec("b")).await.expect("appended");
+        assert_eq!(next.first_seq, 2);
+        assert_eq!(appender.restarts(), 1);
+        assert!(appender.is_running());
+
+        appender.close();
+        drop(appender);
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the supervisor ends with the last handle")
+            .unwrap();
     }
 }

@@ -139,11 +139,18 @@ impl Db {
         Ok(())
     }
 
-    /// Starts a write transaction: on PostgreSQL a plain one (the statements take row locks),
-    /// on SQLite `BEGIN IMMEDIATE` on the one write connection (the database's write lock).
+    /// Starts a write transaction with the default [`TxLimits`]: on PostgreSQL a plain one
+    /// (the statements take row locks), on SQLite `BEGIN IMMEDIATE` on the one write
+    /// connection (the database's write lock).
     pub async fn begin_write(&self) -> Result<Tx, sqlx::Error> {
+        self.begin_write_limited(TxLimits::default()).await
+    }
+
+    /// Starts a write transaction whose locks cannot be held, or waited for, forever. On
+    /// PostgreSQL the limits are set in the same round trip as `BEGIN` (one simple query).
+    pub async fn begin_write_limited(&self, limits: TxLimits) -> Result<Tx, sqlx::Error> {
         Ok(match self {
-            Db::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+            Db::Postgres(pool) => Tx::Postgres(pool.begin_with(limits.begin_sql()).await?),
             Db::Sqlite(lite) => Tx::Sqlite(lite.writer().begin_with("BEGIN IMMEDIATE").await?),
         })
     }
@@ -243,6 +250,39 @@ fn lock_file(db: &Path) -> anyhow::Result<File> {
         Err(std::fs::TryLockError::Error(e)) => {
             Err(e).with_context(|| format!("cannot lock {}", path.display()))
         }
+    }
+}
+
+/// How long a PostgreSQL write transaction may wait for a row lock, and how long its session
+/// may sit idle inside it, in seconds (0: no limit). A node frozen mid-transaction (SIGSTOP,
+/// a stalled VM) holds its streams' row locks; with `idle_in_transaction` the server ends
+/// that session and releases them, so other nodes' appends go on. `lock` bounds the wait of
+/// a transaction behind such a lock; keep it longer than `idle_in_transaction`, so the
+/// waiters normally get the lock rather than an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxLimits {
+    pub lock_s: u64,
+    pub idle_in_transaction_s: u64,
+}
+
+impl Default for TxLimits {
+    fn default() -> Self {
+        TxLimits {
+            lock_s: 10,
+            idle_in_transaction_s: 5,
+        }
+    }
+}
+
+impl TxLimits {
+    /// `BEGIN` with the limits set for the transaction (one simple query, one round trip).
+    pub fn begin_sql(self) -> String {
+        // Integers only, so nothing here needs quoting; `set local` ends with the transaction.
+        format!(
+            "begin; set local lock_timeout = {}; set local idle_in_transaction_session_timeout = {}",
+            self.lock_s * 1000,
+            self.idle_in_transaction_s * 1000
+        )
     }
 }
 

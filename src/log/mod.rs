@@ -10,6 +10,6 @@ pub mod model;
 pub mod retention;
 pub mod store;
 
-pub use appender::{AppendResult, AppendSpec, Appender, CommitSink, Committed};
+pub use appender::{AppendResult, AppendSpec, Appender, AppenderSettings, CommitSink, Committed};
 pub use db::{Db, SqliteDb};
 pub use model::{NewEvent, StoredEvent, StreamName};

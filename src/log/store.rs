@@ -332,12 +332,18 @@ pub async fn lock_streams(
     let mut found: HashMap<String, StreamRow> =
         rows.into_iter().map(|r| (r.name.clone(), r)).collect();
     let mut created = HashSet::new();
-    let missing: Vec<&str> = names
-        .iter()
-        .copied()
-        .filter(|n| !found.contains_key(*n))
-        .collect();
-    if !missing.is_empty() {
+    // Normally one round. Another: a stream another node created (our insert did nothing)
+    // and an admin deleted before the select below could lock it; create it again. The
+    // caller answers any stream still missing after a few rounds with an error.
+    for _ in 0..4 {
+        let missing: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| !found.contains_key(*n))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
         let ids: Vec<i64> = on_tx!(tx, |ex| {
             sqlx::query_scalar(insert)
                 .bind(List(&missing))

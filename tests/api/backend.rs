@@ -41,6 +41,15 @@ impl TestDb {
         }
     }
 
+    /// A PostgreSQL database of a cluster the test runs itself, reached at `url`.
+    pub fn postgres_at(pool: PgPool, url: String) -> TestDb {
+        TestDb {
+            db: Db::Postgres(pool),
+            url,
+            dir: None,
+        }
+    }
+
     /// A new SQLite database in a temporary directory of its own.
     pub async fn sqlite() -> TestDb {
         let dir = tempfile::Builder::new()

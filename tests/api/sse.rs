@@ -363,7 +363,7 @@ async fn live_events_of_a_deleted_incarnation_do_not_reach_a_new_subscriber(db: 
     use tailcast::log::{StoredEvent, StreamName};
 
     let app = TestApp::spawn(db.clone()).await;
-    let hub = Hub::new(16);
+    let hub = Hub::new(16, usize::MAX);
     let source = Source {
         db: db.db.clone(),
         hub: hub.clone(),
