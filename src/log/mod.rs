@@ -7,6 +7,7 @@ pub mod health;
 pub mod inputs;
 pub mod model;
 pub mod retention;
+pub mod stats;
 pub mod store;
 
 pub use appender::{AppendResult, AppendSpec, Appender, CommitSink, Committed};

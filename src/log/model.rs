@@ -144,7 +144,7 @@ fn put_json_str(buf: &mut BytesMut, s: &str) {
     serde_json::to_writer(buf.writer(), s).expect("string serialisation");
 }
 
-/// The envelope of API.md, encoded once: `{"stream","seq","type","data","id"?,"key"?,"time"}`.
+/// The event envelope (openapi.yaml `Envelope`), encoded once: `{"stream","seq","type","data","id"?,"key"?,"time"}`.
 pub fn encode_envelope(stream: &str, ev: &StoredEvent) -> Bytes {
     let mut buf = BytesMut::with_capacity(96 + stream.len() + ev.ty.len() + ev.data.len());
     buf.put_slice(b"{\"stream\":");
