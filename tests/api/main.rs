@@ -25,6 +25,7 @@ mod retention;
 mod shutdown;
 mod sse;
 mod sse_stress;
+mod startup;
 mod wire;
 mod ws;
 mod ws_auth;

@@ -23,8 +23,29 @@ async fn health_readiness_and_stats(db: TestDb) {
     assert_eq!(s["connections"], json!({"sse":0,"ws":0}));
     assert_eq!(s["subscriptions"], 0);
     assert_eq!(s["database"], "ok");
+    assert_eq!(s["version"], env!("CARGO_PKG_VERSION"));
+    assert!(s["commit"].as_str().is_some_and(|c| !c.is_empty()));
+    assert_eq!(
+        (&s["streams"], &s["events"], &s["open_input_requests"]),
+        (&json!(0), &json!(0), &json!(0))
+    );
 
     app.append("a", json!({"data":1})).await;
+    app.append("c", json!([{"data":1}, {"data":2}])).await;
+    let res = app
+        .client
+        .post(format!("{}/v1/streams/c/inputs", app.base))
+        .json(&json!({"request_id":"q","prompt":"?"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let s = stats(&app).await;
+    // Two streams; 1 + 2 events and the input.requested event; one open request.
+    assert_eq!(
+        (&s["streams"], &s["events"], &s["open_input_requests"]),
+        (&json!(2), &json!(4), &json!(1))
+    );
     let mut one = app.sse_events("a", "", None).await;
     let _two = app.sse_events("a", "", None).await;
     let _three = app.sse_events("b", "", None).await;
