@@ -17,6 +17,7 @@ mod log;
 mod log_stress;
 mod nodes;
 mod openapi;
+mod operator;
 mod ops;
 mod outage;
 mod props;
