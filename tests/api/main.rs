@@ -21,6 +21,7 @@ mod operator;
 mod ops;
 mod outage;
 mod props;
+mod readme;
 mod replay;
 mod retention;
 mod shutdown;
