@@ -1,6 +1,8 @@
 //! Stamps the binary with the commit it was built from and the build date, for `--version`,
 //! `/v1/stats` and the `tailcast_build_info` metric. Without git or a `.git` (a source
 //! tarball), the commit is "unknown"; `SOURCE_DATE_EPOCH` (reproducible builds) fixes the date.
+//! Also rebuilds when a migration is added or changed: `sqlx::migrate!` embeds the migration
+//! directories at compile time, and cargo does not otherwise watch them.
 
 use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -22,6 +24,7 @@ fn main() {
         println!("cargo:rerun-if-changed={common}/{head}");
     }
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=migrations");
 }
 
 /// The trimmed output of a successful git command run in the crate's directory.

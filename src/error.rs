@@ -132,6 +132,10 @@ pub enum Error {
     /// 503: the database cannot be reached.
     #[error("the event log is unavailable; retry shortly")]
     Unavailable,
+    /// 503: the database was lost while committing and could not be asked in time whether the
+    /// commit happened. The events may be stored: retry with the same event ids.
+    #[error("the database was lost while committing and its outcome is unknown; retry with the same event ids")]
+    OutcomeUnknown,
     /// 503: the server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -175,7 +179,7 @@ impl Error {
             UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            Unavailable | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Unavailable | OutcomeUnknown | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -225,6 +229,7 @@ impl Error {
             HeadersTooLarge { .. } => "headers_too_large",
             RequestTimeout { .. } => "request_timeout",
             Unavailable => "unavailable",
+            OutcomeUnknown => "outcome_unknown",
             ShuttingDown => "shutting_down",
             Internal(_) => "internal",
         }
@@ -351,7 +356,10 @@ impl IntoResponse for Error {
         }
         if matches!(
             self,
-            Error::Unavailable | Error::ShuttingDown | Error::TooManyConnections { .. }
+            Error::Unavailable
+                | Error::OutcomeUnknown
+                | Error::ShuttingDown
+                | Error::TooManyConnections { .. }
         ) {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -5,7 +5,8 @@
 //!   appender gives every event a gap-free per-stream `seq`.
 //! - [`live`]: per-process fan-out; a [`live::Subscription`] catches up from the log from any
 //!   cursor and then follows the stream live, falling back to the log whenever it lags.
-//! - [`api`]: REST, SSE (and later WebSocket) surfaces, thin adapters over the two above.
+//! - [`api`]: REST, SSE, the AI SDK UI message stream view and WebSocket surfaces, thin adapters
+//!   over the two above.
 //! - [`app`]: start-up and serving; [`config`]: flags and environment; [`error`]: the one
 //!   error type, rendered as problem+json.
 

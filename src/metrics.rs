@@ -60,6 +60,12 @@ struct Spec {
 
 const ONE: &[&[(&str, &str)]] = &[&[]];
 const TRANSPORTS: &[&[(&str, &str)]] = &[&[("transport", "sse")], &[("transport", "ws")]];
+/// Where events are delivered: SSE, WebSocket, and the AI SDK UI message stream view.
+const DELIVERY: &[&[(&str, &str)]] = &[
+    &[("transport", "sse")],
+    &[("transport", "ws")],
+    &[("transport", "ui")],
+];
 
 /// Every metric tailcast exports. `build_info` and the pool and process gauges are set when
 /// `/metrics` is read (see [`refresh`]).
@@ -71,11 +77,11 @@ const SPECS: &[Spec] = &[
     Spec { name: APPEND_COMMIT_SECONDS, kind: Kind::Histogram, unit: Unit::Seconds, help: "Seconds one group commit's database transaction took.", series: ONE },
     Spec { name: HTTP_REQUESTS, kind: Kind::Counter, unit: Unit::Count, help: "HTTP requests answered, by route template, method and status (a series appears with its first request).", series: &[] },
     Spec { name: HTTP_LATENCY, kind: Kind::Histogram, unit: Unit::Seconds, help: "Seconds to answer an HTTP request (to the response head for SSE), by route template.", series: &[] },
-    Spec { name: CONNECTIONS, kind: Kind::Gauge, unit: Unit::Count, help: "Open SSE responses and WebSocket connections.", series: TRANSPORTS },
+    Spec { name: CONNECTIONS, kind: Kind::Gauge, unit: Unit::Count, help: "Open SSE responses (AI SDK views included) and WebSocket connections.", series: TRANSPORTS },
     Spec { name: SUBSCRIPTIONS, kind: Kind::Gauge, unit: Unit::Count, help: "Live subscriptions on this node (SSE and WebSocket).", series: ONE },
     Spec { name: LIVE_STREAMS, kind: Kind::Gauge, unit: Unit::Count, help: "Streams with at least one live subscriber on this node.", series: ONE },
-    Spec { name: DELIVERED_EVENTS, kind: Kind::Counter, unit: Unit::Count, help: "Events sent to subscribers.", series: TRANSPORTS },
-    Spec { name: DELIVERY_LATENCY, kind: Kind::Histogram, unit: Unit::Seconds, help: "Seconds from an event's commit to its sending to a live subscriber (also across nodes).", series: TRANSPORTS },
+    Spec { name: DELIVERED_EVENTS, kind: Kind::Counter, unit: Unit::Count, help: "Events sent to subscribers (ui: the AI SDK view).", series: DELIVERY },
+    Spec { name: DELIVERY_LATENCY, kind: Kind::Histogram, unit: Unit::Seconds, help: "Seconds from an event's commit to its sending to a live subscriber (also across nodes).", series: DELIVERY },
     Spec { name: CATCHUP_READS, kind: Kind::Counter, unit: Unit::Count, help: "Pages read from the log by subscribers catching up.", series: ONE },
     Spec { name: LAG_FALLBACKS, kind: Kind::Counter, unit: Unit::Count, help: "Subscribers that overflowed their stream's live buffer and re-read the log.", series: ONE },
     Spec { name: SLOW_CONSUMER_DISCONNECTS, kind: Kind::Counter, unit: Unit::Count, help: "Clients disconnected for accepting no bytes for the write timeout (http: any HTTP response, e.g. SSE; ws: WebSocket).", series: &[&[("transport", "http")], &[("transport", "ws")]] },

@@ -96,6 +96,12 @@ export class TailcastError extends Error {
   problem?: object;
 }
 
+/**
+ * Turns a fetch that failed without an answer into a TailcastError: `cors_refused` (terminal)
+ * when a browser page's cross-origin request was refused by CORS while the server is up,
+ * else `network` (transient).
+ */
+export function classifyFetchFailure(fetchFn: typeof fetch, url: string, err: unknown): Promise<TailcastError>;
 export function backoffDelay(attempt: number, opts?: BackoffOptions, random?: () => number): number;
 
 export class TailcastClient {

@@ -102,6 +102,28 @@ export function backoffDelay(attempt, opts = {}, random = Math.random) {
   return Math.round(cap / 2 + random() * (cap / 2));
 }
 
+/**
+ * A fetch that failed without an answer: the server is away (transient `network`), or, in a
+ * browser, the server answered but CORS refused the page's origin (terminal `cors_refused`).
+ * Browsers give both as the same TypeError; a `no-cors` request tells them apart: it gets an
+ * opaque answer from a server that is up, and fails like the first from one that is down.
+ */
+export async function classifyFetchFailure(fetchFn, url, err) {
+  const crossOrigin = typeof location !== "undefined" && typeof document !== "undefined" && new URL(url, location.href).origin !== location.origin;
+  if (crossOrigin) {
+    try {
+      await fetchFn(url, { mode: "no-cors", cache: "no-store" });
+      return new TailcastError(
+        "cors_refused",
+        `${new URL(url).origin} answered but refused this page's origin ${location.origin} (start tailcast with --cors-origins ${location.origin})`,
+      );
+    } catch {
+      // Down as well: transient.
+    }
+  }
+  return new TailcastError("network", `cannot reach ${url}: ${err?.message ?? err}`);
+}
+
 class Subscription {
   constructor(client, stream, opts, onEvent) {
     this.client = client;
@@ -334,7 +356,7 @@ export class TailcastClient {
         body: body === undefined ? undefined : JSON.stringify(body),
       });
     } catch (e) {
-      throw new TailcastError("network", `cannot reach ${this.url}: ${e.message}`);
+      throw await classifyFetchFailure(this._fetch, this.url + path, e);
     }
     if (res.status === 204) return null;
     const text = await res.text();
@@ -494,8 +516,8 @@ export class TailcastClient {
         : await this.request("GET", "/healthz");
       return { state: "up", info };
     } catch (e) {
+      if (e.status === 401 || e.status === 403 || e.code === "cors_refused") return { state: "refused", error: e };
       if (e.code === "network" || e.status >= 500) return { state: "down" };
-      if (e.status === 401 || e.status === 403) return { state: "refused", error: e };
       return { state: "up" };
     }
   }

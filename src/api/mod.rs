@@ -8,6 +8,7 @@ pub mod ops;
 pub mod rest;
 pub mod retention;
 pub mod sse;
+pub mod ui_stream;
 pub mod ws;
 
 use std::time::Instant;
@@ -40,6 +41,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(rest::router())
         .merge(sse::router())
+        .merge(ui_stream::router())
         .merge(ops::router())
         .merge(retention::router())
         .merge(console::router())
@@ -167,6 +169,7 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
                 HeaderName::from_static("x-request-id"),
                 header::RETRY_AFTER,
                 header::WWW_AUTHENTICATE,
+                HeaderName::from_static("x-vercel-ai-ui-message-stream"),
             ])
             .max_age(std::time::Duration::from_secs(3600)),
     )

@@ -1,7 +1,8 @@
 //! `GET /v1/streams/{stream}/sse`: a subscription framed as Server-Sent Events.
 //!
 //! The body is written by hand rather than through axum's `Sse` so that each event's frame
-//! is encoded once (`Frame::sse`) and the same bytes go to every subscriber.
+//! is encoded once (`Frame::sse`) and the same bytes go to every subscriber. The reading loop
+//! (`event_stream`) is shared with the other SSE framing, the AI SDK view in `ui_stream.rs`.
 
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use crate::auth::{Grant, Principal};
 use crate::error::{Error, Result};
 use crate::live::frame::put_sse_data;
 use crate::live::{Filter, Item, Start, Subscription};
+use crate::log::StreamName;
 use crate::metrics as m;
 
 pub fn router() -> Router<AppState> {
@@ -52,18 +54,24 @@ pub fn parse_cursor(what: &str, raw: &str) -> Result<i64> {
         })
 }
 
-/// Works out where an SSE request starts: `Last-Event-ID` wins, then `after`, `from`, `since`.
-pub fn sse_start(params: &SseParams, headers: &HeaderMap) -> Result<Start> {
+/// The cursor a reconnecting client gives: `Last-Event-ID` (an empty one is no cursor), else
+/// `?after=`; `None` when it gives neither.
+pub fn resume_cursor(after: Option<&str>, headers: &HeaderMap) -> Result<Option<i64>> {
     if let Some(v) = headers.get("last-event-id") {
         let raw = v
             .to_str()
             .map_err(|_| Error::InvalidCursor("Last-Event-ID must be ASCII digits".into()))?;
         if !raw.trim().is_empty() {
-            return Ok(Start::After(parse_cursor("Last-Event-ID", raw)?));
+            return Ok(Some(parse_cursor("Last-Event-ID", raw)?));
         }
     }
-    if let Some(a) = &params.after {
-        return Ok(Start::After(parse_cursor("after", a)?));
+    after.map(|a| parse_cursor("after", a)).transpose()
+}
+
+/// Works out where an SSE request starts: `Last-Event-ID` wins, then `after`, `from`, `since`.
+pub fn sse_start(params: &SseParams, headers: &HeaderMap) -> Result<Start> {
+    if let Some(c) = resume_cursor(params.after.as_deref(), headers)? {
+        return Ok(Start::After(c));
     }
     match params.from.as_deref() {
         Some("now") => return Ok(Start::Now),
@@ -120,18 +128,77 @@ async fn sse(
         // Tells EventSource to stop reconnecting: there is nothing more, ever.
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    let mut first = BytesMut::new();
-    first.put_slice(format!("retry: {}\n\n", app.config.sse_retry_ms).as_bytes());
-    let keepalive = app.config.sse_keepalive();
+    let first = Bytes::from(format!("retry: {}\n\n", app.config.sse_retry_ms));
+    Ok(event_stream(
+        &app,
+        &who,
+        sub,
+        Some(first),
+        EventFraming { named },
+    ))
+}
+
+/// How a framing over a subscription turns what it yields into bytes. The reading loop
+/// (keep-alive, shutdown, token expiry, coalescing) is the same for every framing.
+pub trait Framing: Send + 'static {
+    /// The transport label of the delivery metrics.
+    const TRANSPORT: &'static str;
+    /// The bytes for one item of the subscription.
+    fn item(&self, item: Item) -> Bytes;
+    /// The last bytes of a response that ends on an error (`code` is an `ErrorCode`).
+    fn failure(&self, stream: &StreamName, code: &str, detail: &str) -> Bytes;
+}
+
+/// `GET …/sse`'s framing: the envelope per event, notices as `event: notice`.
+struct EventFraming {
+    named: bool,
+}
+
+impl Framing for EventFraming {
+    const TRANSPORT: &'static str = "sse";
+
+    fn item(&self, item: Item) -> Bytes {
+        match item {
+            Item::Event(frame) if self.named => {
+                let mut buf = BytesMut::with_capacity(frame.sse().len() + frame.ty.len() + 8);
+                buf.put_slice(b"event: ");
+                buf.put_slice(frame.ty.as_bytes());
+                buf.put_u8(b'\n');
+                buf.put_slice(frame.sse());
+                buf.freeze()
+            }
+            Item::Event(frame) => frame.sse().clone(),
+            Item::Notice(n) => notice_frame(&serde_json::to_vec(&n).unwrap_or_default()),
+            Item::Cursor(seq) => Bytes::from(format!("id: {seq}\n\n")),
+        }
+    }
+
+    fn failure(&self, stream: &StreamName, code: &str, detail: &str) -> Bytes {
+        let notice =
+            serde_json::json!({"notice":"error","stream":stream,"code":code,"detail":detail});
+        notice_frame(notice.to_string().as_bytes())
+    }
+}
+
+/// A `text/event-stream` response following `sub` in `framing`, with `first` sent before
+/// anything else. Ends at server shutdown, at the token's expiry, when the subscription ends,
+/// or after a subscription error.
+pub fn event_stream<F: Framing>(
+    app: &AppState,
+    who: &Principal,
+    sub: Subscription,
+    first: Option<Bytes>,
+    framing: F,
+) -> Response {
     let state = SseState {
         sub,
-        named,
-        keepalive: keepalive_timer(keepalive),
+        framing,
+        keepalive: keepalive_timer(app.config.sse_keepalive()),
         shutdown: app.shutdown.clone(),
-        first: Some(first.freeze()),
+        first,
         done: false,
         expiry: who.expiry_deadline(),
-        _conn: ConnectionGuard::new(&app, Transport::Sse),
+        _conn: ConnectionGuard::new(app, Transport::Sse),
     };
     let body = futures::stream::unfold(state, |mut st| async move {
         let chunk = st.next_chunk().await?;
@@ -145,7 +212,7 @@ async fn sse(
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(res)
+    res
 }
 
 /// Most bytes put into one chunk when coalescing ready events.
@@ -157,9 +224,9 @@ fn keepalive_timer(every: Duration) -> Interval {
     t
 }
 
-struct SseState {
+struct SseState<F> {
     sub: Subscription,
-    named: bool,
+    framing: F,
     keepalive: Interval,
     shutdown: CancellationToken,
     first: Option<Bytes>,
@@ -169,7 +236,7 @@ struct SseState {
     _conn: ConnectionGuard,
 }
 
-impl SseState {
+impl<F: Framing> SseState<F> {
     /// The next bytes to send, or `None` to end the response.
     async fn next_chunk(&mut self) -> Option<Bytes> {
         if let Some(first) = self.first.take() {
@@ -184,8 +251,7 @@ impl SseState {
             // Before events, so a busy stream cannot outlive the token.
             _ = until(self.expiry) => {
                 self.done = true;
-                let notice = serde_json::json!({"notice":"error","stream":self.sub.stream(),"code":"unauthorized","detail":"the token has expired"});
-                Some(notice_frame(notice.to_string().as_bytes()))
+                Some(self.framing.failure(self.sub.stream(), "unauthorized", "the token has expired"))
             }
             item = self.sub.next() => match item {
                 None => None,
@@ -197,8 +263,7 @@ impl SseState {
                     // The client reconnects with Last-Event-ID and resumes where it was.
                     tracing::warn!(stream = %self.sub.stream(), error = %e, "SSE subscription failed");
                     self.done = true;
-                    let notice = serde_json::json!({"notice":"error","stream":self.sub.stream(),"code":e.code(),"detail":e.to_string()});
-                    Some(notice_frame(notice.to_string().as_bytes()))
+                    Some(self.framing.failure(self.sub.stream(), e.code(), &e.to_string()))
                 }
             },
             _ = self.keepalive.tick() => Some(Bytes::from_static(b": keep-alive\n\n")),
@@ -228,27 +293,14 @@ impl SseState {
     }
 
     fn encode(&self, item: Item) -> Bytes {
-        match item {
-            Item::Event(frame) => {
-                metrics::counter!(m::DELIVERED_EVENTS, "transport" => "sse").increment(1);
-                if let Some(t) = frame.committed_at {
-                    metrics::histogram!(m::DELIVERY_LATENCY, "transport" => "sse")
-                        .record(t.elapsed().as_secs_f64());
-                }
-                if self.named {
-                    let mut buf = BytesMut::with_capacity(frame.sse().len() + frame.ty.len() + 8);
-                    buf.put_slice(b"event: ");
-                    buf.put_slice(frame.ty.as_bytes());
-                    buf.put_u8(b'\n');
-                    buf.put_slice(frame.sse());
-                    buf.freeze()
-                } else {
-                    frame.sse().clone()
-                }
+        if let Item::Event(frame) = &item {
+            metrics::counter!(m::DELIVERED_EVENTS, "transport" => F::TRANSPORT).increment(1);
+            if let Some(t) = frame.committed_at {
+                metrics::histogram!(m::DELIVERY_LATENCY, "transport" => F::TRANSPORT)
+                    .record(t.elapsed().as_secs_f64());
             }
-            Item::Notice(n) => notice_frame(&serde_json::to_vec(&n).unwrap_or_default()),
-            Item::Cursor(seq) => Bytes::from(format!("id: {seq}\n\n")),
         }
+        self.framing.item(item)
     }
 }
 

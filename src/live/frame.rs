@@ -5,9 +5,9 @@ use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::log::model::{encode_envelope, StoredEvent};
+use crate::log::model::{encode_envelope_locating_data, StoredEvent};
 
-/// An event ready to send: its envelope and, lazily, its SSE and WebSocket frames.
+/// An event ready to send: its envelope and, lazily, its SSE, WebSocket and AI SDK frames.
 #[derive(Debug)]
 pub struct Frame {
     pub seq: i64,
@@ -17,19 +17,40 @@ pub struct Frame {
     /// When the event was committed, if it came through this node's live path (for the
     /// commit-to-send latency metric).
     pub committed_at: Option<Instant>,
+    /// Where the event's `data` lies in `envelope`.
+    data: std::ops::Range<usize>,
     sse: OnceLock<Bytes>,
     ws: OnceLock<Bytes>,
+    ui: OnceLock<Bytes>,
 }
 
 impl Frame {
     pub fn new(stream: &str, ev: &StoredEvent, committed_at: Option<Instant>) -> Arc<Self> {
+        let (envelope, data) = encode_envelope_locating_data(stream, ev);
         Arc::new(Frame {
             seq: ev.seq,
             ty: ev.ty.clone(),
-            envelope: encode_envelope(stream, ev),
+            envelope,
             committed_at,
+            data,
             sse: OnceLock::new(),
             ws: OnceLock::new(),
+            ui: OnceLock::new(),
+        })
+    }
+
+    /// The AI SDK UI message stream frame: `id: <seq>` and the event's `data` alone (one
+    /// UIMessageChunk) as `data:` lines, ending with the blank line.
+    pub fn ui(&self) -> &Bytes {
+        self.ui.get_or_init(|| {
+            let data = &self.envelope[self.data.clone()];
+            let mut buf = BytesMut::with_capacity(data.len() + 32);
+            buf.put_slice(b"id: ");
+            buf.put_slice(self.seq.to_string().as_bytes());
+            buf.put_u8(b'\n');
+            put_sse_data(&mut buf, data);
+            buf.put_u8(b'\n');
+            buf.freeze()
         })
     }
 

@@ -117,6 +117,8 @@ pub struct Subscription {
 /// The state of a stream when a subscription opened.
 #[derive(Debug, Clone)]
 pub struct Opened {
+    /// Whether the stream existed (it is created by its first append).
+    pub exists: bool,
     pub head: i64,
     pub closed: bool,
     /// The cursor the subscription actually starts from.
@@ -154,6 +156,7 @@ impl Subscription {
         sub.upto = cursor;
         sub.delivered = cursor;
         let opened = Opened {
+            exists: row.is_some(),
             head,
             closed: row.as_ref().is_some_and(|r| r.closed),
             cursor,

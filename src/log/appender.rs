@@ -196,8 +196,8 @@ async fn commit_jobs(
         Ok(_) => health.mark_up(),
         // A pool timeout may only mean every connection is busy: the LISTEN connection's
         // failures to reconnect are what mark an unreachable database as down then.
-        Err(sqlx::Error::PoolTimedOut) => {}
-        Err(e) if is_unavailable(e) => health.mark_down(),
+        Err(Failure::Db(sqlx::Error::PoolTimedOut)) => {}
+        Err(Failure::Db(e)) if is_unavailable(e) => health.mark_down(),
         Err(_) => {}
     }
     match result {
@@ -206,32 +206,50 @@ async fn commit_jobs(
             metrics::counter!(m::APPEND_BATCHES).increment(1);
             deliver(sink, jobs, plan, started);
         }
-        Err(e) if jobs.len() > 1 && !is_unavailable(&e) => {
-            // One bad append must not fail its neighbours: retry each alone.
+        Err(Failure::Db(e)) if jobs.len() > 1 && !is_unavailable(&e) => {
+            // One bad append must not fail its neighbours: retry each alone. (Never after an
+            // unknown outcome: those appends may be in the log.)
             tracing::warn!(error = %e, jobs = jobs.len(), "batch failed; retrying appends one by one");
             for job in jobs {
                 let started = Instant::now();
                 match commit_with_retry(db, node, &[&job.spec], health).await {
                     Ok(plan) => deliver(sink, vec![job], plan, started),
                     Err(e) => {
-                        let _ = job.reply.send(Err(e.into()));
+                        let _ = job.reply.send(Err(e.to_error()));
                     }
                 }
             }
         }
         Err(e) => {
-            let e = Error::from(e);
             for job in jobs {
-                let _ = job.reply.send(Err(clone_error(&e)));
+                let _ = job.reply.send(Err(e.to_error()));
             }
         }
     }
 }
 
-fn clone_error(e: &Error) -> Error {
-    match e {
-        Error::Unavailable => Error::Unavailable,
-        other => Error::Internal(other.to_string()),
+/// Why a batch did not commit.
+enum Failure {
+    /// The database refused it or could not be reached: nothing of it is stored.
+    Db(sqlx::Error),
+    /// The connection died during COMMIT and the database could not be asked in time whether
+    /// the commit happened: its events may or may not be stored.
+    Unknown,
+}
+
+impl From<sqlx::Error> for Failure {
+    fn from(e: sqlx::Error) -> Self {
+        Failure::Db(e)
+    }
+}
+
+impl Failure {
+    fn to_error(&self) -> Error {
+        match self {
+            Failure::Unknown => Error::OutcomeUnknown,
+            Failure::Db(e) if is_unavailable(e) => Error::Unavailable,
+            Failure::Db(e) => Error::Internal(format!("database: {e}")),
+        }
     }
 }
 
@@ -249,12 +267,12 @@ async fn commit_with_retry(
     node: &str,
     specs: &[&AppendSpec],
     health: &DbHealth,
-) -> Result<Plan, sqlx::Error> {
+) -> Result<Plan, Failure> {
     let mut attempt = 0;
     loop {
         match commit(db, node, specs, health).await {
             // 40P01 deadlock (streams created by two nodes at once), 40001 serialization.
-            Err(sqlx::Error::Database(db))
+            Err(Failure::Db(sqlx::Error::Database(db)))
                 if attempt < 5 && matches!(db.code().as_deref(), Some("40P01" | "40001")) =>
             {
                 attempt += 1;
@@ -274,27 +292,45 @@ struct StreamState {
     new_ids: HashMap<String, i64>,
 }
 
+/// True if a failed COMMIT may nevertheless have committed: the connection broke, or the
+/// server went down, before the answer arrived. Any other error is the database's own refusal.
+fn commit_in_doubt(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            code.starts_with("08") || code.starts_with("57P")
+        }
+        _ => true,
+    }
+}
+
 /// The connection died during COMMIT, so the transaction may or may not have committed.
-/// Asks the database (on another connection) which, so that callers hear the truth: success
-/// only if it is durable, failure only if nothing was written. Gives up (failing, and
-/// logging the transaction id) only if the database stays unreachable.
-async fn resolve_in_doubt(db: &Db, xid: i64, err: sqlx::Error) -> Result<(), sqlx::Error> {
-    const LIMIT: Duration = Duration::from_secs(15);
+/// Asks the database (on another connection) whether the batch's commit token is there, so
+/// that callers hear the truth: success only if it is durable, `unavailable` only if nothing
+/// was written. Never by transaction id: after a crash PostgreSQL reuses the ids of
+/// transactions whose commit never reached disk. Gives up with [`Failure::Unknown`] if the
+/// database cannot be asked within the limit.
+async fn resolve_in_doubt(db: &Db, token: uuid::Uuid, err: sqlx::Error) -> Result<(), Failure> {
+    const LIMIT: Duration = Duration::from_secs(30);
+    const WAIT: Duration = Duration::from_secs(1);
     let deadline = Instant::now() + LIMIT;
     let mut delay = Duration::from_millis(20);
     loop {
-        match store::transaction_status(db, xid).await {
-            Ok(Some(s)) if s == "committed" => {
-                tracing::info!(xid, "commit confirmed after its connection was lost");
+        match store::commit_outcome(db, token, WAIT).await {
+            Ok(store::CommitOutcome::Committed) => {
+                tracing::info!(%token, "commit confirmed after its connection was lost");
                 return Ok(());
             }
-            Ok(Some(s)) if s == "aborted" => return Err(err),
-            // `in progress`: the dying backend has not rolled back yet.
-            Ok(_) | Err(_) => {}
+            Ok(store::CommitOutcome::NotCommitted) => {
+                tracing::warn!(%token, error = %err, "commit lost with its connection; nothing was stored");
+                return Err(Failure::Db(err));
+            }
+            // Still in progress, or the database is not back yet.
+            Ok(store::CommitOutcome::Pending) | Err(_) => {}
         }
         if Instant::now() >= deadline {
-            tracing::error!(xid, error = %err, "outcome of a commit is unknown; failing its appends");
-            return Err(err);
+            tracing::error!(%token, error = %err, "outcome of a commit is unknown; answering outcome_unknown");
+            return Err(Failure::Unknown);
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(1));
@@ -306,7 +342,7 @@ async fn commit(
     node: &str,
     specs: &[&AppendSpec],
     health: &DbHealth,
-) -> Result<Plan, sqlx::Error> {
+) -> Result<Plan, Failure> {
     let time = wire_time(Utc::now());
     let names: BTreeSet<&str> = specs.iter().map(|s| s.stream.as_str()).collect();
     let names: Vec<&str> = names.into_iter().collect();
@@ -373,14 +409,15 @@ async fn commit(
         announced.push((name, *head));
     }
     let payloads = store::notify_payloads(node, &announced);
-    let xid = store::notify_returning_xid(&mut tx, &payloads).await?;
-    match (tx.commit().await, xid) {
-        (Ok(()), _) => {}
-        (Err(e), Some(xid)) if is_unavailable(&e) => {
+    let token = uuid::Uuid::new_v4();
+    let marked = store::notify_and_mark(&mut tx, &payloads, token).await?;
+    match tx.commit().await {
+        Ok(()) => {}
+        Err(e) if marked && commit_in_doubt(&e) => {
             health.mark_down();
-            resolve_in_doubt(db, xid, e).await?;
+            resolve_in_doubt(db, token, e).await?;
         }
-        (Err(e), _) => return Err(e),
+        Err(e) => return Err(e.into()),
     }
     Ok(Plan {
         outcomes,

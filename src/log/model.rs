@@ -146,6 +146,15 @@ fn put_json_str(buf: &mut BytesMut, s: &str) {
 
 /// The event envelope (openapi.yaml `Envelope`), encoded once: `{"stream","seq","type","data","id"?,"key"?,"time"}`.
 pub fn encode_envelope(stream: &str, ev: &StoredEvent) -> Bytes {
+    encode_envelope_locating_data(stream, ev).0
+}
+
+/// `encode_envelope`, and where the event's `data` lies in it (so a framing that sends only
+/// the data, like the AI SDK view, can slice it out without a copy).
+pub fn encode_envelope_locating_data(
+    stream: &str,
+    ev: &StoredEvent,
+) -> (Bytes, std::ops::Range<usize>) {
     let mut buf = BytesMut::with_capacity(96 + stream.len() + ev.ty.len() + ev.data.len());
     buf.put_slice(b"{\"stream\":");
     put_json_str(&mut buf, stream);
@@ -154,6 +163,7 @@ pub fn encode_envelope(stream: &str, ev: &StoredEvent) -> Bytes {
     buf.put_slice(b",\"type\":");
     put_json_str(&mut buf, &ev.ty);
     buf.put_slice(b",\"data\":");
+    let data = buf.len()..buf.len() + ev.data.len();
     buf.put_slice(ev.data.as_bytes());
     if let Some(id) = &ev.id {
         buf.put_slice(b",\"id\":");
@@ -166,7 +176,7 @@ pub fn encode_envelope(stream: &str, ev: &StoredEvent) -> Bytes {
     buf.put_slice(b",\"time\":\"");
     buf.put_slice(format_time(&ev.time).as_bytes());
     buf.put_slice(b"\"}");
-    buf.freeze()
+    (buf.freeze(), data)
 }
 
 fn itoa_i64(n: i64) -> String {
@@ -229,5 +239,19 @@ mod tests {
             std::str::from_utf8(&env).unwrap(),
             r#"{"stream":"run:42","seq":17,"type":"token","data":{"b":1, "a":[1e400]},"key":"k\"1","time":"2026-11-18T11:06:40.123Z"}"#
         );
+    }
+
+    #[test]
+    fn envelope_locates_its_data() {
+        let ev = StoredEvent {
+            seq: 3,
+            ty: "ui".into(),
+            data: "{\"type\":\"text-delta\",\"id\":\"t\",\"delta\":\"\\\"é\"}".into(),
+            id: Some("x".into()),
+            key: None,
+            time: DateTime::from_timestamp_millis(0).unwrap(),
+        };
+        let (env, at) = encode_envelope_locating_data("s\"é", &ev);
+        assert_eq!(&env[at], ev.data.as_bytes());
     }
 }

@@ -329,7 +329,10 @@ async fn has_overrides(db: &Db) -> Result<bool, sqlx::Error> {
     on_db!(db, read, |ex| sqlx::query_scalar(sql).fetch_one(ex).await)
 }
 
-/// Runs a pass every `every` until `shutdown`.
+/// How long a commit token is kept: an in-doubt commit is resolved within seconds.
+const COMMIT_TOKEN_AGE: Duration = Duration::from_secs(600);
+
+/// Runs a pass every `every` until `shutdown`; each also drops expired commit tokens.
 pub fn spawn(
     db: Db,
     policy: Policy,
@@ -343,6 +346,9 @@ pub fn spawn(
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
+            }
+            if let Err(e) = super::store::prune_commit_tokens(&db, COMMIT_TOKEN_AGE).await {
+                tracing::warn!(error = %e, "pruning commit tokens failed");
             }
             match run_once(&db, &policy, &shutdown).await {
                 Ok(0) => {}

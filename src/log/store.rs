@@ -622,42 +622,97 @@ pub async fn read_events_by_name(
     .await
 }
 
-/// Queues notifications for the other nodes (PostgreSQL delivers them at commit) and returns
-/// the transaction's id (None if there was nothing to send, and always on SQLite, where there
-/// are no other nodes), so that a commit whose outcome is unknown can be looked up with
-/// [`transaction_status`].
-pub async fn notify_returning_xid(
+/// Queues notifications for the other nodes (PostgreSQL delivers them at commit) and records
+/// `token` in `commit_tokens` in the same transaction, so that a commit whose outcome is
+/// unknown can be looked up by its data with [`commit_outcome`]. Returns whether the token
+/// was written: only on PostgreSQL (an in-process SQLite commit is never in doubt) and only
+/// when there is something to announce (a batch that wrote nothing has nothing to lose).
+pub async fn notify_and_mark(
     tx: &mut Tx,
     payloads: &[String],
-) -> Result<Option<i64>, sqlx::Error> {
+    token: uuid::Uuid,
+) -> Result<bool, sqlx::Error> {
     let Tx::Postgres(tx) = tx else {
-        return Ok(None);
+        return Ok(false);
     };
     if payloads.is_empty() {
-        return Ok(None);
+        return Ok(false);
     }
-    // The count forces every pg_notify in the CTE to run.
-    let xid: i64 = sqlx::query_scalar(
-        "with sent as (select pg_notify($1, p) from unnest($2::text[]) as t(p))
-         select txid_current() from (select count(*) from sent) n",
+    // A data-modifying CTE always runs; the count forces every pg_notify in `sent` to run.
+    sqlx::query(
+        "with sent as (select pg_notify($1, p) from unnest($2::text[]) as t(p)),
+              mark as (insert into commit_tokens (token) values ($3::uuid))
+         select count(*) from sent",
     )
     .bind(NOTIFY_CHANNEL)
     .bind(payloads)
-    .fetch_one(&mut **tx)
+    .bind(token.to_string())
+    .execute(&mut **tx)
     .await?;
-    Ok(Some(xid))
+    Ok(true)
 }
 
-/// `committed`, `aborted` or `in progress` (None: too old to know). PostgreSQL only: an
-/// in-process SQLite commit has no outcome to look up later.
-pub async fn transaction_status(db: &Db, xid: i64) -> Result<Option<String>, sqlx::Error> {
+/// What became of a transaction that wrote `token` (see [`notify_and_mark`]) and lost its
+/// connection during COMMIT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    Committed,
+    /// It did not commit, and now never will.
+    NotCommitted,
+    /// Its backend is still finishing it; ask again.
+    Pending,
+}
+
+/// Looks `token` up by inserting it again in a transaction of its own. If the original
+/// transaction is still in progress, the insert waits for it on the primary key (up to
+/// `wait`, then [`CommitOutcome::Pending`]); if it committed, the insert conflicts; if it
+/// aborted (or never reached disk before a crash), the insert succeeds — and is rolled back,
+/// which settles the question: the original can no longer commit. PostgreSQL only.
+pub async fn commit_outcome(
+    db: &Db,
+    token: uuid::Uuid,
+    wait: std::time::Duration,
+) -> Result<CommitOutcome, sqlx::Error> {
     let Db::Postgres(pool) = db else {
-        return Ok(None);
+        return Ok(CommitOutcome::NotCommitted);
     };
-    sqlx::query_scalar("select txid_status($1)")
-        .bind(xid)
-        .fetch_one(pool)
-        .await
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!(
+        "set local lock_timeout = {}",
+        wait.as_millis().max(1)
+    ))
+    .execute(&mut *tx)
+    .await?;
+    let probe = sqlx::query_scalar::<_, i32>(
+        "insert into commit_tokens (token) values ($1::uuid) on conflict do nothing returning 1",
+    )
+    .bind(token.to_string())
+    .fetch_optional(&mut *tx)
+    .await;
+    let outcome = match probe {
+        Ok(Some(_)) => CommitOutcome::NotCommitted,
+        Ok(None) => CommitOutcome::Committed,
+        // 55P03 lock_not_available: the original transaction still holds the key.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
+            CommitOutcome::Pending
+        }
+        Err(e) => return Err(e),
+    };
+    tx.rollback().await?;
+    Ok(outcome)
+}
+
+/// Deletes commit tokens older than `age`: an in-doubt commit is resolved within seconds.
+pub async fn prune_commit_tokens(db: &Db, age: std::time::Duration) -> Result<u64, sqlx::Error> {
+    let Db::Postgres(pool) = db else {
+        return Ok(0);
+    };
+    let deleted =
+        sqlx::query("delete from commit_tokens where at < now() - make_interval(secs => $1)")
+            .bind(age.as_secs_f64())
+            .execute(pool)
+            .await?;
+    Ok(deleted.rows_affected())
 }
 
 #[cfg(test)]

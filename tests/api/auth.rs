@@ -207,6 +207,13 @@ fn endpoints() -> Vec<Endpoint> {
         ),
         ep(
             Method::GET,
+            "/v1/streams/{s}/ui-message-stream",
+            None,
+            Needs::Read,
+            StatusCode::OK,
+        ),
+        ep(
+            Method::GET,
             "/v1/streams?prefix=m:",
             None,
             Needs::Admin,
@@ -340,6 +347,13 @@ async fn every_endpoint_refuses_what_the_token_does_not_grant(db: TestDb) {
         if ep.path.ends_with("/sse?after=0") {
             let env = SseClient::new(res).next_envelope().await;
             assert_eq!(env["data"], MARKER);
+        } else if ep.path.ends_with("/ui-message-stream") {
+            // The stream holds no `ui` event and is open: headers only, the body waits.
+            assert_eq!(
+                res.headers()["x-vercel-ai-ui-message-stream"],
+                "v1",
+                "{case}"
+            );
         } else if ep.needs == Needs::Read && !path.ends_with(&stream) && !path.ends_with("/q0") {
             assert!(res.text().await.unwrap().contains(MARKER), "{case}");
         }

@@ -28,6 +28,7 @@ mod shutdown;
 mod sse;
 mod sse_stress;
 mod startup;
+mod ui_stream;
 mod wire;
 mod ws;
 mod ws_auth;

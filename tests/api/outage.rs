@@ -224,38 +224,63 @@ async fn terminating_every_backend_during_appends_and_subscriptions_loses_and_du
     b.shutdown().await;
 }
 
-// PostgreSQL's transaction ids (txid_status): a SQLite commit is in-process, never in doubt.
+// Commit tokens exist on PostgreSQL only: a SQLite commit is in-process, never in doubt.
 #[backend_test(postgres)]
-async fn a_commit_cut_off_mid_way_can_be_looked_up_by_transaction_id(db: TestDb) {
-    use tailcast::log::store;
+async fn a_commit_cut_off_mid_way_is_looked_up_by_its_token_not_by_transaction_id(db: TestDb) {
+    use std::time::Duration;
+    use tailcast::log::store::{self, CommitOutcome};
+    db.db.migrate().await.unwrap();
     let payloads = vec!["node\ns 1".to_owned()];
+    let wait = Duration::from_millis(200);
+    let outcome = |token| store::commit_outcome(&db.db, token, wait);
+
+    let committed = uuid::Uuid::new_v4();
     let mut tx = db.db.begin_write().await.unwrap();
-    let committed = store::notify_returning_xid(&mut tx, &payloads)
+    assert!(store::notify_and_mark(&mut tx, &payloads, committed)
         .await
-        .unwrap()
-        .unwrap();
+        .unwrap());
     tx.commit().await.unwrap();
+    assert_eq!(outcome(committed).await.unwrap(), CommitOutcome::Committed);
+
+    let aborted = uuid::Uuid::new_v4();
     let mut tx = db.db.begin_write().await.unwrap();
-    let aborted = store::notify_returning_xid(&mut tx, &payloads)
+    assert!(store::notify_and_mark(&mut tx, &payloads, aborted)
         .await
-        .unwrap()
-        .unwrap();
+        .unwrap());
     tx.rollback().await.unwrap();
+    assert_eq!(outcome(aborted).await.unwrap(), CommitOutcome::NotCommitted);
+    // The lookup settles it: it does not leave the token behind to confuse a later lookup.
+    assert_eq!(outcome(aborted).await.unwrap(), CommitOutcome::NotCommitted);
+
+    // While the writer is still open, the lookup waits for it, then reports it pending; a
+    // lookup that is waiting when the writer commits finds it (whichever reaches the server
+    // first, the answer is the same).
+    let open = uuid::Uuid::new_v4();
     let mut tx = db.db.begin_write().await.unwrap();
-    let open = store::notify_returning_xid(&mut tx, &payloads)
+    assert!(store::notify_and_mark(&mut tx, &payloads, open)
         .await
-        .unwrap()
-        .unwrap();
-    let status = |xid| store::transaction_status(&db.db, xid);
-    assert_eq!(
-        status(committed).await.unwrap().as_deref(),
-        Some("committed")
+        .unwrap());
+    assert_eq!(outcome(open).await.unwrap(), CommitOutcome::Pending);
+    let (looked, committed_meanwhile) = tokio::join!(
+        store::commit_outcome(&db.db, open, Duration::from_secs(30)),
+        tx.commit()
     );
-    assert_eq!(status(aborted).await.unwrap().as_deref(), Some("aborted"));
-    assert_eq!(status(open).await.unwrap().as_deref(), Some("in progress"));
-    assert!(store::notify_returning_xid(&mut tx, &[])
+    committed_meanwhile.unwrap();
+    assert_eq!(looked.unwrap(), CommitOutcome::Committed);
+
+    // Nothing to announce: nothing was written, so there is no token to look up.
+    let mut tx = db.db.begin_write().await.unwrap();
+    assert!(!store::notify_and_mark(&mut tx, &[], uuid::Uuid::new_v4())
         .await
-        .unwrap()
-        .is_none());
+        .unwrap());
     tx.rollback().await.unwrap();
+
+    // Old tokens are pruned; fresh ones stay.
+    assert_eq!(
+        store::prune_commit_tokens(&db.db, Duration::from_secs(600))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(outcome(committed).await.unwrap(), CommitOutcome::Committed);
 }

@@ -1,0 +1,38 @@
+"""tailcast: a Python client for tailcast streams (producer, consumer, inputs and stop).
+
+- :class:`Tailcast` (blocking) and :class:`AsyncTailcast` (asyncio) have the same methods:
+  ``append``, ``append_many``, ``writer``, ``close``, ``follow``, ``read``, ``info``,
+  ``ask``, ``answer``, ``stop``, ``watch_stop``.
+- Every error is a :class:`TailcastError`; API errors map each problem+json ``code`` to a
+  class (:data:`tailcast.errors.ERROR_CODES`).
+"""
+
+from ._async import AsyncFollow, AsyncStopWatch, AsyncTailcast, AsyncWriter
+from ._core import CONTROL_STOP, STREAM_CLOSED, RetryPolicy
+from ._sync import Follow, StopWatch, Tailcast, Writer
+from .errors import *  # noqa: F401,F403 - the exception hierarchy is part of the API
+from .errors import __all__ as _errors_all
+from .models import AppendResult, Event, EventAck
+from .sse import SSEMessage, SSEParser
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Tailcast",
+    "AsyncTailcast",
+    "Writer",
+    "AsyncWriter",
+    "Follow",
+    "AsyncFollow",
+    "StopWatch",
+    "AsyncStopWatch",
+    "RetryPolicy",
+    "Event",
+    "EventAck",
+    "AppendResult",
+    "SSEMessage",
+    "SSEParser",
+    "STREAM_CLOSED",
+    "CONTROL_STOP",
+    *_errors_all,
+]
