@@ -29,18 +29,29 @@ enum Step {
     Ws(Vec<(bool, String)>),
 }
 
-/// The fenced blocks from "A walk-through with curl" up to "The contract".
+/// The README section under `heading`, up to the next `## `.
+fn section(heading: &str) -> &'static str {
+    let start = README
+        .find(heading)
+        .unwrap_or_else(|| panic!("README lacks {heading}"));
+    let body = &README[start + heading.len()..];
+    &body[..body.find("\n## ").unwrap_or(body.len())]
+}
+
+/// The fenced blocks of "A walk-through with curl" and "WebSocket and input requests", in order.
 fn steps() -> Vec<Step> {
-    let start = README.find("## A walk-through with curl").unwrap();
-    let end = README.find("## The contract").unwrap();
     let mut steps = Vec::new();
-    let mut blocks = README[start..end].split("```").skip(1).step_by(2);
-    for block in blocks.by_ref() {
-        let (lang, body) = block.split_once('\n').unwrap();
-        match lang {
-            "sh" => steps.extend(curl_steps(body)),
-            "text" => steps.push(Step::Ws(ws_steps(body))),
-            other => panic!("unexpected block {other:?}"),
+    for heading in [
+        "## A walk-through with curl",
+        "## WebSocket and input requests",
+    ] {
+        for block in section(heading).split("```").skip(1).step_by(2) {
+            let (lang, body) = block.split_once('\n').unwrap();
+            match lang {
+                "sh" => steps.extend(curl_steps(body)),
+                "text" => steps.push(Step::Ws(ws_steps(body))),
+                other => panic!("unexpected block {other:?}"),
+            }
         }
     }
     steps
