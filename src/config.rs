@@ -191,6 +191,11 @@ pub struct Config {
     )]
     pub input_sweep_ms: u64,
 
+    /// How long a Durable Streams long-poll read (`/v1/stream/{name}?live=long-poll`) waits
+    /// for new data before answering 204.
+    #[arg(long, env = "TAILCAST_DS_LONG_POLL_MS", default_value_t = 20_000)]
+    pub ds_long_poll_ms: u64,
+
     /// This node's name in stats and logs (default: a random id).
     #[arg(long, env = "TAILCAST_NODE_ID", help_heading = "Server")]
     pub node_id: Option<String>,

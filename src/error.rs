@@ -142,6 +142,28 @@ pub enum Error {
     /// 500: anything else. The cause is logged once and never echoed to the client.
     #[error("internal error")]
     Internal(String),
+    /// 409 (Durable Streams): the stream exists with another configuration, or its name is
+    /// held by a deleted stream that forks still read from.
+    #[error("{0}")]
+    StreamExists(String),
+    /// 409 (Durable Streams): the request's Content-Type is not the stream's.
+    #[error("{0}")]
+    ContentTypeMismatch(String),
+    /// 409 (Durable Streams): `Stream-Seq` is not above the last one accepted.
+    #[error("{0}")]
+    WriterSeqConflict(String),
+    /// 409 (Durable Streams): `Producer-Seq` skips ahead of the next expected seq.
+    #[error("producer seq {received} skips ahead; expected {expected}")]
+    ProducerSeqGap { expected: i64, received: i64 },
+    /// 403 (Durable Streams): `Producer-Epoch` is older than the producer's current epoch.
+    #[error("producer epoch {received} is stale; the current epoch is {current}")]
+    StaleProducerEpoch { current: i64, received: i64 },
+    /// 410 (Durable Streams): the stream was deleted while forks still read from it.
+    #[error("stream {0:?} was deleted")]
+    StreamGone(String),
+    /// 410 (Durable Streams): the data at this offset was removed by retention.
+    #[error("the data after this offset was removed by retention; the oldest offset is {oldest}")]
+    OffsetGone { oldest: String },
 }
 
 impl Error {
@@ -181,6 +203,12 @@ impl Error {
             RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Unavailable | OutcomeUnknown | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            StreamExists(_)
+            | ContentTypeMismatch(_)
+            | WriterSeqConflict(_)
+            | ProducerSeqGap { .. } => StatusCode::CONFLICT,
+            StaleProducerEpoch { .. } => StatusCode::FORBIDDEN,
+            StreamGone(_) | OffsetGone { .. } => StatusCode::GONE,
         }
     }
 
@@ -232,6 +260,13 @@ impl Error {
             OutcomeUnknown => "outcome_unknown",
             ShuttingDown => "shutting_down",
             Internal(_) => "internal",
+            StreamExists(_) => "stream_exists",
+            ContentTypeMismatch(_) => "content_type_mismatch",
+            WriterSeqConflict(_) => "writer_seq_conflict",
+            ProducerSeqGap { .. } => "producer_seq_gap",
+            StaleProducerEpoch { .. } => "stale_producer_epoch",
+            StreamGone(_) => "stream_gone",
+            OffsetGone { .. } => "offset_gone",
         }
     }
 

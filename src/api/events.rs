@@ -104,6 +104,7 @@ fn to_new_event(ev: EventIn<'_>, limits: Limits) -> Result<NewEvent, Error> {
             .as_deref()
             .map(|s| parse_label("key", s))
             .transpose()?,
+        body: None,
     })
 }
 

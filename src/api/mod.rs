@@ -1,6 +1,7 @@
 //! The HTTP surfaces, one file each, merged into one router here.
 
 pub mod console;
+pub mod durable;
 pub mod events;
 pub mod extract;
 pub mod inputs;
@@ -47,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         .merge(console::router())
         .merge(ws::router())
         .merge(inputs::router())
+        .merge(durable::router())
         .fallback(|| async { Error::NotFound })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .layer(middleware::from_fn(record_request))

@@ -91,6 +91,7 @@ async fn close(
             data,
             id: None,
             key: None,
+            body: None,
         }],
         expected_seq: None,
         close: true,

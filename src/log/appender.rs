@@ -344,6 +344,9 @@ async fn commit(
     health: &DbHealth,
 ) -> Result<Plan, Failure> {
     let time = wire_time(Utc::now());
+    if let Db::Postgres(pool) = db {
+        return commit_postgres(db, pool, node, specs, health, time).await;
+    }
     let names: BTreeSet<&str> = specs.iter().map(|s| s.stream.as_str()).collect();
     let names: Vec<&str> = names.into_iter().collect();
 
@@ -426,6 +429,113 @@ async fn commit(
     })
 }
 
+/// [`commit`] on PostgreSQL: the whole batch is one call of `tailcast.append_jobs` (the
+/// function applications append through too, so the rules live in one place), then COMMIT.
+async fn commit_postgres(
+    db: &Db,
+    pool: &sqlx::PgPool,
+    node: &str,
+    specs: &[&AppendSpec],
+    health: &DbHealth,
+    time: chrono::DateTime<Utc>,
+) -> Result<Plan, Failure> {
+    let mut rows = store::JobRows::default();
+    for spec in specs {
+        rows.stream.push(spec.stream.as_str());
+        rows.count.push(spec.events.len() as i32);
+        rows.expected.push(spec.expected_seq);
+        rows.close.push(spec.close);
+        for ev in &spec.events {
+            rows.ty.push(&ev.ty);
+            rows.data.push(&ev.data);
+            rows.id.push(ev.id.as_deref());
+            rows.key.push(ev.key.as_deref());
+            rows.body.push(ev.body.as_deref());
+        }
+    }
+    let token = uuid::Uuid::new_v4();
+    let mut tx = pool.begin().await?;
+    let res = store::append_jobs(&mut tx, node, token, time, &rows).await?;
+    let outcomes = job_outcomes(specs, &res)?;
+    let mut written: HashMap<&str, (i64, bool)> = HashMap::new();
+    for ((name, head), closed) in res
+        .written_streams
+        .iter()
+        .zip(&res.written_heads)
+        .zip(&res.written_closed)
+    {
+        written.insert(name, (*head, *closed));
+    }
+    let mut heads = HashMap::new();
+    for spec in specs {
+        if let Some(state) = written.get(spec.stream.as_str()) {
+            heads.entry(spec.stream.clone()).or_insert(*state);
+        }
+    }
+    // The token is in the transaction exactly when it wrote something.
+    let marked = !written.is_empty();
+    match tx.commit().await {
+        Ok(()) => {}
+        Err(e) if marked && commit_in_doubt(&e) => {
+            health.mark_down();
+            resolve_in_doubt(db, token, e).await?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Plan {
+        outcomes,
+        heads,
+        time,
+    })
+}
+
+/// Each job's answer from what `tailcast.append_jobs` decided.
+fn job_outcomes(specs: &[&AppendSpec], res: &store::JobsOutcome) -> Result<Vec<Outcome>, Failure> {
+    let events: usize = specs.iter().map(|s| s.events.len()).sum();
+    if res.seqs.len() != events || res.dups.len() != events || res.errors.len() != specs.len() {
+        return Err(Failure::Db(sqlx::Error::Protocol(
+            "tailcast.append_jobs answered arrays of the wrong length".into(),
+        )));
+    }
+    let mut outcomes = Vec::with_capacity(specs.len());
+    let mut at = 0;
+    for (j, spec) in specs.iter().enumerate() {
+        let range = at..at + spec.events.len();
+        at = range.end;
+        let head = res.error_heads[j].unwrap_or_default();
+        let outcome = match res.errors[j].as_deref() {
+            Some("stream_closed") => Err(Error::StreamClosed { head }),
+            Some("seq_conflict") => Err(Error::SeqConflict {
+                expected: spec.expected_seq.unwrap_or_default(),
+                head,
+            }),
+            Some(other) => Err(Error::Internal(format!("append refused: {other}"))),
+            None => {
+                let mut acks = Vec::with_capacity(spec.events.len());
+                let mut assigned = Vec::with_capacity(spec.events.len());
+                for (ev, e) in spec.events.iter().zip(range) {
+                    let seq = res.seqs[e].unwrap_or_default();
+                    let duplicate = res.dups[e].unwrap_or(false);
+                    assigned.push((!duplicate).then_some(seq));
+                    acks.push(EventAck {
+                        seq,
+                        // Closing a closed stream answers with its head, not an event of it.
+                        id: if spec.close && duplicate {
+                            None
+                        } else {
+                            ev.id.clone()
+                        },
+                        duplicate,
+                    });
+                }
+                Ok((result(&spec.stream, acks), assigned))
+            }
+        };
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
 /// Decides one job against its stream's state; on success records its rows and moves the
 /// state on, on failure leaves both untouched.
 fn plan_job<'a>(
@@ -490,6 +600,7 @@ fn plan_job<'a>(
                 out.data.push(&ev.data);
                 out.id.push(ev.id.as_deref());
                 out.key.push(ev.key.as_deref());
+                out.body.push(ev.body.as_deref());
                 if let Some(id) = &ev.id {
                     st.new_ids.insert(id.clone(), st.head);
                 }
@@ -547,6 +658,7 @@ fn deliver(sink: &dyn CommitSink, jobs: Vec<Job>, plan: Plan, started: Instant) 
                             id: ev.id,
                             key: ev.key,
                             time: plan.time,
+                            body: ev.body,
                         });
                     }
                 }

@@ -3,6 +3,7 @@
 
 pub mod appender;
 pub mod db;
+pub mod durable;
 pub mod health;
 pub mod inputs;
 pub mod model;

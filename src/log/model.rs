@@ -103,6 +103,9 @@ pub struct NewEvent {
     pub data: String,
     pub id: Option<String>,
     pub key: Option<String>,
+    /// A byte payload kept exactly as received (Durable Streams byte streams); `data` is then
+    /// `null`. None for every JSON event.
+    pub body: Option<Vec<u8>>,
 }
 
 /// An event as stored in the log (read with [`crate::log::store::EVENT_COLUMNS`]).
@@ -115,6 +118,8 @@ pub struct StoredEvent {
     pub key: Option<String>,
     #[sqlx(try_from = "crate::log::db::Ts")]
     pub time: DateTime<Utc>,
+    /// See [`NewEvent::body`].
+    pub body: Option<Vec<u8>>,
 }
 
 /// Formats a time the way every tailcast response does: RFC 3339, UTC, milliseconds.
@@ -145,17 +150,22 @@ fn put_json_str(buf: &mut BytesMut, s: &str) {
 }
 
 /// The event envelope (openapi.yaml `Envelope`), encoded once: `{"stream","seq","type","data","id"?,"key"?,"time"}`.
+/// An event holding a byte payload carries it as a base64 string in `data`, followed by
+/// `"encoding":"base64"`.
 pub fn encode_envelope(stream: &str, ev: &StoredEvent) -> Bytes {
     encode_envelope_locating_data(stream, ev).0
 }
 
 /// `encode_envelope`, and where the event's `data` lies in it (so a framing that sends only
-/// the data, like the AI SDK view, can slice it out without a copy).
+/// the data, like the AI SDK view, can slice it out without a copy). For a byte payload
+/// that is its base64 string, quotes included.
 pub fn encode_envelope_locating_data(
     stream: &str,
     ev: &StoredEvent,
 ) -> (Bytes, std::ops::Range<usize>) {
-    let mut buf = BytesMut::with_capacity(96 + stream.len() + ev.ty.len() + ev.data.len());
+    let body_len = ev.body.as_ref().map_or(0, |b| b.len() * 4 / 3 + 32);
+    let mut buf =
+        BytesMut::with_capacity(96 + stream.len() + ev.ty.len() + ev.data.len() + body_len);
     buf.put_slice(b"{\"stream\":");
     put_json_str(&mut buf, stream);
     buf.put_slice(b",\"seq\":");
@@ -163,8 +173,24 @@ pub fn encode_envelope_locating_data(
     buf.put_slice(b",\"type\":");
     put_json_str(&mut buf, &ev.ty);
     buf.put_slice(b",\"data\":");
-    let data = buf.len()..buf.len() + ev.data.len();
-    buf.put_slice(ev.data.as_bytes());
+    let start = buf.len();
+    match &ev.body {
+        Some(body) => {
+            use base64::Engine as _;
+            buf.put_u8(b'"');
+            buf.put_slice(
+                base64::engine::general_purpose::STANDARD
+                    .encode(body)
+                    .as_bytes(),
+            );
+            buf.put_u8(b'"');
+        }
+        None => buf.put_slice(ev.data.as_bytes()),
+    }
+    let data = start..buf.len();
+    if ev.body.is_some() {
+        buf.put_slice(b",\"encoding\":\"base64\"");
+    }
     if let Some(id) = &ev.id {
         buf.put_slice(b",\"id\":");
         put_json_str(&mut buf, id);
@@ -233,6 +259,7 @@ mod tests {
             id: None,
             key: Some("k\"1".into()),
             time: DateTime::from_timestamp_millis(1_795_000_000_123).unwrap(),
+            body: None,
         };
         let env = encode_envelope("run:42", &ev);
         assert_eq!(
@@ -250,8 +277,20 @@ mod tests {
             id: Some("x".into()),
             key: None,
             time: DateTime::from_timestamp_millis(0).unwrap(),
+            body: None,
         };
         let (env, at) = encode_envelope_locating_data("s\"é", &ev);
         assert_eq!(&env[at], ev.data.as_bytes());
+        // A byte payload's data is its base64 string, and the envelope says so after it.
+        let bytes = StoredEvent {
+            body: Some(vec![0, 255, b'"']),
+            data: "null".into(),
+            ..ev
+        };
+        let (env, at) = encode_envelope_locating_data("s", &bytes);
+        assert_eq!(&env[at.clone()], b"\"AP8i\"");
+        assert!(std::str::from_utf8(&env[at.end..])
+            .unwrap()
+            .starts_with(",\"encoding\":\"base64\",\"id\":\"x\""));
     }
 }

@@ -57,7 +57,7 @@ impl StreamRow {
 const STREAM_COLUMNS: &str = "id, name, head, trimmed_to, closed, created_at, updated_at";
 
 /// The columns of a [`StoredEvent`], named as its fields.
-pub const EVENT_COLUMNS: &str = "seq, type as ty, data, event_id as id, key, time";
+pub const EVENT_COLUMNS: &str = "seq, type as ty, data, event_id as id, key, time, body";
 
 /// Most values one SQLite statement may bind.
 const SQLITE_MAX_BINDS: usize = 32_766;
@@ -132,8 +132,9 @@ pub async fn read_events_bounded(
     // filtered before their `data` is fetched from TOAST.
     let sql = format!(
         r#"select {EVENT_COLUMNS} from (
-             select seq, type, data, event_id, key, time,
-                    sum(octet_length(data)) over (order by seq) - octet_length(data) as before
+             select seq, type, data, event_id, key, time, body,
+                    sum(octet_length(data) + coalesce(octet_length(body), 0)) over (order by seq)
+                      - octet_length(data) - coalesce(octet_length(body), 0) as before
              from events
              where stream_id = $1 and seq > $2 and seq <= $3
              order by seq limit $4
@@ -175,7 +176,7 @@ async fn read_sqlite_page(
     let mut page = Vec::new();
     let mut bytes = 0;
     while let Some(ev) = rows.try_next().await? {
-        bytes += ev.data.len() as i64;
+        bytes += event_bytes(&ev) as i64;
         page.push(ev);
         if bytes >= max_bytes {
             break;
@@ -184,9 +185,14 @@ async fn read_sqlite_page(
     Ok(page)
 }
 
+/// What an event counts against a page's byte budget: its `data` and its byte payload.
+fn event_bytes(ev: &StoredEvent) -> usize {
+    ev.data.len() + ev.body.as_ref().map_or(0, Vec::len)
+}
+
 /// True if a page read with [`read_events_bounded`] may have stopped before the log's end.
 pub fn page_is_full(events: &[StoredEvent], limit: i64, max_bytes: i64) -> bool {
-    let bytes: usize = events.iter().map(|e| e.data.len()).sum();
+    let bytes: usize = events.iter().map(event_bytes).sum();
     events.len() as i64 >= limit || bytes as i64 >= max_bytes
 }
 
@@ -425,6 +431,7 @@ pub struct EventRows<'a> {
     pub data: Vec<&'a str>,
     pub id: Vec<Option<&'a str>>,
     pub key: Vec<Option<&'a str>>,
+    pub body: Vec<Option<&'a [u8]>>,
 }
 
 /// Inserts every row (in one statement on PostgreSQL, in as few as SQLite's bind limit
@@ -440,10 +447,10 @@ pub async fn insert_events(
     match tx {
         Tx::Postgres(t) => {
             sqlx::query(
-                r#"insert into events (stream_id, seq, type, data, event_id, key, time)
-                   select sid, seq, ty, data, eid, k, $7
+                r#"insert into events (stream_id, seq, type, data, event_id, key, time, body)
+                   select sid, seq, ty, data, eid, k, $7, b
                    from unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],
-                               $6::text[]) as t(sid, seq, ty, data, eid, k)"#,
+                               $6::text[], $8::bytea[]) as t(sid, seq, ty, data, eid, k, b)"#,
             )
             .bind(&rows.stream_id)
             .bind(&rows.seq)
@@ -452,15 +459,16 @@ pub async fn insert_events(
             .bind(&rows.id)
             .bind(&rows.key)
             .bind(Ts(time))
+            .bind(&rows.body)
             .execute(&mut **t)
             .await?;
         }
         Tx::Sqlite(t) => {
-            const COLUMNS: usize = 7;
+            const COLUMNS: usize = 8;
             let indices: Vec<usize> = (0..rows.seq.len()).collect();
             for chunk in indices.chunks(SQLITE_MAX_BINDS / COLUMNS) {
                 let mut q = QueryBuilder::<Sqlite>::new(
-                    "insert into events (stream_id, seq, type, data, event_id, key, time) ",
+                    "insert into events (stream_id, seq, type, data, event_id, key, time, body) ",
                 );
                 q.push_values(chunk, |mut b, &i| {
                     b.push_bind(rows.stream_id[i])
@@ -469,13 +477,79 @@ pub async fn insert_events(
                         .push_bind(rows.data[i])
                         .push_bind(rows.id[i])
                         .push_bind(rows.key[i])
-                        .push_bind(Ts(time));
+                        .push_bind(Ts(time))
+                        .push_bind(rows.body[i]);
                 });
                 q.build().persistent(false).execute(&mut **t).await?;
             }
         }
     }
     Ok(())
+}
+
+/// A batch of append jobs as the column arrays `tailcast.append_jobs` takes (see its
+/// migration): one element per job in `stream`..`close`, one per event (the events of the
+/// first job first) in `ty`..`body`.
+#[derive(Default)]
+pub struct JobRows<'a> {
+    pub stream: Vec<&'a str>,
+    pub count: Vec<i32>,
+    pub expected: Vec<Option<i64>>,
+    pub close: Vec<bool>,
+    pub ty: Vec<&'a str>,
+    pub data: Vec<&'a str>,
+    pub id: Vec<Option<&'a str>>,
+    pub key: Vec<Option<&'a str>>,
+    /// Byte payloads (Durable Streams byte mode); sent as one null when no event has one.
+    pub body: Vec<Option<&'a [u8]>>,
+}
+
+/// What `tailcast.append_jobs` decided, per event, per job and per stream written.
+#[derive(Debug, sqlx::FromRow)]
+pub struct JobsOutcome {
+    /// Per event: its seq (a duplicate's: the original's); None if its job was refused.
+    pub seqs: Vec<Option<i64>>,
+    /// Per event: true if a duplicate.
+    pub dups: Vec<Option<bool>>,
+    /// Per job: None, `stream_closed` or `seq_conflict`.
+    pub errors: Vec<Option<String>>,
+    /// Per job: the head that refused it.
+    pub error_heads: Vec<Option<i64>>,
+    pub written_streams: Vec<String>,
+    pub written_heads: Vec<i64>,
+    pub written_closed: Vec<bool>,
+}
+
+/// Applies a whole batch with one statement (PostgreSQL): locks the streams (held until `tx`
+/// ends), de-duplicates ids, assigns seqs, inserts, moves the heads, queues the NOTIFY (with
+/// `node` as its first line) and, if anything was written, records `token` in
+/// `commit_tokens` (see [`commit_outcome`]). The same function applications call through
+/// `tailcast.append`, so both follow one implementation of the rules.
+pub async fn append_jobs(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    node: &str,
+    token: uuid::Uuid,
+    time: DateTime<Utc>,
+    rows: &JobRows<'_>,
+) -> Result<JobsOutcome, sqlx::Error> {
+    sqlx::query_as(
+        "select * from tailcast.append_jobs($1, $2::uuid, $3, $4, $5, $6, $7, $8, $9, $10, $11,
+                                            $12)",
+    )
+    .bind(node)
+    .bind(token.to_string())
+    .bind(Ts(time))
+    .bind(&rows.stream)
+    .bind(&rows.count)
+    .bind(&rows.expected)
+    .bind(&rows.close)
+    .bind(&rows.ty)
+    .bind(&rows.data)
+    .bind(&rows.id)
+    .bind(&rows.key)
+    .bind(rows.body.iter().any(Option::is_some).then_some(&rows.body))
+    .fetch_one(&mut **tx)
+    .await
 }
 
 /// Sets the new heads (and closed flags) of the streams a batch wrote to.
@@ -609,7 +683,7 @@ pub async fn read_events_by_name(
     limit: i64,
 ) -> Result<Vec<StoredEvent>, sqlx::Error> {
     sqlx::query_as(
-        r#"select e.seq, e.type as ty, e.data, e.event_id as id, e.key, e.time
+        r#"select e.seq, e.type as ty, e.data, e.event_id as id, e.key, e.time, e.body
            from streams s join events e on e.stream_id = s.id
            where s.name = $1 and e.seq > $2 and e.seq <= $3
            order by e.seq limit $4"#,

@@ -99,6 +99,7 @@ async fn lag_once(db: &TestDb) {
             data: i.to_string(),
             id: None,
             key: None,
+            body: None,
         }],
         expected_seq: None,
         close: false,
