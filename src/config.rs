@@ -193,7 +193,12 @@ pub struct Config {
 
     /// How long a Durable Streams long-poll read (`/v1/stream/{name}?live=long-poll`) waits
     /// for new data before answering 204.
-    #[arg(long, env = "TAILCAST_DS_LONG_POLL_MS", default_value_t = 20_000)]
+    #[arg(
+        long,
+        env = "TAILCAST_DS_LONG_POLL_MS",
+        default_value_t = 20_000,
+        help_heading = "Streaming"
+    )]
     pub ds_long_poll_ms: u64,
 
     /// This node's name in stats and logs (default: a random id).
