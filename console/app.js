@@ -14,7 +14,22 @@ const state = {
   sub: null,
   nextAfterName: null,
   inputs: new Map(), // request_id -> card element
+  closed: false,
+  // The followed stream's pace, from event times (commit times, so replays measure the same).
+  pace: { createdAt: null, firstToken: null, tokenTimes: [], lastEvent: null },
 };
+
+/** "12 s ago", "3 min ago", "2 h ago", "4 d ago". */
+function ago(time) {
+  const s = Math.max(0, Math.round((Date.now() - new Date(time).getTime()) / 1000));
+  if (s < 60) return `${s} s ago`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+  if (s < 86400) return `${Math.floor(s / 3600)} h ago`;
+  return `${Math.floor(s / 86400)} d ago`;
+}
+
+/** A stream with no event for this long, and not closed, is shown as idle (maybe abandoned). */
+const IDLE_MS = 10 * 60 * 1000;
 
 const view = new StreamView({
   text: $("output-text"),
@@ -99,12 +114,23 @@ function streamItem(s) {
   const meta = document.createElement("span");
   meta.className = "meta";
   meta.textContent = `${s.head}`;
-  meta.title = `head seq ${s.head}, updated ${s.updated_at}`;
-  a.append(name, meta);
+  meta.title = `head seq ${s.head}, last event ${s.updated_at}`;
+  const when = document.createElement("span");
+  when.className = "when";
+  when.textContent = ago(s.updated_at);
+  when.title = `last event at ${new Date(s.updated_at).toLocaleString()}`;
+  a.append(name, meta, when);
   if (s.closed) {
     const c = document.createElement("span");
     c.className = "pill closed";
     c.textContent = "closed";
+    a.append(c);
+  } else if (Date.now() - new Date(s.updated_at).getTime() > IDLE_MS) {
+    // Not closed, but quiet for long: a producer that died without closing looks like this.
+    const c = document.createElement("span");
+    c.className = "pill idle";
+    c.textContent = "idle";
+    c.title = "no event for over 10 minutes and not closed: its producer may have stopped";
     a.append(c);
   }
   li.append(a);
@@ -155,6 +181,43 @@ function setStreamStatus(text, cls) {
   s.className = `pill ${cls ?? ""}`;
 }
 
+/** A closed (or deleted) stream takes no stop and cannot be closed again: say so up front. */
+function setClosed(closed) {
+  state.closed = closed;
+  for (const id of ["stop-btn", "stop-reason", "close-btn"]) $(id).disabled = closed;
+  $("stop-btn").title = closed ? "The stream is closed: there is no producer to stop" : "Ask the producer to stop (appends control.stop)";
+}
+
+function resetPace() {
+  state.pace = { createdAt: null, firstToken: null, tokenTimes: [], lastEvent: null };
+}
+
+function notePace(ev) {
+  const t = Date.parse(ev.time);
+  if (Number.isNaN(t)) return;
+  const p = state.pace;
+  p.lastEvent = Math.max(p.lastEvent ?? 0, t);
+  if (ev.type !== "token") return;
+  if (p.firstToken === null && ev.seq !== undefined) p.firstToken = t;
+  p.tokenTimes.push(t);
+  // Only the last few seconds matter for the rate.
+  const newest = p.tokenTimes[p.tokenTimes.length - 1];
+  while (p.tokenTimes.length > 2 && p.tokenTimes[0] < newest - 5000) p.tokenTimes.shift();
+}
+
+/** Tokens per second over the last 5 s of tokens, time to first token, last activity. */
+function showPace() {
+  const p = state.pace;
+  const times = p.tokenTimes;
+  const span = times.length > 1 ? (times[times.length - 1] - times[0]) / 1000 : 0;
+  $("pace-rate").textContent = span > 0 ? ((times.length - 1) / span).toFixed(1) : "–";
+  $("pace-ttft").textContent =
+    p.firstToken !== null && p.createdAt !== null ? `${((p.firstToken - p.createdAt) / 1000).toFixed(2)} s` : "–";
+  $("pace-last").textContent = p.lastEvent ? ago(p.lastEvent) : "–";
+  const idle = !state.closed && p.lastEvent && Date.now() - p.lastEvent > IDLE_MS;
+  $("pace-last").classList.toggle("stale", Boolean(idle));
+}
+
 /**
  * Follows `stream` from `after` (or from now), replacing whatever was shown. `keep` keeps
  * the rendered events (a reconnect with a new token continues where it was).
@@ -165,6 +228,8 @@ function watch(stream, { after = 0, from, keep = false } = {}) {
   if (state.stream !== stream || !keep) {
     view.reset();
     clearInputs();
+    resetPace();
+    setClosed(false);
   }
   state.stream = stream;
   $("empty").hidden = true;
@@ -177,11 +242,15 @@ function watch(stream, { after = 0, from, keep = false } = {}) {
   opts.onNotice = (n) => {
     const row = { stream, seq: "·", type: `notice.${n.notice}`, data: n, time: new Date().toISOString() };
     view.addRow(row);
-    if (n.notice === "deleted") setStreamStatus("deleted", "closed");
+    if (n.notice === "deleted") {
+      setStreamStatus("deleted", "closed");
+      setClosed(true);
+    }
   };
   opts.onEnd = (reason) => {
     if (reason === "closed") setStreamStatus("closed", "closed");
     if (reason === "deleted") setStreamStatus("deleted", "closed");
+    if (reason === "closed" || reason === "deleted") setClosed(true);
   };
   opts.onError = (err) => {
     setStreamStatus("error", "closed");
@@ -195,6 +264,7 @@ function watch(stream, { after = 0, from, keep = false } = {}) {
   }
   loadInputs(stream);
   showCursor();
+  refreshHead();
 }
 
 let connFrame = 0;
@@ -220,7 +290,10 @@ function onEvent(stream, ev) {
     }, 300);
   }
   if (ev.type === "input.requested") addInput(stream, { ...ev.data, seq: ev.seq });
-  if (ev.type === "input.answered" || ev.type === "input.expired") removeInput(ev.data?.request_id, ev.type);
+  if (ev.type === "input.answered" || ev.type === "input.expired") resolveInput(ev);
+  if (ev.type === "stream.closed") setClosed(true);
+  notePace(ev);
+  showPace();
   showCursor();
 }
 
@@ -234,8 +307,17 @@ function showCursor() {
 async function refreshHead() {
   if (!state.stream) return;
   try {
-    const info = await state.client.getStream(state.stream);
+    const stream = state.stream;
+    const info = await state.client.getStream(stream);
+    if (stream !== state.stream) return;
     $("stream-head").textContent = info.head;
+    state.pace.createdAt = Date.parse(info.created_at);
+    if (info.updated_at) state.pace.lastEvent = Math.max(state.pace.lastEvent ?? 0, Date.parse(info.updated_at));
+    if (info.closed) {
+      setClosed(true);
+      setStreamStatus("closed", "closed");
+    }
+    showPace();
   } catch (err) {
     if (err.code === "stream_not_found") $("stream-head").textContent = "0";
   }
@@ -267,6 +349,7 @@ function addInput(stream, req) {
   const card = document.createElement("article");
   card.className = "input-card";
   card.dataset.requestId = req.request_id;
+  card.dataset.status = "open";
   const head = document.createElement("header");
   const prompt = document.createElement("strong");
   prompt.textContent = typeof req.prompt === "string" ? req.prompt : JSON.stringify(req.prompt ?? "Input requested");
@@ -284,13 +367,35 @@ function addInput(stream, req) {
   $("inputs").hidden = false;
 }
 
-function removeInput(requestId, why) {
+/**
+ * A request was answered or expired: its card stays, showing the outcome and when (the event's
+ * time) in place of the form, so what was decided stays in view.
+ */
+function resolveInput(ev) {
+  const requestId = ev.data?.request_id;
   const card = state.inputs.get(requestId);
-  if (!card) return;
-  state.inputs.delete(requestId);
-  card.remove();
-  if (state.inputs.size === 0) $("inputs").hidden = true;
-  if (why === "input.expired") showBanner(`Input request ${requestId} expired.`, "info");
+  if (!card || card.dataset.status !== "open") return;
+  const answered = ev.type === "input.answered";
+  card.dataset.status = answered ? "answered" : "expired";
+  card.classList.add(answered ? "answered" : "expired");
+  const outcome = document.createElement("div");
+  outcome.className = "outcome";
+  const label = document.createElement("span");
+  label.className = `pill ${answered ? "live" : "closed"}`;
+  label.textContent = answered ? "answered" : "expired";
+  const when = document.createElement("span");
+  when.className = "muted";
+  when.textContent = `${new Date(ev.time).toLocaleTimeString()} · seq ${ev.seq}`;
+  when.title = ev.time;
+  outcome.append(label, when);
+  if (answered) {
+    const value = document.createElement("pre");
+    value.className = "answer";
+    value.textContent = JSON.stringify(ev.data.data, null, 2);
+    outcome.append(value);
+  }
+  card.querySelector("form")?.replaceWith(outcome);
+  if (!answered) showBanner(`Input request ${requestId} expired.`, "info");
 }
 
 // ---- connection and server stats ---------------------------------------------------------
@@ -318,7 +423,11 @@ async function refreshServerStats() {
     const s = await state.client.serverStats();
     dl.replaceChildren(
       ...row("node", s.node_id),
+      ...row("version", `${s.version ?? "?"} (${s.commit ?? "?"})`),
       ...row("uptime", `${s.uptime_s} s`),
+      ...row("streams", s.streams ?? "–"),
+      ...row("events", s.events ?? "–"),
+      ...row("open inputs", s.open_input_requests ?? "–"),
       ...row("SSE conns", s.connections?.sse ?? 0),
       ...row("WS conns", s.connections?.ws ?? 0),
       ...row("subscriptions", s.subscriptions),
@@ -391,15 +500,46 @@ function start() {
 
   $("stop-form").addEventListener("submit", async (e) => {
     e.preventDefault();
+    if (state.closed) return;
     const btn = $("stop-btn");
     btn.disabled = true;
     try {
       const ack = await state.client.stop(state.stream, $("stop-reason").value.trim() || undefined);
       showBanner(`Stop sent to ${state.stream}${ack?.first_seq ? ` (seq ${ack.first_seq})` : ""}.`, "info");
     } catch (err) {
-      report(err, `sending stop to ${state.stream}`);
+      if (err.code === "stream_closed") setClosed(true);
+      else report(err, `sending stop to ${state.stream}`);
     } finally {
-      btn.disabled = false;
+      btn.disabled = state.closed;
+    }
+  });
+
+  $("close-btn").addEventListener("click", async () => {
+    const stream = state.stream;
+    if (!stream || state.closed) return;
+    if (!confirm(`Close ${stream}? It takes no more events; readers see it end. This cannot be undone.`)) return;
+    try {
+      await state.client.closeStream(stream, "closed from the console");
+      setClosed(true);
+      showBanner(`Closed ${stream}.`, "info");
+      refreshStreams();
+    } catch (err) {
+      report(err, `closing ${stream}`);
+    }
+  });
+
+  $("delete-btn").addEventListener("click", async () => {
+    const stream = state.stream;
+    if (!stream) return;
+    if (!confirm(`Delete ${stream} and all its events? This cannot be undone.`)) return;
+    try {
+      await state.client.request("DELETE", `/v1/streams/${encodeURIComponent(stream)}`);
+      setClosed(true);
+      setStreamStatus("deleted", "closed");
+      showBanner(`Deleted ${stream}.`, "info");
+      refreshStreams();
+    } catch (err) {
+      report(err, `deleting ${stream}`);
     }
   });
 
@@ -413,7 +553,10 @@ function start() {
   const s = streamFromHash();
   if (s) watch(s);
   showConnection();
-  setInterval(showConnection, 1000);
+  setInterval(() => {
+    showConnection();
+    if (state.stream) showPace();
+  }, 1000);
   setInterval(refreshServerStats, 5000);
   setInterval(() => {
     refreshHead();

@@ -141,6 +141,8 @@ pub struct App {
 impl App {
     /// Opens the configured database (creating it if missing), migrates, and starts.
     pub async fn connect(config: Config) -> anyhow::Result<App> {
+        // Before opening the database: a refused configuration fails fast.
+        auth::check_credentials(&config)?;
         let db = Db::connect(
             config.database_url(),
             config.db_max_connections,

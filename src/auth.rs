@@ -1,7 +1,7 @@
 //! Who is calling, and what they may do. Every handler takes a `Principal` and checks the
 //! grant its action needs against the stream it touches, before touching anything.
 //!
-//! Grants (API.md "Credentials"): `read` (subscribe, replay, snapshot), `answer` (answer input
+//! Grants (README "Auth and limits"): `read` (subscribe, replay, snapshot), `answer` (answer input
 //! requests, send stop), `write` (append, close, create input requests; implies `answer`),
 //! `admin` (list all streams, delete, stats; implies everything).
 //!
@@ -240,6 +240,7 @@ pub struct Authenticator {
 
 impl Authenticator {
     pub fn from_config(config: &Config) -> anyhow::Result<Authenticator> {
+        check_credentials(config)?;
         let jwt = match config.jwt_secret.as_deref() {
             None => None,
             Some("") => anyhow::bail!("--jwt-secret / TAILCAST_JWT_SECRET is set but empty"),
@@ -250,7 +251,7 @@ impl Authenticator {
                     );
                 }
                 let mut v = Validation::new(Algorithm::HS256);
-                // Access ends exactly at `exp`, as API.md promises for long-lived connections.
+                // Access ends exactly at `exp`, as the README promises for long-lived connections.
                 v.leeway = 0;
                 v.validate_aud = false;
                 v.validate_nbf = true;
@@ -443,6 +444,24 @@ impl PublishRate {
 }
 
 /// Refuses to serve everyone anonymously on an address reachable from other machines.
+/// Refuses credentials that are set but empty (a typo in a deployment, not "no auth"), before
+/// anything else starts.
+pub fn check_credentials(config: &Config) -> anyhow::Result<()> {
+    if config.jwt_secret.as_deref() == Some("") {
+        anyhow::bail!(
+            "--jwt-secret / TAILCAST_JWT_SECRET is set but empty: give it a random secret of at \
+             least 32 bytes (e.g. `openssl rand -hex 32`), or unset it"
+        );
+    }
+    if config.admin_token.as_deref() == Some("") {
+        anyhow::bail!(
+            "--admin-token / TAILCAST_ADMIN_TOKEN is set but empty: give it a long random value, \
+             or unset it"
+        );
+    }
+    Ok(())
+}
+
 pub fn check_listen(config: &Config, addr: SocketAddr) -> anyhow::Result<()> {
     let anonymous = config.jwt_secret.is_none() && config.admin_token.is_none();
     if anonymous && !addr.ip().is_loopback() && !config.allow_anonymous {

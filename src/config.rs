@@ -2,7 +2,6 @@
 //! environment variable (and `DATABASE_URL`). Secrets are never printed by `Debug`.
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
@@ -14,46 +13,79 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://tailcast-data/tailcast.db";
 #[derive(Parser, Clone)]
 #[command(
     name = "tailcast",
-    version,
-    about = "Durable event streams over SSE and WebSocket"
+    version = crate::build::LONG_VERSION,
+    about = "Durable event streams over SSE and WebSocket",
+    after_help = "Every flag can also be set by the environment variable shown beside it. \
+                  Documentation: README.md, openapi.yaml and docs/websocket.md in the source."
 )]
 pub struct Config {
-    /// Address to listen on.
-    #[arg(long, env = "TAILCAST_LISTEN", default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
+    /// Address to listen on, HOST:PORT: an IP address (`0.0.0.0:8080`, `[::]:8080`) or a host
+    /// name (`localhost:8080`); port 0 picks a free port.
+    #[arg(
+        long,
+        env = "TAILCAST_LISTEN",
+        default_value = "127.0.0.1:8080",
+        help_heading = "Server"
+    )]
+    pub listen: String,
 
     /// The event log's database: postgres://… (the production store; created if missing; the
     /// only one for several nodes) or sqlite://PATH (embedded, one process). Without it,
     /// sqlite://tailcast-data/tailcast.db in the working directory.
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", help_heading = "Storage")]
     pub database_url: Option<String>,
 
     /// Largest pool of database connections.
-    #[arg(long, env = "TAILCAST_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    #[arg(
+        long,
+        env = "TAILCAST_DB_MAX_CONNECTIONS",
+        default_value_t = 16,
+        help_heading = "Storage"
+    )]
     pub db_max_connections: u32,
 
     /// Largest `data` of one event, in bytes.
-    #[arg(long, env = "TAILCAST_MAX_EVENT_BYTES", default_value_t = 1 << 20)]
+    #[arg(long, env = "TAILCAST_MAX_EVENT_BYTES", default_value_t = 1 << 20, help_heading = "Limits")]
     pub max_event_bytes: usize,
 
     /// Most events in one append.
-    #[arg(long, env = "TAILCAST_MAX_BATCH_EVENTS", default_value_t = 1000)]
+    #[arg(
+        long,
+        env = "TAILCAST_MAX_BATCH_EVENTS",
+        default_value_t = 1000,
+        help_heading = "Limits"
+    )]
     pub max_batch_events: usize,
 
     /// Largest append request body, in bytes.
-    #[arg(long, env = "TAILCAST_MAX_BATCH_BYTES", default_value_t = 8 << 20)]
+    #[arg(long, env = "TAILCAST_MAX_BATCH_BYTES", default_value_t = 8 << 20, help_heading = "Limits")]
     pub max_batch_bytes: usize,
 
     /// Most appends one group commit may take.
-    #[arg(long, env = "TAILCAST_APPENDER_MAX_BATCH", default_value_t = 2000)]
+    #[arg(
+        long,
+        env = "TAILCAST_APPENDER_MAX_BATCH",
+        default_value_t = 2000,
+        help_heading = "Storage"
+    )]
     pub appender_max_batch: usize,
 
     /// Events read from the log per page during catch-up and export.
-    #[arg(long, env = "TAILCAST_READ_PAGE", default_value_t = 1000)]
+    #[arg(
+        long,
+        env = "TAILCAST_READ_PAGE",
+        default_value_t = 1000,
+        help_heading = "Streaming"
+    )]
     pub read_page: i64,
 
     /// Live batches buffered per stream before a slow subscriber falls back to the log.
-    #[arg(long, env = "TAILCAST_LIVE_BUFFER", default_value_t = 1024)]
+    #[arg(
+        long,
+        env = "TAILCAST_LIVE_BUFFER",
+        default_value_t = 1024,
+        help_heading = "Streaming"
+    )]
     pub live_buffer: usize,
 
     /// Bytes of live events buffered per stream (on this node) for subscribers that have not
@@ -63,38 +95,78 @@ pub struct Config {
     pub live_buffer_bytes: usize,
 
     /// Seconds between SSE keep-alive comments.
-    #[arg(long, env = "TAILCAST_SSE_KEEPALIVE_S", default_value_t = 15)]
+    #[arg(
+        long,
+        env = "TAILCAST_SSE_KEEPALIVE_S",
+        default_value_t = 15,
+        help_heading = "Streaming"
+    )]
     pub sse_keepalive_s: u64,
 
     /// Reconnection delay suggested to EventSource clients (`retry:`), in milliseconds.
-    #[arg(long, env = "TAILCAST_SSE_RETRY_MS", default_value_t = 2000)]
+    #[arg(
+        long,
+        env = "TAILCAST_SSE_RETRY_MS",
+        default_value_t = 2000,
+        help_heading = "Streaming"
+    )]
     pub sse_retry_ms: u64,
 
     /// A client that accepts no bytes for this many seconds is disconnected (it resumes by cursor).
-    #[arg(long, env = "TAILCAST_WRITE_TIMEOUT_S", default_value_t = 30)]
+    #[arg(
+        long,
+        env = "TAILCAST_WRITE_TIMEOUT_S",
+        default_value_t = 30,
+        help_heading = "Streaming"
+    )]
     pub write_timeout_s: u64,
 
     /// Seconds the server waits for connections to finish at shutdown.
-    #[arg(long, env = "TAILCAST_SHUTDOWN_TIMEOUT_S", default_value_t = 10)]
+    #[arg(
+        long,
+        env = "TAILCAST_SHUTDOWN_TIMEOUT_S",
+        default_value_t = 10,
+        help_heading = "Server"
+    )]
     pub shutdown_timeout_s: u64,
 
     /// Log format: `text` or `json`.
-    #[arg(long, env = "TAILCAST_LOG_FORMAT", default_value = "text")]
+    #[arg(
+        long,
+        env = "TAILCAST_LOG_FORMAT",
+        default_value = "text",
+        help_heading = "Server"
+    )]
     pub log_format: String,
 
     /// Milliseconds between the WebSocket Ping frames the server sends; a connection silent
     /// for three times this is closed.
-    #[arg(long, env = "TAILCAST_WS_HEARTBEAT_MS", default_value_t = 30_000)]
+    #[arg(
+        long,
+        env = "TAILCAST_WS_HEARTBEAT_MS",
+        default_value_t = 30_000,
+        help_heading = "Streaming"
+    )]
     pub ws_heartbeat_ms: u64,
 
     /// Largest WebSocket message a client may send, in bytes (0: the batch limit plus 64 KiB,
     /// so any batch REST accepts also fits in a `publish`). Larger ones close with 1009.
-    #[arg(long, env = "TAILCAST_WS_MAX_MESSAGE_BYTES", default_value_t = 0)]
+    #[arg(
+        long,
+        env = "TAILCAST_WS_MAX_MESSAGE_BYTES",
+        default_value_t = 0,
+        help_heading = "Streaming"
+    )]
     pub ws_max_message_bytes: usize,
 
     /// Messages queued for one WebSocket before its subscriptions stop being read (they
     /// resume from the log once the client catches up).
-    #[arg(long, env = "TAILCAST_WS_SEND_QUEUE", default_value_t = 256)]
+    #[arg(
+        long,
+        env = "TAILCAST_WS_SEND_QUEUE",
+        default_value_t = 256,
+        help_heading = "Streaming"
+    )]
     pub ws_send_queue: usize,
 
     /// Bytes of messages queued for one WebSocket (and not yet written to its socket) before
@@ -103,40 +175,75 @@ pub struct Config {
     pub ws_send_queue_bytes: usize,
 
     /// Most subscriptions one WebSocket may hold at once.
-    #[arg(long, env = "TAILCAST_WS_MAX_SUBSCRIPTIONS", default_value_t = 1000)]
+    #[arg(
+        long,
+        env = "TAILCAST_WS_MAX_SUBSCRIPTIONS",
+        default_value_t = 1000,
+        help_heading = "Streaming"
+    )]
     pub ws_max_subscriptions: usize,
 
     /// How long an input request stays open when it gives no `timeout_ms`.
-    #[arg(long, env = "TAILCAST_INPUT_TIMEOUT_MS", default_value_t = 600_000)]
+    #[arg(
+        long,
+        env = "TAILCAST_INPUT_TIMEOUT_MS",
+        default_value_t = 600_000,
+        help_heading = "Input requests"
+    )]
     pub input_timeout_ms: u64,
 
     /// Milliseconds between passes that expire due input requests (and repair announcements
     /// a crash interrupted).
-    #[arg(long, env = "TAILCAST_INPUT_SWEEP_MS", default_value_t = 1000)]
+    #[arg(
+        long,
+        env = "TAILCAST_INPUT_SWEEP_MS",
+        default_value_t = 1000,
+        help_heading = "Input requests"
+    )]
     pub input_sweep_ms: u64,
 
     /// How long a Durable Streams long-poll read (`/v1/stream/{name}?live=long-poll`) waits
     /// for new data before answering 204.
-    #[arg(long, env = "TAILCAST_DS_LONG_POLL_MS", default_value_t = 20_000)]
+    #[arg(
+        long,
+        env = "TAILCAST_DS_LONG_POLL_MS",
+        default_value_t = 20_000,
+        help_heading = "Streaming"
+    )]
     pub ds_long_poll_ms: u64,
 
     /// This node's name in stats and logs (default: a random id).
-    #[arg(long, env = "TAILCAST_NODE_ID")]
+    #[arg(long, env = "TAILCAST_NODE_ID", help_heading = "Server")]
     pub node_id: Option<String>,
 
     /// PostgreSQL URL for this node's LISTEN session, when `DATABASE_URL` goes through a
     /// transaction-mode pooler (which drops LISTEN); default: the same as `DATABASE_URL`.
-    #[arg(long, env = "TAILCAST_LISTEN_DATABASE_URL", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "TAILCAST_LISTEN_DATABASE_URL",
+        hide_env_values = true,
+        help_heading = "Storage"
+    )]
     pub listen_database_url: Option<String>,
 
     /// Milliseconds an operation waits for a database connection before failing with 503
     /// `unavailable`.
-    #[arg(long, env = "TAILCAST_DB_ACQUIRE_TIMEOUT_MS", default_value_t = 2000)]
+    #[arg(
+        long,
+        env = "TAILCAST_DB_ACQUIRE_TIMEOUT_MS",
+        default_value_t = 2000,
+        help_heading = "Storage"
+    )]
     pub db_acquire_timeout_ms: u64,
 
     /// First delay, in milliseconds, before re-establishing a lost LISTEN connection (or
     /// re-probing an unreachable database); doubled per failure up to 5 s.
-    #[arg(long, env = "TAILCAST_RECONNECT_DELAY_MS", default_value_t = 100)]
+    #[arg(
+        long,
+        env = "TAILCAST_RECONNECT_DELAY_MS",
+        default_value_t = 100,
+        help_heading = "Storage"
+    )]
     pub reconnect_delay_ms: u64,
 
     /// Seconds an append may wait for a stream's row lock held by another transaction
@@ -157,70 +264,126 @@ pub struct Config {
 
     /// Default retention: events older than this many seconds are removed (0: keep forever).
     /// Streams may override it (`PUT /v1/streams/{stream}/retention`).
-    #[arg(long, env = "TAILCAST_RETENTION_MAX_AGE_S", default_value_t = 0)]
+    #[arg(
+        long,
+        env = "TAILCAST_RETENTION_MAX_AGE_S",
+        default_value_t = 0,
+        help_heading = "Retention"
+    )]
     pub retention_max_age_s: i64,
 
     /// Default retention: only the newest this many events of a stream are kept (0: all).
-    #[arg(long, env = "TAILCAST_RETENTION_MAX_EVENTS", default_value_t = 0)]
+    #[arg(
+        long,
+        env = "TAILCAST_RETENTION_MAX_EVENTS",
+        default_value_t = 0,
+        help_heading = "Retention"
+    )]
     pub retention_max_events: i64,
 
     /// Milliseconds between retention passes.
-    #[arg(long, env = "TAILCAST_RETENTION_INTERVAL_MS", default_value_t = 60_000)]
+    #[arg(
+        long,
+        env = "TAILCAST_RETENTION_INTERVAL_MS",
+        default_value_t = 60_000,
+        help_heading = "Retention"
+    )]
     pub retention_interval_ms: u64,
 
     /// Most events one retention statement deletes (keeps each transaction short).
-    #[arg(long, env = "TAILCAST_RETENTION_BATCH", default_value_t = 10_000)]
+    #[arg(
+        long,
+        env = "TAILCAST_RETENTION_BATCH",
+        default_value_t = 10_000,
+        help_heading = "Retention"
+    )]
     pub retention_batch: i64,
-    /// Secret for HS256 JWTs (API.md "Credentials"). With it or an admin token, every `/v1`
-    /// request needs a token.
-    #[arg(long, env = "TAILCAST_JWT_SECRET", hide_env_values = true)]
+    /// Secret for HS256 JWTs (README "Auth and limits"). With it or an admin token, every
+    /// `/v1` request needs a token.
+    #[arg(
+        long,
+        env = "TAILCAST_JWT_SECRET",
+        hide_env_values = true,
+        help_heading = "Auth"
+    )]
     pub jwt_secret: Option<String>,
 
     /// A static bearer token with every grant, for operators.
-    #[arg(long, env = "TAILCAST_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "TAILCAST_ADMIN_TOKEN",
+        hide_env_values = true,
+        help_heading = "Auth"
+    )]
     pub admin_token: Option<String>,
 
     /// Serve without credentials on a non-loopback address (everyone may do everything).
-    #[arg(long, env = "TAILCAST_ALLOW_ANONYMOUS")]
+    #[arg(long, env = "TAILCAST_ALLOW_ANONYMOUS", help_heading = "Auth")]
     pub allow_anonymous: bool,
 
     /// Browser origins allowed by CORS and for WebSocket connections, comma-separated
     /// (`*` = any). Without it only same-origin browser WebSockets are accepted.
-    #[arg(long, env = "TAILCAST_CORS_ORIGINS", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "TAILCAST_CORS_ORIGINS",
+        value_delimiter = ',',
+        help_heading = "Auth"
+    )]
     pub cors_origins: Vec<String>,
 
     /// Most open connections from one client IP address (0 = no limit).
     #[arg(
         long,
         env = "TAILCAST_MAX_CONNECTIONS_PER_CLIENT",
-        default_value_t = 1024
+        default_value_t = 1024,
+        help_heading = "Limits"
     )]
     pub max_connections_per_client: usize,
 
     /// Publishes (appends, closes, input requests) per second per token subject, or per
     /// client address when anonymous (0 = no limit).
-    #[arg(long, env = "TAILCAST_PUBLISH_RATE", default_value_t = 0.0)]
+    #[arg(
+        long,
+        env = "TAILCAST_PUBLISH_RATE",
+        default_value_t = 0.0,
+        help_heading = "Limits"
+    )]
     pub publish_rate: f64,
 
     /// Publishes a caller may make in a burst above the rate.
-    #[arg(long, env = "TAILCAST_PUBLISH_BURST", default_value_t = 100)]
+    #[arg(
+        long,
+        env = "TAILCAST_PUBLISH_BURST",
+        default_value_t = 100,
+        help_heading = "Limits"
+    )]
     pub publish_burst: u32,
 
     /// Longest request target (path and query), in bytes: longer gets 414.
-    #[arg(long, env = "TAILCAST_MAX_URL_BYTES", default_value_t = 8 << 10)]
+    #[arg(long, env = "TAILCAST_MAX_URL_BYTES", default_value_t = 8 << 10, help_heading = "Limits")]
     pub max_url_bytes: usize,
 
     /// Largest total of request header names and values, in bytes: larger gets 431.
-    #[arg(long, env = "TAILCAST_MAX_HEADER_BYTES", default_value_t = 16 << 10)]
+    #[arg(long, env = "TAILCAST_MAX_HEADER_BYTES", default_value_t = 16 << 10, help_heading = "Limits")]
     pub max_header_bytes: usize,
 
     /// Seconds a client has to send a request's headers; slower connections are closed.
     /// It also bounds how long an idle keep-alive connection stays open.
-    #[arg(long, env = "TAILCAST_HEADER_TIMEOUT_S", default_value_t = 30)]
+    #[arg(
+        long,
+        env = "TAILCAST_HEADER_TIMEOUT_S",
+        default_value_t = 30,
+        help_heading = "Limits"
+    )]
     pub header_timeout_s: u64,
 
     /// Seconds a client has to send a whole request body: slower gets 408.
-    #[arg(long, env = "TAILCAST_BODY_TIMEOUT_S", default_value_t = 30)]
+    #[arg(
+        long,
+        env = "TAILCAST_BODY_TIMEOUT_S",
+        default_value_t = 30,
+        help_heading = "Limits"
+    )]
     pub body_timeout_s: u64,
 }
 
@@ -284,7 +447,7 @@ impl Config {
     pub fn for_database(url: &str) -> Self {
         let mut c = Config::parse_from(["tailcast"]);
         c.database_url = Some(url.to_owned());
-        c.listen = "127.0.0.1:0".parse().expect("literal address");
+        c.listen = "127.0.0.1:0".to_owned();
         c
     }
 }

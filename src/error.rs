@@ -307,7 +307,7 @@ impl Error {
         self.status().canonical_reason().unwrap_or("Error")
     }
 
-    /// The problem+json body of API.md.
+    /// The problem+json body (openapi.yaml `Problem`).
     pub fn problem(&self) -> Value {
         let mut body = Map::new();
         body.insert("type".into(), json!("about:blank"));

@@ -13,12 +13,14 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod build;
 pub mod config;
 pub mod error;
 pub mod live;
 pub mod log;
 pub mod metrics;
 pub mod net;
+pub mod startup;
 
 pub use app::{App, AppState};
 pub use config::Config;

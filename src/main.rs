@@ -1,28 +1,45 @@
 //! The `tailcast` binary: read the configuration, set up logging, bind, serve.
 
-use clap::Parser;
-use tailcast::{App, Config};
-use tokio::net::TcpListener;
-use tracing_subscriber::EnvFilter;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+use clap::Parser;
+use tailcast::{startup, App, Config};
+
+fn main() -> ExitCode {
     let config = Config::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    if config.log_format == "json" {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
-    tracing::info!(?config, "starting tailcast");
-    let listener = TcpListener::bind(config.listen).await?;
+    let logs = startup::init_logging(config.log_format == "json");
+    let result = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(config)));
+    let code = match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            // Not `eprintln!`, which panics when stderr is closed.
+            let _ = writeln!(std::io::stderr(), "Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    };
+    logs.flush(Duration::from_secs(1));
+    code
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    tracing::info!(
+        version = tailcast::build::LONG_VERSION,
+        ?config,
+        "starting tailcast"
+    );
     // Before connecting to the database: a refused configuration should fail fast.
-    tailcast::auth::check_listen(&config, listener.local_addr()?)?;
+    tailcast::auth::check_credentials(&config)?;
+    let listener = startup::bind(&config.listen).await?;
+    let addr = listener.local_addr()?;
+    tailcast::auth::check_listen(&config, addr)?;
     let app = App::connect(config).await?;
-    tracing::info!(addr = %listener.local_addr()?, "listening");
+    tracing::info!(addr = %addr, "listening");
+    tracing::info!("web console: http://{addr}/console/");
     app.serve(listener, shutdown_signal()).await
 }
 

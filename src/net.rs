@@ -75,7 +75,7 @@ impl Conn {
             if e.kind() == io::ErrorKind::TimedOut && !self.timed_out {
                 self.timed_out = true;
                 tracing::warn!(peer = %self.peer, "disconnecting a client that accepted no bytes for the write timeout (slow consumer)");
-                metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS).increment(1);
+                metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS, "transport" => "http").increment(1);
             }
         }
         res

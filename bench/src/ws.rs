@@ -1,4 +1,4 @@
-//! WebSocket client helpers for the `/v1/ws` protocol of API.md.
+//! WebSocket client helpers for the `/v1/ws` protocol of docs/websocket.md.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;

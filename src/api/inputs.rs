@@ -201,7 +201,7 @@ async fn create(
     };
     let seq = res.first_seq;
     store::set_seq(&app.db, stream_id, &request_id, seq).await?;
-    metrics::counter!(m::INPUT_REQUESTS, "event" => "requested").increment(1);
+    metrics::counter!(m::INPUT_REQUESTS, "outcome" => "requested").increment(1);
     let body = json!({
         "request_id": request_id,
         "seq": seq,
@@ -338,7 +338,7 @@ pub async fn announce(app: &AppState, row: &InputRow) -> Result<AppendResult> {
             store::mark_announced(&app.db, row.stream_id, &row.request_id, Some(res.first_seq))
                 .await?;
             if !res.events.iter().any(|e| e.duplicate) {
-                metrics::counter!(m::INPUT_REQUESTS, "event" => row.status.as_str()).increment(1);
+                metrics::counter!(m::INPUT_REQUESTS, "outcome" => row.status.as_str()).increment(1);
             }
             Ok(res)
         }

@@ -11,8 +11,11 @@ use serde_json::json;
 
 use crate::app::AppState;
 use crate::auth::Principal;
+use crate::build;
 use crate::error::Result;
 use crate::log::db::on_db;
+use crate::log::stats;
+use crate::metrics as m;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -71,6 +74,12 @@ async fn readyz(State(app): State<AppState>) -> Response {
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
+    m::refresh_process();
+    for (pool, size, idle, max) in app.db.pool_stats() {
+        metrics::gauge!(m::DB_POOL_CONNECTIONS, "pool" => pool).set(f64::from(size));
+        metrics::gauge!(m::DB_POOL_IDLE, "pool" => pool).set(idle as f64);
+        metrics::gauge!(m::DB_POOL_MAX, "pool" => pool).set(f64::from(max));
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.prometheus.render(),
@@ -81,8 +90,21 @@ async fn metrics(State(app): State<AppState>) -> Response {
 async fn stats(State(app): State<AppState>, who: Principal) -> Result<Response> {
     who.check_admin()?;
     let c = &app.connections;
+    // Unavailable while the database is down: the rest of the stats still help then.
+    let totals = match app.health.is_down() {
+        true => None,
+        false => stats::totals(&app.db)
+            .await
+            .inspect_err(|e| tracing::warn!(error = %e, "stats: could not count streams"))
+            .ok(),
+    };
     Ok(Json(json!({
         "node_id": &*app.node_id,
+        "version": build::VERSION,
+        "commit": build::COMMIT,
+        "streams": totals.map(|t| t.streams),
+        "events": totals.map(|t| t.events),
+        "open_input_requests": totals.map(|t| t.open_input_requests),
         "uptime_s": app.started.elapsed().as_secs(),
         "connections": {
             "sse": c.sse.load(Ordering::Relaxed),

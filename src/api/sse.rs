@@ -231,7 +231,7 @@ struct SseState<F> {
     shutdown: CancellationToken,
     first: Option<Bytes>,
     done: bool,
-    /// When the caller's token expires: the response ends there (API.md "Auth").
+    /// When the caller's token expires: the response ends there (README "Auth and limits").
     expiry: Option<Instant>,
     _conn: ConnectionGuard,
 }

@@ -205,7 +205,7 @@ impl Connection {
         let mut ticks = interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut heard = Instant::now();
-        // Auth: the token's `exp` ends this connection's access (API.md "Auth").
+        // Auth: the token's `exp` ends this connection's access (README "Auth and limits").
         let who = self.who.clone();
         let expiry = who.expired();
         tokio::pin!(expiry);

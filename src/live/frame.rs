@@ -12,7 +12,7 @@ use crate::log::model::{encode_envelope_locating_data, StoredEvent};
 pub struct Frame {
     pub seq: i64,
     pub ty: String,
-    /// The envelope of API.md; byte-identical live and on replay.
+    /// The event envelope (openapi.yaml `Envelope`); byte-identical live and on replay.
     pub envelope: Bytes,
     /// When the event was committed, if it came through this node's live path (for the
     /// commit-to-send latency metric).

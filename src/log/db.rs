@@ -100,15 +100,58 @@ impl Db {
                 url.split(['@', '?']).next().unwrap_or_default()
             );
         }
-        if let Err(e) = super::store::ensure_database(url).await {
-            tracing::warn!(error = %e, "could not check or create the database");
+        let opts: sqlx::postgres::PgConnectOptions = url
+            .parse()
+            .context("invalid --database-url / DATABASE_URL")?;
+        let server = format!("{}:{}", opts.get_host(), opts.get_port());
+        let unreachable = |e: &dyn std::fmt::Display| {
+            anyhow::anyhow!(
+                "cannot connect to PostgreSQL at {server}: {e}. Is PostgreSQL running and \
+                 accepting TCP connections there? Check --database-url / DATABASE_URL (or unset \
+                 it to use the embedded SQLite store)"
+            )
+        };
+        match super::store::ensure_database(url).await {
+            Ok(()) => {}
+            // Nothing answers: waiting for the pool would only hide the cause behind a timeout.
+            Err(sqlx::Error::Io(e)) => return Err(unreachable(&e)),
+            Err(e) => tracing::warn!(error = %e, "could not check or create the database"),
         }
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(2))
             .acquire_timeout(acquire_timeout)
-            .connect(url)
-            .await?;
+            .connect_with(opts)
+            .await
+            .map_err(|e| match e {
+                sqlx::Error::PoolTimedOut => {
+                    unreachable(&"no connection within the acquire timeout")
+                }
+                sqlx::Error::Io(e) => unreachable(&e),
+                e => anyhow::Error::from(e).context(format!("cannot open PostgreSQL at {server}")),
+            })?;
         Ok(Db::Postgres(pool))
+    }
+
+    /// Each connection pool's name, open connections, idle connections and limit.
+    pub fn pool_stats(&self) -> Vec<(&'static str, u32, usize, u32)> {
+        fn stats<DB: sqlx::Database>(
+            name: &'static str,
+            p: &sqlx::Pool<DB>,
+        ) -> (&'static str, u32, usize, u32) {
+            (
+                name,
+                p.size(),
+                p.num_idle(),
+                p.options().get_max_connections(),
+            )
+        }
+        match self {
+            Db::Postgres(pool) => vec![stats("postgres", pool)],
+            Db::Sqlite(lite) => vec![
+                stats("writer", lite.writer()),
+                stats("reader", lite.reader()),
+            ],
+        }
     }
 
     pub fn is_sqlite(&self) -> bool {

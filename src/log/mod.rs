@@ -8,6 +8,7 @@ pub mod health;
 pub mod inputs;
 pub mod model;
 pub mod retention;
+pub mod stats;
 pub mod store;
 
 pub use appender::{AppendResult, AppendSpec, Appender, AppenderSettings, CommitSink, Committed};

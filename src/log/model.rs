@@ -149,7 +149,7 @@ fn put_json_str(buf: &mut BytesMut, s: &str) {
     serde_json::to_writer(buf.writer(), s).expect("string serialisation");
 }
 
-/// The envelope of API.md, encoded once: `{"stream","seq","type","data","id"?,"key"?,"time"}`.
+/// The event envelope (openapi.yaml `Envelope`), encoded once: `{"stream","seq","type","data","id"?,"key"?,"time"}`.
 /// An event holding a byte payload carries it as a base64 string in `data`, followed by
 /// `"encoding":"base64"`.
 pub fn encode_envelope(stream: &str, ev: &StoredEvent) -> Bytes {

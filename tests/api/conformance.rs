@@ -1,4 +1,4 @@
-//! Conformance with API.md, checked the way an external client sees the wire: raw response
+//! Conformance with the README and openapi.yaml, checked the way an external client sees the wire: raw response
 //! text where the contract shows a shape, and the state a refused request leaves behind.
 
 use jsonwebtoken::{encode, EncodingKey, Header};

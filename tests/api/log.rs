@@ -107,7 +107,7 @@ async fn concurrent_retries_of_one_id_store_it_once(db: TestDb) {
     }
 }
 
-/// The error body API.md promises, with the content type.
+/// The error body openapi.yaml promises, with the content type.
 async fn problem(res: reqwest::Response, status: u16, code: &str) -> Value {
     assert_eq!(res.status(), status, "status for {code}");
     assert_eq!(

@@ -1,4 +1,4 @@
-//! Server-Sent Events as API.md specifies them, read with a real SSE parser and, where the
+//! Server-Sent Events as openapi.yaml specifies them, read with a real SSE parser and, where the
 //! framing itself is the point, as raw bytes.
 
 use serde_json::{json, Value};

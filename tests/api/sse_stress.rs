@@ -248,7 +248,9 @@ async fn a_reader_that_stops_for_good_is_disconnected_and_resumes_by_cursor(db: 
 async fn slow_disconnects(app: &TestApp) -> u64 {
     let text = app.get("/metrics").await.text().await.unwrap();
     text.lines()
-        .find_map(|l| l.strip_prefix("tailcast_slow_consumer_disconnects_total "))
+        .find_map(|l| {
+            l.strip_prefix("tailcast_slow_consumer_disconnects_total{transport=\"http\"} ")
+        })
         .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
 }
 

@@ -188,7 +188,11 @@ describe("console", () => {
     const answeredRow = page.locator('#events li[data-type="input.answered"]');
     await answeredRow.waitFor({ timeout: 10000 });
     assert.match(await answeredRow.locator(".desc").textContent(), /deploy-512/);
-    await waitFor(async () => (await card.count()) === 0, "the answered request's form to go");
+    // The card stays, the form replaced by the outcome: the answer and when it was given.
+    await waitFor(async () => (await card.getAttribute("data-status")) === "answered", "the card marked answered");
+    assert.equal(await card.locator("form").count(), 0);
+    assert.equal(await card.locator(".outcome .pill").textContent(), "answered");
+    assert.match(await card.locator(".outcome .muted").textContent(), /seq 4$/);
     const events = await server.readAll(stream);
     const answered = events.filter((e) => e.type === "input.answered");
     assert.equal(answered.length, 1);
@@ -200,8 +204,10 @@ describe("console", () => {
       replicas: 3,
       labels: ["canary", "eu"],
     });
+    assert.deepEqual(JSON.parse(await card.locator(".outcome .answer").textContent()), answered[0].data.data);
     await screenshot(page, "console-input-answered.png");
-    assert.equal(await page.locator("#inputs").isHidden(), true);
+    assert.equal(await page.locator("#inputs").isVisible(), true);
+    assert.equal(await card.isVisible(), true);
     assert.deepEqual(page.errors, []);
     await page.close();
   });
@@ -224,6 +230,29 @@ describe("console", () => {
     assert.equal(events[1].data.reason, "user cancelled");
     await waitFor(async () => /Stop sent/.test(await page.textContent("#banner")), "the confirmation");
     await screenshot(page, "console-stop.png");
+
+    // Close, after a confirmation: Stop and Close are then disabled, with no error shown.
+    const dialogs = [];
+    page.on("dialog", (d) => {
+      dialogs.push(d.message());
+      d.accept();
+    });
+    await page.click("#close-btn");
+    await waitFor(async () => (await page.textContent("#stream-status")) === "closed", "the closed status");
+    assert.match(dialogs[0], /^Close stop:me\?/);
+    assert.equal(await page.isDisabled("#stop-btn"), true);
+    assert.equal(await page.isDisabled("#close-btn"), true);
+    assert.equal(await page.isVisible("#banner.error"), false, await page.textContent("#banner"));
+    assert.deepEqual((await server.readAll(stream)).map((e) => e.type), ["token", "control.stop", "stream.closed"]);
+    await screenshot(page, "console-closed.png");
+
+    // Delete, after a confirmation: the stream is gone, from the server and the list.
+    await page.click("#delete-btn");
+    await waitFor(async () => (await page.textContent("#stream-status")) === "deleted", "the deleted status");
+    assert.match(dialogs[1], /^Delete stop:me and all its events\?/);
+    assert.equal((await server.fetch("GET", `/v1/streams/${stream}`)).status, 404);
+    await waitFor(async () => (await page.$$('#streams li[data-stream="stop:me"]')).length === 0, "the stream gone from the list");
+    assert.deepEqual(page.errors, []);
     await page.close();
   });
 
@@ -244,9 +273,33 @@ describe("console", () => {
     await page.click('#streams li[data-stream="filter:beta"] a');
     await waitFor(async () => (await page.textContent("#stream-status")) === "closed", "the closed status");
     assert.deepEqual(await rowSeqs(page), [1, 2]);
+    // Nothing to stop or close on a closed stream: the buttons say so before anyone clicks.
+    assert.equal(await page.isDisabled("#stop-btn"), true);
+    assert.equal(await page.isDisabled("#close-btn"), true);
+    // Each stream shows its last activity.
+    assert.match(await page.textContent('#streams li[data-stream="filter:alpha"] .when'), /^\d+ s ago$/);
     assert.equal(await page.locator('#events li[data-type="stream.closed"] .desc').textContent(), "stream closed: done");
     await page.fill("#filter", "nothing-here:");
     await waitFor(async () => /No stream starts with/.test(await page.textContent("#streams")), "the empty-list message");
+    await page.close();
+  });
+
+  test("pace: tokens per second, time to first token and last activity of the followed stream", async () => {
+    const stream = "pace:run";
+    await server.append(stream, { type: "status", data: "thinking" });
+    const page = await openConsole(stream);
+    assert.equal(await page.textContent("#pace-rate"), "–");
+    assert.equal(await page.textContent("#pace-ttft"), "–");
+    for (let i = 0; i < 8; i++) {
+      await server.append(stream, { type: "token", data: { text: `t${i} ` } });
+    }
+    await waitFor(async () => (await rowSeqs(page)).length === 9, "9 rows");
+    await waitFor(async () => /^\d+\.\d$/.test(await page.textContent("#pace-rate")), "a token rate");
+    assert.ok(Number(await page.textContent("#pace-rate")) > 0);
+    assert.match(await page.textContent("#pace-ttft"), /^\d+\.\d\d s$/);
+    assert.match(await page.textContent("#pace-last"), /^\d+ s ago$/);
+    await screenshot(page, "console-pace.png");
+    assert.deepEqual(page.errors, []);
     await page.close();
   });
 
