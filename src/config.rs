@@ -91,7 +91,12 @@ pub struct Config {
     /// Bytes of live events buffered per stream (on this node) for subscribers that have not
     /// taken them yet; one that falls further behind re-reads the log. The newest batch is
     /// always kept, whatever its size.
-    #[arg(long, env = "TAILCAST_LIVE_BUFFER_BYTES", default_value_t = 4 << 20)]
+    #[arg(
+        long,
+        env = "TAILCAST_LIVE_BUFFER_BYTES",
+        default_value_t = 4 << 20,
+        help_heading = "Streaming"
+    )]
     pub live_buffer_bytes: usize,
 
     /// Seconds between SSE keep-alive comments.
@@ -171,7 +176,12 @@ pub struct Config {
 
     /// Bytes of messages queued for one WebSocket (and not yet written to its socket) before
     /// its subscriptions stop being read; at least one message is always let through.
-    #[arg(long, env = "TAILCAST_WS_SEND_QUEUE_BYTES", default_value_t = 1 << 20)]
+    #[arg(
+        long,
+        env = "TAILCAST_WS_SEND_QUEUE_BYTES",
+        default_value_t = 1 << 20,
+        help_heading = "Streaming"
+    )]
     pub ws_send_queue_bytes: usize,
 
     /// Most subscriptions one WebSocket may hold at once.
@@ -249,7 +259,12 @@ pub struct Config {
     /// Seconds an append may wait for a stream's row lock held by another transaction
     /// (PostgreSQL `lock_timeout`; 0: forever). Past it the append fails with 503
     /// `unavailable` and nothing is stored.
-    #[arg(long, env = "TAILCAST_LOCK_TIMEOUT_S", default_value_t = 10)]
+    #[arg(
+        long,
+        env = "TAILCAST_LOCK_TIMEOUT_S",
+        default_value_t = 10,
+        help_heading = "Storage"
+    )]
     pub lock_timeout_s: u64,
 
     /// Seconds a write transaction's session may sit idle inside it before PostgreSQL ends
@@ -258,7 +273,8 @@ pub struct Config {
     #[arg(
         long,
         env = "TAILCAST_IDLE_IN_TRANSACTION_TIMEOUT_S",
-        default_value_t = 5
+        default_value_t = 5,
+        help_heading = "Storage"
     )]
     pub idle_in_transaction_timeout_s: u64,
 
