@@ -65,6 +65,13 @@ __all__ = [
     "Unavailable",
     "ShuttingDown",
     "OutcomeUnknown",
+    "StreamExists",
+    "ContentTypeMismatch",
+    "WriterSeqConflict",
+    "ProducerSeqGap",
+    "StaleProducerEpoch",
+    "StreamGone",
+    "OffsetGone",
     "StreamNotice",
     "StreamGap",
     "StreamReset",
@@ -246,6 +253,35 @@ class AlreadySubscribed(Conflict):
     pass
 
 
+# The Durable Streams surface (/v1/stream/...; docs/durable-streams.md).
+class StreamExists(Conflict):
+    """A Durable Streams stream exists already with another configuration."""
+
+
+class ContentTypeMismatch(Conflict):
+    """The append's content type is not the Durable Streams stream's."""
+
+
+class WriterSeqConflict(Conflict):
+    """``Stream-Seq`` is not after the last one accepted."""
+
+
+class ProducerSeqGap(Conflict):
+    """An idempotent producer's sequence number skipped ahead."""
+
+
+class StaleProducerEpoch(Forbidden):
+    """An idempotent producer's epoch is older than the current one."""
+
+
+class StreamGone(ApiError):
+    """410: the Durable Streams stream was deleted or expired."""
+
+
+class OffsetGone(ApiError):
+    """410: the offset is before what retention kept."""
+
+
 # 410
 class InputExpired(ApiError):
     """The input request expired before it was answered."""
@@ -409,6 +445,13 @@ ERROR_CODES: Dict[str, Type[ApiError]] = {
     "unavailable": Unavailable,
     "shutting_down": ShuttingDown,
     "outcome_unknown": OutcomeUnknown,
+    "stream_exists": StreamExists,
+    "content_type_mismatch": ContentTypeMismatch,
+    "writer_seq_conflict": WriterSeqConflict,
+    "producer_seq_gap": ProducerSeqGap,
+    "stale_producer_epoch": StaleProducerEpoch,
+    "stream_gone": StreamGone,
+    "offset_gone": OffsetGone,
 }
 
 _BY_STATUS: Dict[int, Type[ApiError]] = {
