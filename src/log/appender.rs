@@ -427,6 +427,24 @@ fn commit_in_doubt(e: &sqlx::Error) -> bool {
     }
 }
 
+/// The outcome of a batch's COMMIT: a failure that may nevertheless have committed is resolved
+/// by the commit `token` the batch wrote (None: it wrote none, so nothing can be lost).
+async fn settle(
+    db: &Db,
+    health: &DbHealth,
+    token: Option<uuid::Uuid>,
+    committed: Result<(), sqlx::Error>,
+) -> Result<(), Failure> {
+    match (committed, token) {
+        (Ok(()), _) => Ok(()),
+        (Err(e), Some(token)) if commit_in_doubt(&e) => {
+            health.mark_down();
+            resolve_in_doubt(db, token, e).await
+        }
+        (Err(e), _) => Err(e.into()),
+    }
+}
+
 /// The connection died during COMMIT, so the transaction may or may not have committed.
 /// Asks the database (on another connection) whether the batch's commit token is there, so
 /// that callers hear the truth: success only if it is durable, `unavailable` only if nothing
@@ -550,14 +568,7 @@ async fn commit(
     let payloads = store::notify_payloads(node, &announced);
     let token = uuid::Uuid::new_v4();
     let marked = store::notify_and_mark(&mut tx, &payloads, token).await?;
-    match tx.commit().await {
-        Ok(()) => {}
-        Err(e) if marked && commit_in_doubt(&e) => {
-            health.mark_down();
-            resolve_in_doubt(db, token, e).await?;
-        }
-        Err(e) => return Err(e.into()),
-    }
+    settle(db, health, marked.then_some(token), tx.commit().await).await?;
     Ok(Plan {
         outcomes,
         heads,
@@ -612,14 +623,7 @@ async fn commit_postgres(
     }
     // The token is in the transaction exactly when it wrote something.
     let marked = !written.is_empty();
-    match tx.commit().await {
-        Ok(()) => {}
-        Err(e) if marked && commit_in_doubt(&e) => {
-            health.mark_down();
-            resolve_in_doubt(db, token, e).await?;
-        }
-        Err(e) => return Err(e.into()),
-    }
+    settle(db, health, marked.then_some(token), tx.commit().await).await?;
     Ok(Plan {
         outcomes,
         heads,
