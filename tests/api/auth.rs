@@ -200,6 +200,13 @@ fn endpoints() -> Vec<Endpoint> {
         ),
         ep(
             Method::GET,
+            "/v1/streams/{s}/presence",
+            None,
+            Needs::Read,
+            StatusCode::OK,
+        ),
+        ep(
+            Method::GET,
             "/v1/streams/{s}/sse?after=0",
             None,
             Needs::Read,
