@@ -448,8 +448,7 @@ impl Connection {
                 // `subscribed` must precede the stream's first event: send it before the
                 // subscription joins the map that events are read from.
                 send(&self.out, reply("subscribed", reference, body)).await;
-                self.subs
-                    .insert(stream, sub_stream(sub, follower, watch));
+                self.subs.insert(stream, sub_stream(sub, follower, watch));
                 Ok(None)
             }
             Op::Unsubscribe { stream } => {
@@ -482,8 +481,7 @@ impl Connection {
             }
             Op::Stop { stream, reason } => {
                 self.who.check(Grant::Answer, &stream)?;
-                let res =
-                    inputs::stop(app, &self.who, stream, reason.map(RawValue::get)).await?;
+                let res = inputs::stop(app, &self.who, stream, reason.map(RawValue::get)).await?;
                 Ok(Some(reply("ack", reference, res)))
             }
             Op::Presence { stream, limit } => {

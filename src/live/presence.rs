@@ -20,8 +20,8 @@ use chrono::Utc;
 use serde::Serialize;
 use tokio::sync::{broadcast, Notify};
 
-pub use crate::log::presence::Member;
 use crate::log::model::wire_time;
+pub use crate::log::presence::Member;
 use crate::log::StreamName;
 
 /// Notices one stream's watchers may have unread before the slowest is told to re-read.
@@ -311,7 +311,9 @@ mod tests {
         let mut rx = p.watch(&s);
         let g = p.join(&s, "c1", "sse", Some("alice"), None);
         assert_eq!(p.local_total(), 1);
-        assert!(matches!(rx.try_recv().unwrap(), Notice::Join(m) if m.sub.as_deref() == Some("alice")));
+        assert!(
+            matches!(rx.try_recv().unwrap(), Notice::Join(m) if m.sub.as_deref() == Some("alice"))
+        );
         drop(g);
         assert!(matches!(rx.try_recv().unwrap(), Notice::Leave(m) if m.connection_id == "c1"));
         assert_eq!(p.local_total(), 0);

@@ -293,7 +293,15 @@ mod tests {
         let p = Presence::new("n1".into(), true);
         let s = StreamName::parse("run:1").unwrap();
         let guards: Vec<_> = (0..300)
-            .map(|i| p.join(&s, &format!("connection-{i:04}"), "sse", Some("someone"), None))
+            .map(|i| {
+                p.join(
+                    &s,
+                    &format!("connection-{i:04}"),
+                    "sse",
+                    Some("someone"),
+                    None,
+                )
+            })
             .collect();
         let changes = p.take_pending();
         let out = announce("n1", &changes);
@@ -337,11 +345,16 @@ mod tests {
         let g = there.join(&s, "c1", "ws", None, Some("tab"));
         let sent = announce("there", &there.take_pending());
         received(&here, &sent[0]);
-        assert!(matches!(rx.try_recv().unwrap(), Notice::Join(m) if m.label.as_deref() == Some("tab")));
+        assert!(
+            matches!(rx.try_recv().unwrap(), Notice::Join(m) if m.label.as_deref() == Some("tab"))
+        );
         drop(g);
         let own = announce("here", &there.take_pending());
         received(&here, &own[0]);
-        assert!(rx.try_recv().is_err(), "a node's own notices are not delivered twice");
+        assert!(
+            rx.try_recv().is_err(),
+            "a node's own notices are not delivered twice"
+        );
         received(&here, &payloads("there", &[], ["s"].into_iter())[0]);
         assert!(matches!(rx.try_recv().unwrap(), Notice::Sync));
     }

@@ -232,7 +232,9 @@ pub async fn notify(
 
 /// Removes the nodes whose lease lapsed and returns their members (stream, member). Several
 /// nodes may reap at once: each row is deleted, and returned, by one of them only.
-pub async fn reap(tx: &mut Transaction<'static, Postgres>) -> Result<Vec<(String, Member)>, sqlx::Error> {
+pub async fn reap(
+    tx: &mut Transaction<'static, Postgres>,
+) -> Result<Vec<(String, Member)>, sqlx::Error> {
     #[derive(sqlx::FromRow)]
     struct Row {
         stream: String,

@@ -52,9 +52,27 @@ async fn rest_appends_answers_stops_and_closes_carry_their_authors_sub(db: TestD
     let carol = token(json!({"sub":"carol","answer":["run:*"]}));
     let nameless = token(json!({"sub":null,"write":["run:*"]}));
     let s = "run:rest";
-    post(&app, &format!("/v1/streams/{s}/events"), &alice, json!({"data":1})).await;
-    post(&app, &format!("/v1/streams/{s}/events"), ADMIN, json!([{"data":2},{"data":3}])).await;
-    post(&app, &format!("/v1/streams/{s}/events"), &nameless, json!({"data":4})).await;
+    post(
+        &app,
+        &format!("/v1/streams/{s}/events"),
+        &alice,
+        json!({"data":1}),
+    )
+    .await;
+    post(
+        &app,
+        &format!("/v1/streams/{s}/events"),
+        ADMIN,
+        json!([{"data":2},{"data":3}]),
+    )
+    .await;
+    post(
+        &app,
+        &format!("/v1/streams/{s}/events"),
+        &nameless,
+        json!({"data":4}),
+    )
+    .await;
     post(
         &app,
         &format!("/v1/streams/{s}/inputs"),
@@ -62,8 +80,20 @@ async fn rest_appends_answers_stops_and_closes_carry_their_authors_sub(db: TestD
         json!({"request_id":"deploy","prompt":"Deploy?"}),
     )
     .await;
-    post(&app, &format!("/v1/streams/{s}/inputs/deploy"), &carol, json!({"data":"yes"})).await;
-    post(&app, &format!("/v1/streams/{s}/stop"), &carol, json!({"reason":"enough"})).await;
+    post(
+        &app,
+        &format!("/v1/streams/{s}/inputs/deploy"),
+        &carol,
+        json!({"data":"yes"}),
+    )
+    .await;
+    post(
+        &app,
+        &format!("/v1/streams/{s}/stop"),
+        &carol,
+        json!({"reason":"enough"}),
+    )
+    .await;
     post(&app, &format!("/v1/streams/{s}/close"), ADMIN, json!({})).await;
     let by = |who: &str| json!(who);
     assert_eq!(
@@ -82,7 +112,10 @@ async fn rest_appends_answers_stops_and_closes_carry_their_authors_sub(db: TestD
     );
     // Who approved it, also on the request's status: the answered event says so.
     let answered = &events(&app, s).await[5];
-    assert_eq!(answered["data"], json!({"request_id":"deploy","data":"yes"}));
+    assert_eq!(
+        answered["data"],
+        json!({"request_id":"deploy","data":"yes"})
+    );
 }
 
 #[backend_test]
@@ -210,10 +243,11 @@ async fn sql_appends_still_work_and_have_no_author(db: TestDb) {
     .unwrap();
     assert_eq!(seqs, vec![2, 3]);
     // One definition: the redefinition replaced the old argument list, it did not overload it.
-    let defs: i64 = sqlx::query_scalar("select count(*) from pg_proc where proname = 'append_jobs'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let defs: i64 =
+        sqlx::query_scalar("select count(*) from pg_proc where proname = 'append_jobs'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(defs, 1);
     let events = app.read_all("sql").await;
     assert_eq!(events.len(), 3);

@@ -18,7 +18,8 @@ use crate::ws_client::WsClient;
 impl TestApp {
     /// `GET /v1/streams/{stream}/presence`.
     pub async fn presence(&self, stream: &str) -> Value {
-        self.get_json(&format!("/v1/streams/{stream}/presence")).await
+        self.get_json(&format!("/v1/streams/{stream}/presence"))
+            .await
     }
 }
 
@@ -64,7 +65,10 @@ async fn next_presence_notice(ws: &mut WsClient) -> Value {
 async fn followers_of_every_transport_are_present_until_they_go(db: TestDb) {
     let app = TestApp::spawn(db).await;
     let node = stats(&app).await["node_id"].clone();
-    assert_eq!(app.presence("run:1").await, json!({"stream":"run:1","count":0,"members":[]}));
+    assert_eq!(
+        app.presence("run:1").await,
+        json!({"stream":"run:1","count":0,"members":[]})
+    );
 
     let sse = app.sse("run:1", "?label=dashboard", None).await;
     assert_eq!(sse.status(), StatusCode::OK);
@@ -75,11 +79,17 @@ async fn followers_of_every_transport_are_present_until_they_go(db: TestDb) {
     assert_eq!(presence["count"], 2, "{presence}");
     assert_eq!(
         followers(&presence),
-        vec![("sse".into(), "dashboard".into()), ("ws".into(), "tab-7".into())]
+        vec![
+            ("sse".into(), "dashboard".into()),
+            ("ws".into(), "tab-7".into())
+        ]
     );
     for m in presence["members"].as_array().unwrap() {
         assert_eq!(m["node"], node);
-        assert!(m.get("sub").is_none(), "anonymous followers have no sub: {m}");
+        assert!(
+            m.get("sub").is_none(),
+            "anonymous followers have no sub: {m}"
+        );
         assert!(m["since"].as_str().unwrap().ends_with('Z'));
         assert!(!m["connection_id"].as_str().unwrap().is_empty());
     }
@@ -90,15 +100,26 @@ async fn followers_of_every_transport_are_present_until_they_go(db: TestDb) {
         .find(|m| m["transport"] == "ws")
         .unwrap();
     assert_eq!(ws_member["connection_id"], ws.welcome["connection_id"]);
-    assert_eq!(followers(&app.presence("run:2").await), vec![("ws".into(), "other".into())]);
+    assert_eq!(
+        followers(&app.presence("run:2").await),
+        vec![("ws".into(), "other".into())]
+    );
 
     // The same over the WebSocket, and as counts in the stats and the stream list.
     let reply = ws.request(json!({"op":"presence","stream":"run:1"})).await;
     assert_eq!(reply["op"], "presence");
     assert_eq!(reply["count"], 2);
     assert_eq!(followers(&reply), followers(&presence));
-    let limited = ws.request(json!({"op":"presence","stream":"run:1","limit":1})).await;
-    assert_eq!((limited["count"].as_i64(), limited["members"].as_array().unwrap().len()), (Some(2), 1));
+    let limited = ws
+        .request(json!({"op":"presence","stream":"run:1","limit":1}))
+        .await;
+    assert_eq!(
+        (
+            limited["count"].as_i64(),
+            limited["members"].as_array().unwrap().len()
+        ),
+        (Some(2), 1)
+    );
     let s = stats(&app).await;
     assert_eq!(s["presence"], json!({"followers":3,"local_followers":3}));
     app.append("run:1", json!({"data":1})).await;
@@ -108,7 +129,12 @@ async fn followers_of_every_transport_are_present_until_they_go(db: TestDb) {
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| (s["name"].as_str().unwrap(), s["subscribers"].as_i64().unwrap()))
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap(),
+                s["subscribers"].as_i64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(subscribers, vec![("quiet", 0), ("run:1", 2)]);
 
@@ -118,7 +144,9 @@ async fn followers_of_every_transport_are_present_until_they_go(db: TestDb) {
         count(&app, "run:1").await == 1
     })
     .await;
-    let bye = ws.request(json!({"op":"unsubscribe","stream":"run:1"})).await;
+    let bye = ws
+        .request(json!({"op":"unsubscribe","stream":"run:1"}))
+        .await;
     assert_eq!(bye["op"], "unsubscribed");
     assert_eq!(count(&app, "run:1").await, 0);
     ws.close().await;
@@ -137,12 +165,18 @@ async fn watchers_hear_joins_and_leaves(db: TestDb) {
     let own = next_presence_notice(&mut watcher).await;
     assert_eq!(own["op"], "join");
     assert_eq!(own["stream"], "room");
-    assert_eq!(own["member"]["connection_id"], watcher.welcome["connection_id"]);
+    assert_eq!(
+        own["member"]["connection_id"],
+        watcher.welcome["connection_id"]
+    );
 
     let mut guest = app.ws_path("/v1/ws?label=guest").await;
     guest.subscribe("room", json!({})).await;
     let join = next_presence_notice(&mut watcher).await;
-    assert_eq!((&join["op"], &join["member"]["label"]), (&json!("join"), &json!("guest")));
+    assert_eq!(
+        (&join["op"], &join["member"]["label"]),
+        (&json!("join"), &json!("guest"))
+    );
     assert_eq!(join["member"]["transport"], "ws");
     // A follower that does not watch hears nothing of it.
     let sse = app.sse("room", "", None).await;
@@ -150,10 +184,16 @@ async fn watchers_hear_joins_and_leaves(db: TestDb) {
     assert_eq!(join["member"]["transport"], "sse");
     guest.close().await;
     let leave = next_presence_notice(&mut watcher).await;
-    assert_eq!((&leave["op"], &leave["member"]["label"]), (&json!("leave"), &json!("guest")));
+    assert_eq!(
+        (&leave["op"], &leave["member"]["label"]),
+        (&json!("leave"), &json!("guest"))
+    );
     drop(sse);
     let leave = next_presence_notice(&mut watcher).await;
-    assert_eq!((&leave["op"], &leave["member"]["transport"]), (&json!("leave"), &json!("sse")));
+    assert_eq!(
+        (&leave["op"], &leave["member"]["transport"]),
+        (&json!("leave"), &json!("sse"))
+    );
     // Events still arrive in between.
     app.append("room", json!({"data":"hello"})).await;
     assert_eq!(watcher.next_event().await["data"], "hello");
@@ -167,7 +207,14 @@ async fn presence_needs_the_read_grant_and_shows_the_followers_sub(db: TestDb) {
     let mut ws = app.ws_path(&format!("/v1/ws?token={reader}")).await;
     ws.subscribe("team:1", json!({})).await;
 
-    let res = call(&app, Method::GET, "/v1/streams/team:1/presence", Some(&reader), None).await;
+    let res = call(
+        &app,
+        Method::GET,
+        "/v1/streams/team:1/presence",
+        Some(&reader),
+        None,
+    )
+    .await;
     assert_eq!(res.status(), StatusCode::OK);
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["count"], 1);
@@ -176,14 +223,29 @@ async fn presence_needs_the_read_grant_and_shows_the_followers_sub(db: TestDb) {
         (Some(outsider.as_str()), StatusCode::FORBIDDEN),
         (None, StatusCode::UNAUTHORIZED),
     ] {
-        let res = call(&app, Method::GET, "/v1/streams/team:1/presence", bearer, None).await;
+        let res = call(
+            &app,
+            Method::GET,
+            "/v1/streams/team:1/presence",
+            bearer,
+            None,
+        )
+        .await;
         assert_eq!(res.status(), status);
         let text = res.text().await.unwrap();
-        assert!(!text.contains("rita"), "a refused read leaked a follower: {text}");
+        assert!(
+            !text.contains("rita"),
+            "a refused read leaked a follower: {text}"
+        );
     }
     let mut other = app.ws_path(&format!("/v1/ws?token={outsider}")).await;
-    let refused = other.request(json!({"op":"presence","stream":"team:1"})).await;
-    assert_eq!((&refused["op"], &refused["code"]), (&json!("error"), &json!("forbidden")));
+    let refused = other
+        .request(json!({"op":"presence","stream":"team:1"}))
+        .await;
+    assert_eq!(
+        (&refused["op"], &refused["code"]),
+        (&json!("error"), &json!("forbidden"))
+    );
     let refused = other
         .request(json!({"op":"subscribe","stream":"team:1","presence":true}))
         .await;
@@ -193,7 +255,9 @@ async fn presence_needs_the_read_grant_and_shows_the_followers_sub(db: TestDb) {
     let stats: Value = res.json().await.unwrap();
     assert_eq!(stats["presence"]["followers"], 1);
     // A bad label is refused before anything is followed.
-    let res = app.sse("team:1", &format!("?token={reader}&label="), None).await;
+    let res = app
+        .sse("team:1", &format!("?token={reader}&label="), None)
+        .await;
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
 }
 
@@ -239,7 +303,10 @@ async fn two_nodes_report_the_same_presence_and_hear_each_others_joins(db: TestD
 
     on_b.close().await;
     let leave = next_presence_notice(&mut watcher).await;
-    assert_eq!((&leave["op"], &leave["member"]["node"]), (&json!("leave"), &json!("b")));
+    assert_eq!(
+        (&leave["op"], &leave["member"]["node"]),
+        (&json!("leave"), &json!("b"))
+    );
     wait_until("both nodes to see b's follower gone", || async {
         let (pa, pb) = (a.presence("run:9").await, b.presence("run:9").await);
         pa["count"] == 2 && pa == pb
@@ -289,13 +356,17 @@ async fn a_killed_node_takes_its_followers_with_it_within_its_lease(db: TestDb) 
         assert_eq!(res.status(), StatusCode::OK);
         followers.push(res);
     }
-    wait_until("the survivor to see the doomed node's followers", || async {
-        count(&survivor, "job").await == 3
-    })
+    wait_until(
+        "the survivor to see the doomed node's followers",
+        || async { count(&survivor, "job").await == 3 },
+    )
     .await;
     for _ in 0..2 {
         let n = next_presence_notice(&mut watcher).await;
-        assert_eq!((&n["op"], &n["member"]["node"]), (&json!("join"), &json!("doomed")));
+        assert_eq!(
+            (&n["op"], &n["member"]["node"]),
+            (&json!("join"), &json!("doomed"))
+        );
     }
 
     let killed = std::process::Command::new("kill")
@@ -320,7 +391,10 @@ async fn a_killed_node_takes_its_followers_with_it_within_its_lease(db: TestDb) 
         let n = tokio::time::timeout(WAIT, next_presence_notice(&mut watcher))
             .await
             .expect("leave notices in time");
-        assert_eq!((&n["op"], &n["member"]["node"]), (&json!("leave"), &json!("doomed")));
+        assert_eq!(
+            (&n["op"], &n["member"]["node"]),
+            (&json!("leave"), &json!("doomed"))
+        );
         left.push(n["member"]["label"].as_str().unwrap().to_owned());
     }
     left.sort();

@@ -353,7 +353,12 @@ async fn long_poll(app: &AppState, found: Found, params: &ReadParams) -> Result<
 }
 
 /// The stream as SSE `data` and `control` events (protocol section 5.8).
-async fn sse(app: AppState, who: &Principal, found: Found, params: &ReadParams) -> Result<Response> {
+async fn sse(
+    app: AppState,
+    who: &Principal,
+    found: Found,
+    params: &ReadParams,
+) -> Result<Response> {
     let after = after_of(params.offset, &found)?;
     let name = StreamName::parse(&found.ds.name)?;
     let (sub, _) = Subscription::open(

@@ -111,11 +111,10 @@ impl<'a> Fields<'a> {
     fn label(&mut self) -> Result<Option<String>, Error> {
         let label = self.string("label")?;
         if let Some(l) = &label {
-            crate::live::presence::check_label(l)
-                .map_err(|detail| Error::InvalidField {
-                    field: "label",
-                    detail,
-                })?;
+            crate::live::presence::check_label(l).map_err(|detail| Error::InvalidField {
+                field: "label",
+                detail,
+            })?;
         }
         Ok(label)
     }
