@@ -115,11 +115,17 @@ function streamItem(s) {
   meta.className = "meta";
   meta.textContent = `${s.head}`;
   meta.title = `head seq ${s.head}, last event ${s.updated_at}`;
+  // Followers on every node now (this console's own subscription counts when it follows it).
+  const subs = document.createElement("span");
+  subs.className = "subs";
+  subs.textContent = `${s.subscribers ?? 0}`;
+  subs.title = `${s.subscribers ?? 0} following now`;
+  subs.classList.toggle("none", !s.subscribers);
   const when = document.createElement("span");
   when.className = "when";
   when.textContent = ago(s.updated_at);
   when.title = `last event at ${new Date(s.updated_at).toLocaleString()}`;
-  a.append(name, meta, when);
+  a.append(name, meta, subs, when);
   if (s.closed) {
     const c = document.createElement("span");
     c.className = "pill closed";
@@ -432,6 +438,7 @@ async function refreshServerStats() {
       ...row("WS conns", s.connections?.ws ?? 0),
       ...row("subscriptions", s.subscriptions),
       ...row("live streams", s.live_streams),
+      ...row("followers", s.presence?.followers ?? "–"),
     );
   } catch (err) {
     const text = err.status === 401 || err.status === 403 ? "needs an admin token" : err.message;

@@ -18,6 +18,8 @@ use crate::api::events::Limits;
 use crate::auth::{self, Authenticator};
 use crate::config::Config;
 use crate::live::notify::{self, ListenerConfig, ListenerStatus};
+use crate::live::presence::Presence;
+use crate::live::presence_sync::{self, SyncConfig};
 use crate::live::{Hub, Source};
 use crate::log::health::DbHealth;
 use crate::log::{retention, Appender, AppenderSettings, Db};
@@ -44,6 +46,8 @@ pub struct AppState {
     pub listener: Arc<ListenerStatus>,
     /// Turns request credentials into a `Principal`.
     pub auth: Arc<Authenticator>,
+    /// Who follows which stream (this node's followers; the other nodes' through the database).
+    pub presence: Arc<Presence>,
 }
 
 #[derive(Default)]
@@ -181,6 +185,7 @@ impl App {
         let auth = Arc::new(Authenticator::from_config(&config)?);
         let hub = Hub::new(config.live_buffer, config.live_buffer_bytes);
         let health = DbHealth::new();
+        let presence = Presence::new(node_id.clone(), !db.is_sqlite());
         let (appender, appender_task) = Appender::spawn(
             db.clone(),
             hub.clone(),
@@ -206,6 +211,7 @@ impl App {
             health,
             listener,
             auth,
+            presence,
         };
         let background = start_background(&state, listen);
         tracing::info!(node_id = %state.node_id, backend = state.db.backend(), "node started");
@@ -295,11 +301,18 @@ fn start_background(state: &AppState, listen: Option<PgConnectOptions>) -> Vec<J
             pool: pool.clone(),
             listen,
             hub: state.hub.clone(),
+            presence: state.presence.clone(),
             node_id: state.node_id.clone(),
             page: config.read_page.max(1),
             reconnect_delay: config.reconnect_delay(),
             status: state.listener.clone(),
             health: state.health.clone(),
+            shutdown: state.shutdown.clone(),
+        }));
+        tasks.push(presence_sync::spawn(SyncConfig {
+            pool: pool.clone(),
+            presence: state.presence.clone(),
+            lease: config.presence_lease(),
             shutdown: state.shutdown.clone(),
         }));
     }

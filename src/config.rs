@@ -226,6 +226,18 @@ pub struct Config {
     #[arg(long, env = "TAILCAST_NODE_ID", help_heading = "Server")]
     pub node_id: Option<String>,
 
+    /// Milliseconds a node's presence (who follows which stream through it) outlives its last
+    /// renewal: a node that dies takes its followers with it within this time. Renewed every
+    /// quarter of it; 1000-15000.
+    #[arg(
+        long,
+        env = "TAILCAST_PRESENCE_LEASE_MS",
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(u64).range(1000..=15_000),
+        help_heading = "Server"
+    )]
+    pub presence_lease_ms: u64,
+
     /// PostgreSQL URL for this node's LISTEN session, when `DATABASE_URL` goes through a
     /// transaction-mode pooler (which drops LISTEN); default: the same as `DATABASE_URL`.
     #[arg(
@@ -453,6 +465,10 @@ impl Config {
             lock_s: self.lock_timeout_s,
             idle_in_transaction_s: self.idle_in_transaction_timeout_s,
         }
+    }
+
+    pub fn presence_lease(&self) -> Duration {
+        Duration::from_millis(self.presence_lease_ms.clamp(1000, 15_000))
     }
 
     pub fn input_sweep(&self) -> Duration {

@@ -7,7 +7,19 @@ export interface Envelope {
   data: unknown;
   id?: string;
   key?: string;
+  /** Who appended it: the `sub` of their token (`admin` for the admin token); absent when anonymous. */
+  by?: string;
   time: string;
+}
+
+/** One follower of a stream (see `presence`). */
+export interface Member {
+  connection_id: string;
+  transport: "sse" | "ws" | "ui" | "durable";
+  node: string;
+  sub?: string;
+  label?: string;
+  since: string;
 }
 
 export interface Notice {
@@ -130,7 +142,7 @@ export class TailcastClient {
   stop(stream: string, reason?: unknown): Promise<object>;
 
   listStreams(opts?: { prefix?: string; limit?: number; afterName?: string }): Promise<{
-    streams: { name: string; head: number; created_at: string; updated_at: string; closed: boolean }[];
+    streams: { name: string; head: number; created_at: string; updated_at: string; closed: boolean; subscribers: number }[];
     next_after_name?: string | null;
   }>;
   getStream(stream: string): Promise<{ name: string; head: number; created_at: string; updated_at: string; closed: boolean }>;
@@ -142,6 +154,8 @@ export class TailcastClient {
     closed: boolean;
   }>;
   snapshot(stream: string): Promise<{ stream: string; at: number; events: Envelope[] }>;
+  /** Who follows the stream now, on every node. */
+  presence(stream: string, opts?: { limit?: number }): Promise<{ stream: string; count: number; members: Member[] }>;
   closeStream(stream: string, reason?: unknown): Promise<object>;
   openInputs(stream: string): Promise<{ inputs: object[] }>;
   requestInput(stream: string, request: object): Promise<{ request_id: string; seq: number; expires_at: string }>;

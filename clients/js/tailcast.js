@@ -327,6 +327,10 @@ export class TailcastClient {
   snapshot(stream) {
     return this.request("GET", `/v1/streams/${enc(stream)}/snapshot`);
   }
+  /** Who follows the stream now, on every node: `{stream, count, members}`. */
+  presence(stream, { limit } = {}) {
+    return this.request("GET", `/v1/streams/${enc(stream)}/presence` + query({ limit }));
+  }
   closeStream(stream, reason) {
     return this.request("POST", `/v1/streams/${enc(stream)}/close`, reason === undefined ? undefined : { reason });
   }

@@ -40,6 +40,11 @@ pub fn json_error(what: &str, e: serde_json::Error) -> Error {
     }
 }
 
+/// `events`, each authored by `by` (the caller's token `sub`; see [`NewEvent::by`]).
+pub fn authored(events: Vec<NewEvent>, by: Option<&str>) -> Vec<NewEvent> {
+    events.into_iter().map(|e| e.by(by)).collect()
+}
+
 /// Parses one event object or an array of them.
 pub fn parse_batch(body: &[u8], limits: Limits) -> Result<Vec<NewEvent>, Error> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
@@ -105,6 +110,7 @@ fn to_new_event(ev: EventIn<'_>, limits: Limits) -> Result<NewEvent, Error> {
             .map(|s| parse_label("key", s))
             .transpose()?,
         body: None,
+        by: None,
     })
 }
 

@@ -184,6 +184,7 @@ async fn create(
             id: Some(store::event_id(TYPE_INPUT_REQUESTED, &request_id, &token)),
             key: None,
             body: None,
+            by: who.subject().map(str::to_owned),
         }],
         expected_seq: None,
         close: false,
@@ -237,9 +238,10 @@ fn not_open(row: &InputRow) -> Option<Error> {
 }
 
 /// Answers a request: checked against its schema, first answer wins, then `input.answered`
-/// is appended. `data` is the answer's JSON text, kept byte for byte.
+/// is appended, authored by `who`. `data` is the answer's JSON text, kept byte for byte.
 pub async fn answer(
     app: &AppState,
+    who: &Principal,
     stream: &StreamName,
     request_id: &str,
     data: &str,
@@ -254,7 +256,8 @@ pub async fn answer(
     if let Some(schema) = &row.schema {
         check_answer(schema, data)?;
     }
-    if !store::claim_answer(&app.db, row.stream_id, request_id, data).await? {
+    let by = who.subject();
+    if !store::claim_answer(&app.db, row.stream_id, request_id, data, by).await? {
         // Someone else resolved it between our read and our update.
         let now = store::get(&app.db, stream.as_str(), request_id)
             .await?
@@ -264,6 +267,7 @@ pub async fn answer(
     let won = InputRow {
         status: Status::Answered,
         answer: Some(data.to_owned()),
+        answered_by: by.map(str::to_owned),
         ..row
     };
     let result = announce(app, &won).await?;
@@ -329,6 +333,11 @@ pub async fn announce(app: &AppState, row: &InputRow) -> Result<AppendResult> {
             id: Some(row.event_id(ty)),
             key: None,
             body: None,
+            // An expiry is the server's own doing: nobody authored it.
+            by: match row.status {
+                Status::Answered => row.answered_by.clone(),
+                _ => None,
+            },
         }],
         expected_seq: None,
         close: false,
@@ -351,10 +360,11 @@ pub async fn announce(app: &AppState, row: &InputRow) -> Result<AppendResult> {
     }
 }
 
-/// Appends `control.stop` (data `{"reason":…}`, or `{}`): the producer sees it on its own
-/// subscription and winds down.
+/// Appends `control.stop` (data `{"reason":…}`, or `{}`), authored by `who`: the producer
+/// sees it on its own subscription and winds down.
 pub async fn stop(
     app: &AppState,
+    who: &Principal,
     stream: StreamName,
     reason: Option<&str>,
 ) -> Result<AppendResult> {
@@ -370,6 +380,7 @@ pub async fn stop(
             id: None,
             key: None,
             body: None,
+            by: who.subject().map(str::to_owned),
         }],
         expected_seq: None,
         close: false,
@@ -394,7 +405,7 @@ async fn answer_rest(
     let b: AnswerBody<'_> =
         serde_json::from_slice(&body).map_err(|e| json_error("the answer", e))?;
     let data = b.data.ok_or(Error::MissingField("data"))?;
-    let res = answer(&app, &stream, &request_id, data.get()).await?;
+    let res = answer(&app, &who, &stream, &request_id, data.get()).await?;
     Ok((StatusCode::CREATED, Json(res)).into_response())
 }
 
@@ -418,7 +429,7 @@ async fn stop_rest(
             serde_json::from_slice(&body).map_err(|e| json_error("the stop request", e))?;
         b.reason
     };
-    let res = stop(&app, stream, reason.map(RawValue::get)).await?;
+    let res = stop(&app, &who, stream, reason.map(RawValue::get)).await?;
     Ok((StatusCode::CREATED, Json(res)).into_response())
 }
 

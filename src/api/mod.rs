@@ -6,6 +6,7 @@ pub mod events;
 pub mod extract;
 pub mod inputs;
 pub mod ops;
+pub mod presence;
 pub mod rest;
 pub mod retention;
 pub mod sse;
@@ -48,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .merge(console::router())
         .merge(ws::router())
         .merge(inputs::router())
+        .merge(presence::router())
         .merge(durable::router())
         .fallback(|| async { Error::NotFound })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })

@@ -98,6 +98,14 @@ async fn stats(State(app): State<AppState>, who: Principal) -> Result<Response> 
             .inspect_err(|e| tracing::warn!(error = %e, "stats: could not count streams"))
             .ok(),
     };
+    // Cluster-wide from the database (this node's own from memory); absent while it is down.
+    let followers = match app.health.is_down() {
+        true => None,
+        false => super::presence::total(&app)
+            .await
+            .inspect_err(|e| tracing::warn!(error = %e, "stats: could not count followers"))
+            .ok(),
+    };
     Ok(Json(json!({
         "node_id": &*app.node_id,
         "version": build::VERSION,
@@ -113,6 +121,11 @@ async fn stats(State(app): State<AppState>, who: Principal) -> Result<Response> 
         "subscriptions": app.hub.subscriptions(),
         "live_streams": app.hub.live_streams(),
         "lag_fallbacks": app.hub.lag_fallbacks(),
+        // Presence: followers (subscriptions) on every node, and on this one.
+        "presence": {
+            "followers": followers,
+            "local_followers": app.presence.local_total(),
+        },
         "database": if app.health.is_down() { "unavailable" } else { "ok" },
         "backend": app.db.backend(),
         // The cross-node LISTEN session; none on SQLite (one node).

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::events::parse_batch;
+use super::events::{authored, parse_batch};
 use super::extract::{Body, Query, Stream};
 use super::sse::parse_cursor;
 use crate::app::AppState;
@@ -50,7 +50,7 @@ async fn append(
         return Err(Error::InvalidParameter("expected_seq must be >= 0".into()));
     }
     who.check(Grant::Write, &stream)?;
-    let events = parse_batch(&body, app.limits())?;
+    let events = authored(parse_batch(&body, app.limits())?, who.subject());
     let spec = AppendSpec {
         stream,
         events,
@@ -92,6 +92,7 @@ async fn close(
             id: None,
             key: None,
             body: None,
+            by: who.subject().map(str::to_owned),
         }],
         expected_seq: None,
         close: true,
@@ -161,7 +162,16 @@ async fn list_streams(
     }
     let rows = store::list_streams(&app.db, &p.prefix, &p.after_name, limit).await?;
     let next = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.name.clone()));
-    let streams: Vec<_> = rows.iter().map(StreamRow::info).collect();
+    let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    let followers = super::presence::counts(&app, &names).await?;
+    let streams: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            let mut info = json!(r.info());
+            info["subscribers"] = followers.get(&r.name).copied().unwrap_or(0).into();
+            info
+        })
+        .collect();
     Ok(Json(json!({ "streams": streams, "next_after_name": next.flatten() })).into_response())
 }
 

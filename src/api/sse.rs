@@ -23,6 +23,7 @@ use crate::app::{AppState, ConnectionGuard, Transport};
 use crate::auth::{Grant, Principal};
 use crate::error::{Error, Result};
 use crate::live::frame::put_sse_data;
+use crate::live::presence::PresenceGuard;
 use crate::live::{Filter, Item, Start, Subscription};
 use crate::log::StreamName;
 use crate::metrics as m;
@@ -38,6 +39,7 @@ pub struct SseParams {
     since: Option<String>,
     types: Option<String>,
     named: Option<String>,
+    label: Option<String>,
 }
 
 /// Parses a cursor: a non-negative integer seq.
@@ -121,6 +123,7 @@ async fn sse(
     who.check(Grant::Read, &stream)?;
     let start = sse_start(&params, &headers)?;
     let named = parse_flag("named", params.named.as_deref())?;
+    let label = super::presence::parse_label(params.label.as_deref())?;
     let filter = parse_types(params.types.as_deref());
     let snapshot = start == Start::Snapshot;
     let (sub, opened) = Subscription::open(app.source(), stream, start, filter, true).await?;
@@ -129,12 +132,14 @@ async fn sse(
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     let first = Bytes::from(format!("retry: {}\n\n", app.config.sse_retry_ms));
+    let follower = super::presence::follow(&app, &who, sub.stream(), "sse", label.as_deref());
     Ok(event_stream(
         &app,
         &who,
         sub,
         Some(first),
         EventFraming { named },
+        follower,
     ))
 }
 
@@ -182,13 +187,14 @@ impl Framing for EventFraming {
 
 /// A `text/event-stream` response following `sub` in `framing`, with `first` sent before
 /// anything else. Ends at server shutdown, at the token's expiry, when the subscription ends,
-/// or after a subscription error.
+/// or after a subscription error; `follower` (its presence) leaves with it.
 pub fn event_stream<F: Framing>(
     app: &AppState,
     who: &Principal,
     sub: Subscription,
     first: Option<Bytes>,
     framing: F,
+    follower: PresenceGuard,
 ) -> Response {
     let state = SseState {
         sub,
@@ -199,6 +205,7 @@ pub fn event_stream<F: Framing>(
         done: false,
         expiry: who.expiry_deadline(),
         _conn: ConnectionGuard::new(app, Transport::Sse),
+        _follower: follower,
     };
     let body = futures::stream::unfold(state, |mut st| async move {
         let chunk = st.next_chunk().await?;
@@ -234,6 +241,7 @@ struct SseState<F> {
     /// When the caller's token expires: the response ends there (README "Auth and limits").
     expiry: Option<Instant>,
     _conn: ConnectionGuard,
+    _follower: PresenceGuard,
 }
 
 impl<F: Framing> SseState<F> {

@@ -49,6 +49,7 @@ pub fn router() -> Router<AppState> {
 #[derive(Deserialize, Default)]
 struct UiParams {
     after: Option<String>,
+    label: Option<String>,
 }
 
 async fn ui_message_stream(
@@ -60,6 +61,7 @@ async fn ui_message_stream(
 ) -> Result<Response> {
     who.check(Grant::Read, &stream)?;
     let after = resume_cursor(params.after.as_deref(), &headers)?.unwrap_or(0);
+    let label = super::presence::parse_label(params.label.as_deref())?;
     let filter = Filter::types([TYPE_UI.to_owned()]);
     let (sub, opened) =
         Subscription::open(app.source(), stream, Start::After(after), filter, true).await?;
@@ -79,7 +81,8 @@ async fn ui_message_stream(
         h.insert("x-accel-buffering", HeaderValue::from_static("no"));
         res
     } else {
-        event_stream(&app, &who, sub, None, UiFraming)
+        let follower = super::presence::follow(&app, &who, sub.stream(), "ui", label.as_deref());
+        event_stream(&app, &who, sub, None, UiFraming, follower)
     };
     res.headers_mut().insert(
         "x-vercel-ai-ui-message-stream",

@@ -31,11 +31,13 @@ use tokio::time::{interval_at, MissedTickBehavior};
 use tokio_stream::StreamMap;
 use tracing::Instrument;
 
-use super::events::parse_batch;
+use super::events::{authored, parse_batch};
+use super::extract::Query;
 use super::inputs;
 use crate::app::{AppState, ConnectionGuard, Transport};
 use crate::auth::{Grant, Principal};
 use crate::error::Error;
+use crate::live::presence::{Notice, PresenceGuard};
 use crate::live::{Item, Start, Subscription};
 use crate::log::model::{format_time, TYPE_STREAM_CLOSED};
 use crate::log::{AppendSpec, StreamName};
@@ -55,10 +57,17 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/v1/ws", get(upgrade))
 }
 
+#[derive(serde::Deserialize)]
+struct WsParams {
+    /// How this connection's subscriptions appear in presence (`label=`).
+    label: Option<String>,
+}
+
 async fn upgrade(
     State(app): State<AppState>,
     who: Principal,
     headers: HeaderMap,
+    params: Result<Query<WsParams>, Error>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     // Auth: browsers apply no CORS to WebSockets, so the Origin is checked here.
@@ -78,6 +87,10 @@ async fn upgrade(
         Ok(ws) => ws,
         Err(e) => return Error::UpgradeRequired(e.body_text()).into_response(),
     };
+    let label = match params.and_then(|Query(p)| super::presence::parse_label(p.label.as_deref())) {
+        Ok(label) => label,
+        Err(e) => return e.into_response(),
+    };
     let max = app.config.ws_max_message();
     ws.max_message_size(max)
         .max_frame_size(max)
@@ -87,35 +100,72 @@ async fn upgrade(
         .read_buffer_size(4 * 1024)
         .on_upgrade(move |socket| {
             let span = tracing::debug_span!("ws", subject = who.subject());
-            Connection::run(app, who, socket).instrument(span)
+            Connection::run(app, who, label, socket).instrument(span)
         })
 }
 
 /// What a subscription's stream yields to the connection.
 enum SubEvent {
     Item(Item),
+    /// A join or leave on the stream (for subscriptions that asked for them).
+    Presence(Notice),
     /// The subscription is over: `closed`, `deleted`, or `error` (then with the error).
     Ended(&'static str, Option<Error>),
 }
 
 type SubStream = std::pin::Pin<Box<dyn Stream<Item = SubEvent> + Send>>;
 
-/// A subscription as a stream that announces its own end.
-fn sub_stream(sub: Subscription) -> SubStream {
-    let state = Some((sub, "closed"));
+/// A subscription, and what goes with it until it ends.
+struct SubState {
+    sub: Subscription,
+    /// Why it ends, if it ends on its own.
+    reason: &'static str,
+    /// Its presence: leaves when the subscription ends, however it ends.
+    _follower: PresenceGuard,
+    /// The stream's join and leave notices, if the client asked for them.
+    watch: Option<tokio::sync::broadcast::Receiver<Notice>>,
+}
+
+/// A subscription (with its presence notices, if any) as a stream that announces its own end.
+fn sub_stream(
+    sub: Subscription,
+    follower: PresenceGuard,
+    watch: Option<tokio::sync::broadcast::Receiver<Notice>>,
+) -> SubStream {
+    use tokio::sync::broadcast::error::RecvError;
+    let state = Some(SubState {
+        sub,
+        reason: "closed",
+        _follower: follower,
+        watch,
+    });
     Box::pin(futures::stream::unfold(state, |state| async move {
-        let (mut sub, mut reason) = state?;
-        match sub.next().await {
-            Some(Ok(item)) => {
+        let mut st = state?;
+        let next = match &mut st.watch {
+            Some(rx) => tokio::select! {
+                item = st.sub.next() => Ok(item),
+                notice = rx.recv() => Err(notice),
+            },
+            None => Ok(st.sub.next().await),
+        };
+        match next {
+            Ok(Some(Ok(item))) => {
                 match &item {
-                    Item::Notice(n) if n.notice == "deleted" => reason = "deleted",
-                    Item::Event(f) if f.ty == TYPE_STREAM_CLOSED => reason = "closed",
+                    Item::Notice(n) if n.notice == "deleted" => st.reason = "deleted",
+                    Item::Event(f) if f.ty == TYPE_STREAM_CLOSED => st.reason = "closed",
                     _ => {}
                 }
-                Some((SubEvent::Item(item), Some((sub, reason))))
+                Some((SubEvent::Item(item), Some(st)))
             }
-            Some(Err(e)) => Some((SubEvent::Ended("error", Some(e)), None)),
-            None => Some((SubEvent::Ended(reason, None), None)),
+            Ok(Some(Err(e))) => Some((SubEvent::Ended("error", Some(e)), None)),
+            Ok(None) => Some((SubEvent::Ended(st.reason, None), None)),
+            Err(Ok(notice)) => Some((SubEvent::Presence(notice), Some(st))),
+            // Notices were dropped for this slow reader: it re-reads the whole presence.
+            Err(Err(RecvError::Lagged(_))) => Some((SubEvent::Presence(Notice::Sync), Some(st))),
+            Err(Err(RecvError::Closed)) => {
+                st.watch = None;
+                Some((SubEvent::Presence(Notice::Sync), Some(st)))
+            }
         }
     }))
 }
@@ -141,6 +191,10 @@ enum End {
 struct Connection {
     app: AppState,
     who: Principal,
+    /// The id `welcome` announced; this connection's id in every stream's presence.
+    connection_id: String,
+    /// The `label=` it connected with.
+    label: Option<String>,
     subs: StreamMap<StreamName, SubStream>,
     out: queue::Outbox,
     /// Publishes whose appends are under way, answered in the order they came. A client may
@@ -154,7 +208,7 @@ type PendingReply = std::pin::Pin<Box<dyn std::future::Future<Output = Message> 
 const MAX_PUBLISHES_IN_FLIGHT: usize = 64;
 
 impl Connection {
-    async fn run(app: AppState, who: Principal, socket: WebSocket) {
+    async fn run(app: AppState, who: Principal, label: Option<String>, socket: WebSocket) {
         let _conn = ConnectionGuard::new(&app, Transport::Ws);
         let connection_id = uuid::Uuid::now_v7().simple().to_string();
         let (sink, frames) = socket.split();
@@ -168,6 +222,8 @@ impl Connection {
         let mut conn = Connection {
             app,
             who,
+            connection_id: connection_id.clone(),
+            label,
             subs: StreamMap::new(),
             out,
             publishes: FuturesOrdered::new(),
@@ -325,7 +381,7 @@ impl Connection {
             .and_then(|()| parse_batch(events.get().as_bytes(), self.app.limits()))
             .map(|events| AppendSpec {
                 stream,
-                events,
+                events: authored(events, self.who.subject()),
                 expected_seq,
                 close: false,
             });
@@ -354,6 +410,8 @@ impl Connection {
                 stream,
                 start,
                 filter,
+                presence,
+                label,
             } => {
                 self.who.check(Grant::Read, &stream)?;
                 if self.subs.contains_key(&stream) {
@@ -378,10 +436,19 @@ impl Connection {
                     let end = json!({"stream": stream, "reason": "closed"});
                     return Ok(Some(reply("unsubscribed", None, end)));
                 }
+                // Watching before joining: the follower's own join is its first notice.
+                let watch = presence.then(|| app.presence.watch(&stream));
+                let follower = app.presence.join(
+                    &stream,
+                    &self.connection_id,
+                    "ws",
+                    self.who.subject(),
+                    label.as_deref().or(self.label.as_deref()),
+                );
                 // `subscribed` must precede the stream's first event: send it before the
                 // subscription joins the map that events are read from.
                 send(&self.out, reply("subscribed", reference, body)).await;
-                self.subs.insert(stream, sub_stream(sub));
+                self.subs.insert(stream, sub_stream(sub, follower, watch));
                 Ok(None)
             }
             Op::Unsubscribe { stream } => {
@@ -409,13 +476,20 @@ impl Connection {
                 data,
             } => {
                 self.who.check(Grant::Answer, &stream)?;
-                let res = inputs::answer(app, &stream, &request_id, data.get()).await?;
+                let res = inputs::answer(app, &self.who, &stream, &request_id, data.get()).await?;
                 Ok(Some(reply("ack", reference, res)))
             }
             Op::Stop { stream, reason } => {
                 self.who.check(Grant::Answer, &stream)?;
-                let res = inputs::stop(app, stream, reason.map(RawValue::get)).await?;
+                let res = inputs::stop(app, &self.who, stream, reason.map(RawValue::get)).await?;
                 Ok(Some(reply("ack", reference, res)))
+            }
+            Op::Presence { stream, limit } => {
+                self.who.check(Grant::Read, &stream)?;
+                let limit = limit.unwrap_or(super::presence::MAX_MEMBERS);
+                let limit = limit.min(super::presence::MAX_MEMBERS);
+                let snapshot = super::presence::snapshot(app, &stream, limit).await?;
+                Ok(Some(reply("presence", reference, snapshot)))
             }
             Op::Ping => Ok(Some(reply(
                 "pong",
@@ -440,6 +514,20 @@ impl Connection {
                 }
             }
             SubEvent::Item(Item::Notice(n)) => reply("notice", None, n),
+            SubEvent::Presence(Notice::Join(member)) => {
+                reply("join", None, json!({"stream": stream, "member": member}))
+            }
+            SubEvent::Presence(Notice::Leave(member)) => {
+                reply("leave", None, json!({"stream": stream, "member": member}))
+            }
+            SubEvent::Presence(Notice::Sync) => {
+                // Notices may have been missed: the whole presence, unasked (no `ref`).
+                let limit = super::presence::MAX_MEMBERS;
+                match super::presence::snapshot(&self.app, &stream, limit).await {
+                    Ok(snapshot) => reply("presence", None, snapshot),
+                    Err(e) => error_with(None, &e, Some(stream.as_str())),
+                }
+            }
             SubEvent::Item(Item::Cursor(seq)) => {
                 reply("cursor", None, json!({"stream": stream, "seq": seq}))
             }
@@ -474,7 +562,8 @@ fn op_stream<'a>(op: &'a Op<'_>) -> Option<&'a StreamName> {
         | Op::Unsubscribe { stream }
         | Op::Publish { stream, .. }
         | Op::Input { stream, .. }
-        | Op::Stop { stream, .. } => Some(stream),
+        | Op::Stop { stream, .. }
+        | Op::Presence { stream, .. } => Some(stream),
         Op::Ping => None,
     }
 }

@@ -1,10 +1,13 @@
 //! Fan-out: the per-process `hub`, shared wire `frame`s, the `subscription` that joins
-//! catch-up from the log with the live tail, and `notify`, the cross-node wake-ups.
+//! catch-up from the log with the live tail, `notify`, the cross-node wake-ups, and
+//! `presence`, who follows each stream (`presence_sync` across nodes).
 
 pub mod expiry;
 pub mod frame;
 pub mod hub;
 pub mod notify;
+pub mod presence;
+pub mod presence_sync;
 pub mod ring;
 pub mod subscription;
 

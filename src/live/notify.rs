@@ -28,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::frame::Frame;
 use super::hub::Hub;
+use super::presence::Presence;
+use super::presence_sync::{self, PRESENCE_CHANNEL};
 use crate::error::is_unavailable;
 use crate::log::health::{DbHealth, MAX_RETRY_DELAY};
 use crate::log::store::{self, NOTIFY_CHANNEL};
@@ -68,6 +70,8 @@ pub struct ListenerConfig {
     /// Connection options of the LISTEN session (the same database as `pool`).
     pub listen: PgConnectOptions,
     pub hub: Arc<Hub>,
+    /// Joins and leaves of other nodes arrive on the same session ([`PRESENCE_CHANNEL`]).
+    pub presence: Arc<Presence>,
     pub node_id: Arc<str>,
     /// Most rows read per stream per wake-up; further behind, subscribers read the log.
     pub page: i64,
@@ -159,7 +163,9 @@ async fn connect(cfg: &ListenerConfig) -> Result<PgListener, sqlx::Error> {
     listener.ignore_pool_close_event(true);
     // Report a lost connection at once (`Ok(None)`), so that we re-check after reconnecting.
     listener.eager_reconnect(false);
-    listener.listen(NOTIFY_CHANNEL).await?;
+    listener
+        .listen_all([NOTIFY_CHANNEL, PRESENCE_CHANNEL])
+        .await?;
     Ok(listener)
 }
 
@@ -185,6 +191,8 @@ async fn receive(cfg: Arc<ListenerConfig>, shared: Arc<Shared>) {
                 // LISTEN is active: from here on nothing is missed, so re-check what may
                 // have been committed while we were not listening.
                 shared.request_recheck();
+                // Presence notices sent meanwhile are lost too: watchers re-read.
+                cfg.presence.sync_all();
                 let lost = listen(&cfg, &shared, &mut listener).await;
                 cfg.status.connected.store(false, Ordering::Release);
                 match lost {
@@ -218,6 +226,9 @@ async fn listen(
         tokio::select! {
             _ = cfg.shutdown.cancelled() => return None,
             r = listener.try_recv() => match r {
+                Ok(Some(n)) if n.channel() == PRESENCE_CHANNEL => {
+                    presence_sync::received(&cfg.presence, n.payload())
+                }
                 Ok(Some(n)) => shared.add(n.payload(), &cfg.node_id),
                 Ok(None) => return Some("connection closed".into()),
                 Err(e) => return Some(e.to_string()),

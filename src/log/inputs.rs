@@ -49,6 +49,8 @@ pub struct InputRow {
     pub status: Status,
     pub answer: Option<String>,
     pub resolution_seq: Option<i64>,
+    /// The answerer's token `sub` (None: anonymous, or not answered).
+    pub answered_by: Option<String>,
 }
 
 impl TryFrom<String> for Status {
@@ -76,7 +78,7 @@ pub fn event_id(ty: &str, request_id: &str, token: &str) -> String {
 }
 
 const COLUMNS: &str = "r.stream_id, s.name as stream, r.request_id, r.token, r.seq, r.prompt, \
-     r.schema, r.data, r.expires_at, r.status, r.answer, r.resolution_seq";
+     r.schema, r.data, r.expires_at, r.status, r.answer, r.resolution_seq, r.answered_by";
 
 /// A request is visible once its `input.requested` event is committed: before that nobody
 /// can have seen it, and an answer must never precede the question in the log. The seq is
@@ -220,9 +222,11 @@ pub async fn claim_answer(
     stream_id: i64,
     request_id: &str,
     answer: &str,
+    by: Option<&str>,
 ) -> Result<bool, sqlx::Error> {
     let sql = format!(
-        "update input_requests as r set status = 'answered', answer = $3, resolved_at = $4
+        "update input_requests as r
+         set status = 'answered', answer = $3, resolved_at = $4, answered_by = $5
          where r.stream_id = $1 and r.request_id = $2 and r.status = 'open'
            and r.expires_at > $4 and {VISIBLE}"
     );
@@ -233,6 +237,7 @@ pub async fn claim_answer(
             .bind(request_id)
             .bind(answer)
             .bind(now)
+            .bind(by)
             .execute(ex)
             .await
             .map(|d| d.rows_affected())

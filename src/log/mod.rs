@@ -7,6 +7,7 @@ pub mod durable;
 pub mod health;
 pub mod inputs;
 pub mod model;
+pub mod presence;
 pub mod retention;
 pub mod stats;
 pub mod store;

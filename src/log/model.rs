@@ -106,6 +106,17 @@ pub struct NewEvent {
     /// A byte payload kept exactly as received (Durable Streams byte streams); `data` is then
     /// `null`. None for every JSON event.
     pub body: Option<Vec<u8>>,
+    /// Who appended it: the token `sub` of an authenticated caller (`"admin"` for the admin
+    /// token); None for anonymous callers. The envelope's `by`.
+    pub by: Option<String>,
+}
+
+impl NewEvent {
+    /// This event, authored by `by` (see [`NewEvent::by`]).
+    pub fn by(mut self, by: Option<&str>) -> Self {
+        self.by = by.map(str::to_owned);
+        self
+    }
 }
 
 /// An event as stored in the log (read with [`crate::log::store::EVENT_COLUMNS`]).
@@ -120,6 +131,8 @@ pub struct StoredEvent {
     pub time: DateTime<Utc>,
     /// See [`NewEvent::body`].
     pub body: Option<Vec<u8>>,
+    /// See [`NewEvent::by`].
+    pub by: Option<String>,
 }
 
 /// Formats a time the way every tailcast response does: RFC 3339, UTC, milliseconds.
@@ -149,7 +162,8 @@ fn put_json_str(buf: &mut BytesMut, s: &str) {
     serde_json::to_writer(buf.writer(), s).expect("string serialisation");
 }
 
-/// The event envelope (openapi.yaml `Envelope`), encoded once: `{"stream","seq","type","data","id"?,"key"?,"time"}`.
+/// The event envelope (openapi.yaml `Envelope`), encoded once:
+/// `{"stream","seq","type","data","id"?,"key"?,"by"?,"time"}`.
 /// An event holding a byte payload carries it as a base64 string in `data`, followed by
 /// `"encoding":"base64"`.
 pub fn encode_envelope(stream: &str, ev: &StoredEvent) -> Bytes {
@@ -198,6 +212,10 @@ pub fn encode_envelope_locating_data(
     if let Some(key) = &ev.key {
         buf.put_slice(b",\"key\":");
         put_json_str(&mut buf, key);
+    }
+    if let Some(by) = &ev.by {
+        buf.put_slice(b",\"by\":");
+        put_json_str(&mut buf, by);
     }
     buf.put_slice(b",\"time\":\"");
     buf.put_slice(format_time(&ev.time).as_bytes());
@@ -260,6 +278,7 @@ mod tests {
             key: Some("k\"1".into()),
             time: DateTime::from_timestamp_millis(1_795_000_000_123).unwrap(),
             body: None,
+            by: None,
         };
         let env = encode_envelope("run:42", &ev);
         assert_eq!(
@@ -278,6 +297,7 @@ mod tests {
             key: None,
             time: DateTime::from_timestamp_millis(0).unwrap(),
             body: None,
+            by: Some("ops@example".into()),
         };
         let (env, at) = encode_envelope_locating_data("s\"é", &ev);
         assert_eq!(&env[at], ev.data.as_bytes());
@@ -291,6 +311,6 @@ mod tests {
         assert_eq!(&env[at.clone()], b"\"AP8i\"");
         assert!(std::str::from_utf8(&env[at.end..])
             .unwrap()
-            .starts_with(",\"encoding\":\"base64\",\"id\":\"x\""));
+            .starts_with(",\"encoding\":\"base64\",\"id\":\"x\",\"by\":\"ops@example\",\"time\""));
     }
 }

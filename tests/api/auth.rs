@@ -200,6 +200,13 @@ fn endpoints() -> Vec<Endpoint> {
         ),
         ep(
             Method::GET,
+            "/v1/streams/{s}/presence",
+            None,
+            Needs::Read,
+            StatusCode::OK,
+        ),
+        ep(
+            Method::GET,
             "/v1/streams/{s}/sse?after=0",
             None,
             Needs::Read,
@@ -354,6 +361,10 @@ async fn every_endpoint_refuses_what_the_token_does_not_grant(db: TestDb) {
                 "v1",
                 "{case}"
             );
+        } else if ep.path.ends_with("/presence") {
+            // Who follows it (nobody here), never its events.
+            let body: Value = res.json().await.unwrap();
+            assert_eq!(body["count"], 0, "{case}: {body}");
         } else if ep.needs == Needs::Read && !path.ends_with(&stream) && !path.ends_with("/q0") {
             assert!(res.text().await.unwrap().contains(MARKER), "{case}");
         }

@@ -3,6 +3,7 @@
 //! database) and `name::sqlite` (a fresh SQLite file): `cargo test sqlite` picks one.
 
 mod auth;
+mod authorship;
 mod backend;
 mod cluster;
 mod conformance;
@@ -25,6 +26,7 @@ mod operator;
 mod ops;
 mod outage;
 mod pgcluster;
+mod presence;
 mod props;
 mod readme;
 mod replay;

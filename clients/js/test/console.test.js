@@ -36,6 +36,15 @@ async function openConsole(stream, origin = server.url) {
   return page;
 }
 
+/** Clicks the list's refresh button until `check` holds. */
+async function refreshUntil(page, check, what) {
+  await waitFor(async () => {
+    if (await check().catch(() => false)) return true;
+    await page.click("#refresh");
+    return false;
+  }, what);
+}
+
 const rowSeqs = (page) => page.$$eval("#events li.ev", (lis) => lis.map((li) => Number(li.dataset.seq)));
 
 /**
@@ -282,6 +291,22 @@ describe("console", () => {
     await page.fill("#filter", "nothing-here:");
     await waitFor(async () => /No stream starts with/.test(await page.textContent("#streams")), "the empty-list message");
     await page.close();
+  });
+
+  test("the stream list shows how many follow each stream now", async () => {
+    await server.append("subs:a", { type: "m", data: 1 });
+    await server.append("subs:b", { type: "m", data: 1 });
+    const subs = (page, stream) => page.textContent(`#streams li[data-stream="${stream}"] .subs`);
+    // The console following subs:a is one of its followers.
+    const first = await openConsole("subs:a");
+    await refreshUntil(first, async () => (await subs(first, "subs:a")) === "1" && (await subs(first, "subs:b")) === "0", "one follower of subs:a");
+    const second = await openConsole("subs:a");
+    await refreshUntil(first, async () => (await subs(first, "subs:a")) === "2", "two followers of subs:a");
+    assert.equal(await first.getAttribute('#streams li[data-stream="subs:a"] .subs', "title"), "2 following now");
+    await screenshot(first, "console-subscribers.png");
+    await second.close();
+    await refreshUntil(first, async () => (await subs(first, "subs:a")) === "1", "the second follower gone");
+    assert.deepEqual(first.errors, []);
   });
 
   test("pace: tokens per second, time to first token and last activity of the followed stream", async () => {

@@ -237,7 +237,7 @@ pub async fn read(
     match params.live {
         None => catch_up(&app, &found, params.offset, &headers).await,
         Some(Live::LongPoll) => long_poll(&app, found, &params).await,
-        Some(Live::Sse) => sse(app, found, &params).await,
+        Some(Live::Sse) => sse(app, &who, found, &params).await,
     }
 }
 
@@ -353,7 +353,12 @@ async fn long_poll(app: &AppState, found: Found, params: &ReadParams) -> Result<
 }
 
 /// The stream as SSE `data` and `control` events (protocol section 5.8).
-async fn sse(app: AppState, found: Found, params: &ReadParams) -> Result<Response> {
+async fn sse(
+    app: AppState,
+    who: &Principal,
+    found: Found,
+    params: &ReadParams,
+) -> Result<Response> {
     let after = after_of(params.offset, &found)?;
     let name = StreamName::parse(&found.ds.name)?;
     let (sub, _) = Subscription::open(
@@ -367,6 +372,7 @@ async fn sse(app: AppState, found: Found, params: &ReadParams) -> Result<Respons
     let media = super::media_type(&found.ds.content_type);
     let base64 = !(media.starts_with("text/") || media == "application/json");
     let (tx, rx) = mpsc::channel::<Bytes>(8);
+    let follower = crate::api::presence::follow(&app, who, &name, "durable", None);
     let task = SseTask {
         app: app.clone(),
         name,
@@ -376,6 +382,7 @@ async fn sse(app: AppState, found: Found, params: &ReadParams) -> Result<Respons
         base64,
         tx,
         _conn: ConnectionGuard::new(&app, Transport::Sse),
+        _follower: follower,
     };
     tokio::spawn(task.run(found));
     let body = futures::stream::unfold(rx, |mut rx| async move {
@@ -403,6 +410,7 @@ struct SseTask {
     base64: bool,
     tx: mpsc::Sender<Bytes>,
     _conn: ConnectionGuard,
+    _follower: crate::live::presence::PresenceGuard,
 }
 
 impl SseTask {

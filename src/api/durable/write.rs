@@ -156,6 +156,7 @@ fn body_events(
             id: None,
             key: None,
             body: Some(body.to_vec()),
+            by: None,
         }]);
     }
     let text = std::str::from_utf8(body)
@@ -193,6 +194,7 @@ fn body_events(
                 id: None,
                 key: None,
                 body: None,
+                by: None,
             })
         })
         .collect()
@@ -205,6 +207,7 @@ fn closed_event() -> NewEvent {
         id: None,
         key: None,
         body: None,
+        by: None,
     }
 }
 
@@ -404,6 +407,10 @@ pub async fn create(
             if req.closed {
                 events.push(closed_event());
             }
+            // Authored by the caller: the fork's copies above keep their own authors.
+            for ev in &mut events {
+                ev.by = who.subject().map(str::to_owned);
+            }
             if !events.is_empty() {
                 let spec = AppendSpec {
                     stream: name.clone(),
@@ -587,6 +594,8 @@ async fn copy_fork(app: &AppState, name: &StreamName, plan: &ForkPlan) -> Result
                     id: e.id.filter(|id| !id.starts_with(PRODUCER_ID_PREFIX)),
                     key: e.key,
                     body,
+                    // A fork's copies keep who wrote the originals.
+                    by: e.by,
                 }
             })
             .collect();
@@ -690,6 +699,9 @@ pub async fn append(
         let mut ev = closed_event();
         ev.id = producer.as_ref().map(|p| p.event_id(events.len()));
         events.push(ev);
+    }
+    for ev in &mut events {
+        ev.by = who.subject().map(str::to_owned);
     }
     let spec = AppendSpec {
         stream: name.clone(),

@@ -32,6 +32,10 @@ pub enum Op<'a> {
         stream: StreamName,
         start: Start,
         filter: Filter,
+        /// Send this connection the stream's `join` and `leave` notices.
+        presence: bool,
+        /// How this follower appears in the stream's presence (else the connection's label).
+        label: Option<String>,
     },
     Unsubscribe {
         stream: StreamName,
@@ -49,6 +53,11 @@ pub enum Op<'a> {
     Stop {
         stream: StreamName,
         reason: Option<&'a RawValue>,
+    },
+    /// Who follows the stream now.
+    Presence {
+        stream: StreamName,
+        limit: Option<i64>,
     },
     Ping,
 }
@@ -85,6 +94,29 @@ impl<'a> Fields<'a> {
                 })
             })
             .transpose()
+    }
+
+    fn flag(&mut self, name: &'static str) -> Result<bool, Error> {
+        self.raw(name)
+            .map(|raw| {
+                serde_json::from_str::<bool>(raw.get()).map_err(|_| Error::InvalidField {
+                    field: name,
+                    detail: "must be true or false".into(),
+                })
+            })
+            .transpose()
+            .map(|f| f.unwrap_or(false))
+    }
+
+    fn label(&mut self) -> Result<Option<String>, Error> {
+        let label = self.string("label")?;
+        if let Some(l) = &label {
+            crate::live::presence::check_label(l).map_err(|detail| Error::InvalidField {
+                field: "label",
+                detail,
+            })?;
+        }
+        Ok(label)
     }
 
     fn required_string(&mut self, name: &'static str) -> Result<String, Error> {
@@ -260,6 +292,8 @@ fn parse_op<'a>(op: &str, f: &mut Fields<'a>) -> Result<Op<'a>, Error> {
             stream: f.stream()?,
             start: f.start()?,
             filter: f.types()?,
+            presence: f.flag("presence")?,
+            label: f.label()?,
         },
         "unsubscribe" => Op::Unsubscribe {
             stream: f.stream()?,
@@ -277,6 +311,10 @@ fn parse_op<'a>(op: &str, f: &mut Fields<'a>) -> Result<Op<'a>, Error> {
         "stop" => Op::Stop {
             stream: f.stream()?,
             reason: f.raw("reason"),
+        },
+        "presence" => Op::Presence {
+            stream: f.stream()?,
+            limit: f.seq("limit")?,
         },
         "ping" => Op::Ping,
         other => return Err(Error::UnknownOp(shorten(other))),
@@ -413,6 +451,19 @@ mod tests {
             "unknown_field"
         );
         assert_eq!(code(r#"{"op":"publish","stream":"s"}"#), "missing_field");
+        assert_eq!(
+            code(r#"{"op":"subscribe","stream":"s","presence":1}"#),
+            "invalid_field"
+        );
+        assert_eq!(
+            code(r#"{"op":"subscribe","stream":"s","label":""}"#),
+            "invalid_field"
+        );
+        assert_eq!(code(r#"{"op":"presence"}"#), "missing_field");
+        assert_eq!(
+            code(r#"{"op":"presence","stream":"s","limit":-1}"#),
+            "invalid_field"
+        );
         assert_eq!(
             code(r#"{"op":"input","stream":"s","request_id":"","data":1}"#),
             "invalid_field"
