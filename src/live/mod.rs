@@ -4,6 +4,7 @@
 pub mod expiry;
 pub mod frame;
 pub mod hub;
+pub mod leases;
 pub mod notify;
 pub mod ring;
 pub mod subscription;
