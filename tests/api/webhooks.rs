@@ -272,6 +272,20 @@ async fn webhooks_deliver_matching_events_in_order_signed_through_failures(db: T
     let failed =
         format!("tailcast_webhook_deliveries_total{{webhook=\"{id}\",outcome=\"failed\"}} 3");
     assert!(metrics.contains(&failed), "{metrics}");
+    for series in [
+        "# HELP tailcast_webhook_deliveries_total ",
+        "# HELP tailcast_webhook_delivery_lag_seconds ",
+        "# HELP tailcast_webhook_active_streams ",
+    ] {
+        assert!(metrics.contains(series), "{series}: {metrics}");
+    }
+    for series in [
+        format!("tailcast_webhook_deliveries_total{{webhook=\"{id}\",outcome=\"delivered\"}} "),
+        format!("tailcast_webhook_delivery_lag_seconds_count{{webhook=\"{id}\"}} "),
+        format!("tailcast_webhook_active_streams{{webhook=\"{id}\"}} "),
+    ] {
+        assert!(metrics.contains(&series), "{series}: {metrics}");
+    }
     assert_eq!(app.get_json("/v1/stats").await["webhooks"]["registered"], 2);
 
     let res = app
