@@ -136,7 +136,8 @@ pub struct Pending {
 /// Up to `limit` streams matching `w` with undelivered events that `node` may claim (no
 /// position yet, or one free, its own, or whose lease ran out), leaving out `busy` (those
 /// this node is delivering right now). A stream without a position is pending if it was
-/// written to since the webhook was created.
+/// written to since the webhook was created. Least recently written first: a stream that is
+/// written to all the time cannot keep the others waiting for a free slot.
 pub async fn pending(
     db: &Db,
     w: &Webhook,
@@ -157,7 +158,7 @@ pub async fn pending(
                 or (p.delivered < s.head
                     and (p.owner is null or p.owner = $5 or p.lease_until < $7)))
            and {not_busy}
-         order by s.name limit $8"
+         order by s.updated_at limit $8"
     );
     let successor = super::store::prefix_successor(&w.prefix);
     on_db!(db, read, |ex| {
