@@ -2,7 +2,7 @@
 // replays from any seq, answers input requests and sends stop. Public API only.
 
 import { TailcastClient } from "/console/tailcast.js";
-import { StreamView } from "/console/render.js";
+import { StreamView, stopAnswer } from "/console/render.js";
 import { buildForm } from "/console/schema-form.js";
 
 const $ = (id) => document.getElementById(id);
@@ -15,6 +15,8 @@ const state = {
   nextAfterName: null,
   inputs: new Map(), // request_id -> card element
   closed: false,
+  // Seq of the control.stop this console sent, until the agent answers it.
+  pendingStop: null,
   // The followed stream's pace, from event times (commit times, so replays measure the same).
   pace: { createdAt: null, firstToken: null, tokenTimes: [], lastEvent: null },
 };
@@ -123,15 +125,23 @@ function streamItem(s) {
   subs.classList.toggle("none", !s.subscribers);
   const when = document.createElement("span");
   when.className = "when";
-  when.textContent = ago(s.updated_at);
-  when.title = `last event at ${new Date(s.updated_at).toLocaleString()}`;
+  const active = s.last_activity_at ?? s.updated_at;
+  when.textContent = ago(active);
+  when.title = `last activity (event or heartbeat) at ${new Date(active).toLocaleString()}`;
   a.append(name, meta, subs, when);
+  if (s.lease_s && !s.closed) {
+    const l = document.createElement("span");
+    l.className = "pill lease";
+    l.textContent = "lease";
+    l.title = `lease of ${s.lease_s} s: closed as abandoned at ${new Date(s.lease_expires_at).toLocaleString()} unless its producer appends or heartbeats`;
+    a.append(l);
+  }
   if (s.closed) {
     const c = document.createElement("span");
     c.className = "pill closed";
     c.textContent = "closed";
     a.append(c);
-  } else if (Date.now() - new Date(s.updated_at).getTime() > IDLE_MS) {
+  } else if (!s.lease_s && Date.now() - new Date(active).getTime() > IDLE_MS) {
     // Not closed, but quiet for long: a producer that died without closing looks like this.
     const c = document.createElement("span");
     c.className = "pill idle";
@@ -236,6 +246,7 @@ function watch(stream, { after = 0, from, keep = false } = {}) {
     clearInputs();
     resetPace();
     setClosed(false);
+    state.pendingStop = null;
   }
   state.stream = stream;
   $("empty").hidden = true;
@@ -298,6 +309,7 @@ function onEvent(stream, ev) {
   if (ev.type === "input.requested") addInput(stream, { ...ev.data, seq: ev.seq });
   if (ev.type === "input.answered" || ev.type === "input.expired") resolveInput(ev);
   if (ev.type === "stream.closed") setClosed(true);
+  noteStopAnswer(ev);
   notePace(ev);
   showPace();
   showCursor();
@@ -310,6 +322,19 @@ function showCursor() {
   if (sub?.cursor > head) $("stream-head").textContent = sub.cursor;
 }
 
+/** The stream's lease: its length and when it lapses unless renewed. */
+function showLease(info) {
+  const lease = $("stream-lease");
+  if (!info.lease_s || info.closed) {
+    lease.textContent = "none";
+    lease.title = info.closed ? "the stream is closed" : "no lease: the stream stays open until closed";
+    return;
+  }
+  const left = Math.round((Date.parse(info.lease_expires_at) - Date.now()) / 1000);
+  lease.textContent = `${info.lease_s} s, ${left > 0 ? `lapses in ${left} s` : "lapsing"}`;
+  lease.title = `last activity ${new Date(info.last_activity_at).toLocaleString()}; closed as abandoned at ${new Date(info.lease_expires_at).toLocaleString()} unless renewed`;
+}
+
 async function refreshHead() {
   if (!state.stream) return;
   try {
@@ -319,6 +344,7 @@ async function refreshHead() {
     $("stream-head").textContent = info.head;
     state.pace.createdAt = Date.parse(info.created_at);
     if (info.updated_at) state.pace.lastEvent = Math.max(state.pace.lastEvent ?? 0, Date.parse(info.updated_at));
+    showLease(info);
     if (info.closed) {
       setClosed(true);
       setStreamStatus("closed", "closed");
@@ -327,6 +353,15 @@ async function refreshHead() {
   } catch (err) {
     if (err.code === "stream_not_found") $("stream-head").textContent = "0";
   }
+}
+
+/** The answer to the stop this console sent: whether it took effect. */
+function noteStopAnswer(ev) {
+  const a = stopAnswer(ev);
+  if (!a || a.stopSeq !== state.pendingStop) return;
+  state.pendingStop = null;
+  if (a.outcome === "stopped") showBanner(`The agent stopped (stop seq ${a.stopSeq}, answered at seq ${ev.seq}).`, "info");
+  else showBanner(`The agent refused to stop${a.reason !== undefined ? `: ${typeof a.reason === "string" ? a.reason : JSON.stringify(a.reason)}` : ""} (stop seq ${a.stopSeq}).`, "error");
 }
 
 // ---- input requests ----------------------------------------------------------------------
@@ -434,6 +469,8 @@ async function refreshServerStats() {
       ...row("streams", s.streams ?? "–"),
       ...row("events", s.events ?? "–"),
       ...row("open inputs", s.open_input_requests ?? "–"),
+      ...row("leased streams", s.leased_streams ?? "–"),
+      ...row("webhooks", s.webhooks ? `${s.webhooks.registered}${s.webhooks.failing_streams ? ` (${s.webhooks.failing_streams} failing)` : ""}` : "–"),
       ...row("SSE conns", s.connections?.sse ?? 0),
       ...row("WS conns", s.connections?.ws ?? 0),
       ...row("subscriptions", s.subscriptions),
@@ -512,7 +549,8 @@ function start() {
     btn.disabled = true;
     try {
       const ack = await state.client.stop(state.stream, $("stop-reason").value.trim() || undefined);
-      showBanner(`Stop sent to ${state.stream}${ack?.first_seq ? ` (seq ${ack.first_seq})` : ""}.`, "info");
+      state.pendingStop = ack?.first_seq ?? null;
+      showBanner(`Stop sent to ${state.stream}${ack?.first_seq ? ` (seq ${ack.first_seq})` : ""}; waiting for the agent to answer.`, "info");
     } catch (err) {
       if (err.code === "stream_closed") setClosed(true);
       else report(err, `sending stop to ${state.stream}`);

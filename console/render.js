@@ -72,6 +72,10 @@ function describe(ev) {
       return { cls: "input", text: `input expired (${d.request_id ?? "?"})` };
     case "control.stop":
       return { cls: "stop", text: `stop requested${d.reason !== undefined ? ": " + brief(d.reason) : ""}` };
+    case "control.stopped":
+      return { cls: "stop", text: `stopped (answering stop #${d.stop_seq ?? "?"})` };
+    case "control.stop_refused":
+      return { cls: "stop", text: `stop refused (stop #${d.stop_seq ?? "?"})${d.reason !== undefined ? ": " + brief(d.reason) : ""}` };
     default: {
       const t = tokenText(ev);
       if (t !== null) return { cls: "token", text: JSON.stringify(t) };
@@ -80,6 +84,17 @@ function describe(ev) {
       return { cls: "", text: brief(ev.data) };
     }
   }
+}
+
+/**
+ * The answer a `control.stopped` / `control.stop_refused` event gives, or null:
+ * `{stopSeq, outcome: "stopped"|"refused", reason}` (the stop-acknowledgement convention).
+ */
+export function stopAnswer(ev) {
+  if (ev.type !== "control.stopped" && ev.type !== "control.stop_refused") return null;
+  const d = ev.data && typeof ev.data === "object" ? ev.data : {};
+  if (!Number.isInteger(d.stop_seq)) return null;
+  return { stopSeq: d.stop_seq, outcome: ev.type === "control.stopped" ? "stopped" : "refused", reason: d.reason };
 }
 
 /** The rendered view of one stream. */
@@ -99,6 +114,9 @@ export class StreamView {
     this.parts.progress.hidden = true;
     this.parts.events.replaceChildren();
     this.bars = new Map();
+    /** control.stop seq -> its row's status badge, and answers that came before their stop's row. */
+    this.stops = new Map();
+    this.answers = new Map();
     this.count = 0;
     this.parts.count.textContent = "";
   }
@@ -115,7 +133,33 @@ export class StreamView {
     const p = progressOf(ev);
     if (p) this.setBar(p);
     this.addRow(ev);
+    const answer = stopAnswer(ev);
+    if (answer) {
+      this.answers.set(answer.stopSeq, { ...answer, seq: ev.seq });
+      this.showStop(answer.stopSeq);
+    }
+    if (ev.type === "stream.closed") {
+      for (const seq of this.stops.keys()) this.showStop(seq, true);
+    }
     this.parts.count.textContent = `(${this.count})`;
+  }
+
+  /** Marks a stop's row: acknowledged, refused, waiting, or (closed) never answered. */
+  showStop(stopSeq, closed = false) {
+    const badge = this.stops.get(stopSeq);
+    if (!badge) return;
+    const a = this.answers.get(stopSeq);
+    if (a) {
+      badge.className = `stop-status pill ${a.outcome === "stopped" ? "live" : "closed"}`;
+      badge.textContent = a.outcome === "stopped" ? "stopped" : "refused";
+      badge.title = a.outcome === "stopped"
+        ? `the agent stopped (seq ${a.seq})`
+        : `the agent refused (seq ${a.seq})${a.reason !== undefined ? ": " + brief(a.reason) : ""}`;
+    } else if (closed) {
+      badge.className = "stop-status pill idle";
+      badge.textContent = "no answer";
+      badge.title = "the stream closed without the agent answering this stop";
+    }
   }
 
   setBar({ label, pct, caption }) {
@@ -157,6 +201,14 @@ export class StreamView {
       el("span", "type", ev.type),
       el("span", "desc", text),
     );
+    if (ev.type === "control.stop") {
+      // The agent answers with control.stopped / control.stop_refused naming this seq.
+      const badge = el("span", "stop-status pill", "waiting");
+      badge.title = "no answer from the agent yet";
+      sum.append(badge);
+      this.stops.set(ev.seq, badge);
+      this.showStop(ev.seq);
+    }
     head.append(sum);
     // The JSON is built when first opened: thousands of token rows stay cheap.
     head.addEventListener(

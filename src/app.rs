@@ -215,8 +215,10 @@ impl App {
         };
         let background = start_background(&state, listen);
         tracing::info!(node_id = %state.node_id, backend = state.db.backend(), "node started");
-        // Ends when `state.shutdown` is cancelled, dropping its handle to the appender.
+        // These end when `state.shutdown` is cancelled, dropping their handles to the appender.
         tokio::spawn(crate::live::expiry::run(state.clone()));
+        tokio::spawn(crate::live::leases::run(state.clone()));
+        tokio::spawn(crate::webhooks::run(state.clone()));
         Ok(App {
             state,
             appender_task,

@@ -212,6 +212,74 @@ pub struct Config {
     )]
     pub input_sweep_ms: u64,
 
+    /// Milliseconds between passes that close streams whose lease lapsed (with
+    /// `stream.closed` {"reason":"abandoned"}).
+    #[arg(
+        long,
+        env = "TAILCAST_LEASE_SWEEP_MS",
+        default_value_t = 1000,
+        help_heading = "Leases"
+    )]
+    pub lease_sweep_ms: u64,
+
+    /// Milliseconds between a node's looks for webhook deliveries to start (how long a new
+    /// event may wait before its delivery begins).
+    #[arg(
+        long,
+        env = "TAILCAST_WEBHOOK_POLL_MS",
+        default_value_t = 500,
+        help_heading = "Webhooks"
+    )]
+    pub webhook_poll_ms: u64,
+
+    /// Milliseconds one webhook POST may take (connecting included) before it counts as failed.
+    #[arg(
+        long,
+        env = "TAILCAST_WEBHOOK_TIMEOUT_MS",
+        default_value_t = 10_000,
+        help_heading = "Webhooks"
+    )]
+    pub webhook_timeout_ms: u64,
+
+    /// Milliseconds a node's claim on delivering one webhook on one stream lasts unless
+    /// renewed: after a node dies, another takes its deliveries over this long after its last
+    /// renewal. At least twice the timeout (raised to that if set lower).
+    #[arg(
+        long,
+        env = "TAILCAST_WEBHOOK_LEASE_MS",
+        default_value_t = 30_000,
+        help_heading = "Webhooks"
+    )]
+    pub webhook_lease_ms: u64,
+
+    /// Delay before the first retry of a failed webhook POST; each further retry waits twice
+    /// as long, up to --webhook-retry-max-ms.
+    #[arg(
+        long,
+        env = "TAILCAST_WEBHOOK_RETRY_MS",
+        default_value_t = 500,
+        help_heading = "Webhooks"
+    )]
+    pub webhook_retry_ms: u64,
+
+    /// Longest delay between retries of a failing webhook POST.
+    #[arg(
+        long,
+        env = "TAILCAST_WEBHOOK_RETRY_MAX_MS",
+        default_value_t = 60_000,
+        help_heading = "Webhooks"
+    )]
+    pub webhook_retry_max_ms: u64,
+
+    /// Streams one node delivers a webhook to at the same time (each stream in seq order).
+    #[arg(
+        long,
+        env = "TAILCAST_WEBHOOK_CONCURRENCY",
+        default_value_t = 8,
+        help_heading = "Webhooks"
+    )]
+    pub webhook_concurrency: usize,
+
     /// How long a Durable Streams long-poll read (`/v1/stream/{name}?live=long-poll`) waits
     /// for new data before answering 204.
     #[arg(
@@ -473,6 +541,31 @@ impl Config {
 
     pub fn input_sweep(&self) -> Duration {
         Duration::from_millis(self.input_sweep_ms.max(10))
+    }
+
+    pub fn lease_sweep(&self) -> Duration {
+        Duration::from_millis(self.lease_sweep_ms.max(10))
+    }
+
+    pub fn webhook_poll(&self) -> Duration {
+        Duration::from_millis(self.webhook_poll_ms.max(10))
+    }
+
+    pub fn webhook_timeout(&self) -> Duration {
+        Duration::from_millis(self.webhook_timeout_ms.max(10))
+    }
+
+    /// The delivery claim: never shorter than two POST timeouts, so a claim renewed before a
+    /// POST outlives it.
+    pub fn webhook_lease(&self) -> Duration {
+        Duration::from_millis(self.webhook_lease_ms).max(self.webhook_timeout() * 2)
+    }
+
+    /// The delay before retry `attempt` (1: the first retry).
+    pub fn webhook_retry_delay(&self, attempt: u32) -> Duration {
+        let first = self.webhook_retry_ms.max(1);
+        let ms = first.saturating_mul(1u64 << attempt.saturating_sub(1).min(20));
+        Duration::from_millis(ms.min(self.webhook_retry_max_ms.max(first)))
     }
 
     /// A configuration with every default, for tests and embedding.

@@ -51,6 +51,9 @@ pub enum Error {
     /// 404: no such route.
     #[error("no such resource")]
     NotFound,
+    /// 404: no webhook has this id.
+    #[error("webhook {0:?} does not exist")]
+    WebhookNotFound(String),
     /// 405: the route exists, the method does not.
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -190,7 +193,9 @@ impl Error {
             SeqConflict { .. } | StreamClosed { .. } | InputAlreadyAnswered(_) | InputExists(_) => {
                 StatusCode::CONFLICT
             }
-            StreamNotFound(_) | NotFound | InputNotFound(_) => StatusCode::NOT_FOUND,
+            StreamNotFound(_) | NotFound | InputNotFound(_) | WebhookNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -230,6 +235,7 @@ impl Error {
             StreamClosed { .. } => "stream_closed",
             StreamNotFound(_) => "stream_not_found",
             NotFound => "not_found",
+            WebhookNotFound(_) => "webhook_not_found",
             MethodNotAllowed => "method_not_allowed",
             NotAcceptable(_) => "not_acceptable",
             Unauthorized(_) => "unauthorized",

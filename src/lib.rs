@@ -7,6 +7,8 @@
 //!   cursor and then follows the stream live, falling back to the log whenever it lags.
 //! - [`api`]: REST, SSE, the AI SDK UI message stream view and WebSocket surfaces, thin adapters
 //!   over the two above.
+//! - [`webhooks`]: durable consumers of the log that POST each event to a URL, in order,
+//!   at least once, from a position stored in the database.
 //! - [`app`]: start-up and serving; [`config`]: flags and environment; [`error`]: the one
 //!   error type, rendered as problem+json.
 
@@ -21,6 +23,7 @@ pub mod log;
 pub mod metrics;
 pub mod net;
 pub mod startup;
+pub mod webhooks;
 
 pub use app::{App, AppState};
 pub use config::Config;

@@ -29,6 +29,10 @@ pub const INPUT_REQUESTS: &str = "tailcast_input_requests_total";
 pub const NOTIFY_WAKEUPS: &str = "tailcast_notify_wakeups_total";
 pub const LISTEN_RECONNECTS: &str = "tailcast_listen_reconnects_total";
 pub const RETENTION_DELETED: &str = "tailcast_retention_deleted_events_total";
+pub const ABANDONED_STREAMS: &str = "tailcast_abandoned_streams_total";
+pub const WEBHOOK_DELIVERIES: &str = "tailcast_webhook_deliveries_total";
+pub const WEBHOOK_DELIVERY_LAG: &str = "tailcast_webhook_delivery_lag_seconds";
+pub const WEBHOOK_ACTIVE_STREAMS: &str = "tailcast_webhook_active_streams";
 pub const ACCEPT_ERRORS: &str = "tailcast_accept_errors_total";
 pub const REFUSED_CONNECTIONS: &str = "tailcast_refused_connections_total";
 pub const LOG_LINES_DROPPED: &str = "tailcast_log_lines_dropped_total";
@@ -91,6 +95,10 @@ const SPECS: &[Spec] = &[
     Spec { name: NOTIFY_WAKEUPS, kind: Kind::Counter, unit: Unit::Count, help: "Cross-node notifications (PostgreSQL NOTIFY) this node acted on.", series: ONE },
     Spec { name: LISTEN_RECONNECTS, kind: Kind::Counter, unit: Unit::Count, help: "Times the cross-node LISTEN connection was re-established.", series: ONE },
     Spec { name: RETENTION_DELETED, kind: Kind::Counter, unit: Unit::Count, help: "Events removed by retention.", series: ONE },
+    Spec { name: ABANDONED_STREAMS, kind: Kind::Counter, unit: Unit::Count, help: "Streams this node closed as abandoned because their lease lapsed.", series: ONE },
+    Spec { name: WEBHOOK_DELIVERIES, kind: Kind::Counter, unit: Unit::Count, help: "Webhook POSTs by webhook id and outcome (delivered: a 2xx; failed: anything else, retried); a webhook's series appear when a node first sees it.", series: &[] },
+    Spec { name: WEBHOOK_DELIVERY_LAG, kind: Kind::Histogram, unit: Unit::Seconds, help: "Seconds from an event's commit to its webhook's 2xx, by webhook id.", series: &[] },
+    Spec { name: WEBHOOK_ACTIVE_STREAMS, kind: Kind::Gauge, unit: Unit::Count, help: "Streams this node is delivering each webhook to right now, by webhook id.", series: &[] },
     Spec { name: ACCEPT_ERRORS, kind: Kind::Counter, unit: Unit::Count, help: "Failed accept() calls on the listening socket (e.g. out of file descriptors).", series: ONE },
     Spec { name: REFUSED_CONNECTIONS, kind: Kind::Counter, unit: Unit::Count, help: "Connections refused because their client address was over --max-connections-per-client.", series: ONE },
     Spec { name: LOG_LINES_DROPPED, kind: Kind::Counter, unit: Unit::Count, help: "Log lines dropped because the log output did not keep up (a stalled or closed pipe).", series: ONE },

@@ -63,6 +63,21 @@ export interface ClientOptions {
   EventSource?: typeof EventSource;
 }
 
+export interface StreamInfo {
+  name: string;
+  head: number;
+  oldest_seq: number;
+  created_at: string;
+  updated_at: string;
+  closed: boolean;
+  /** The producer's lease in seconds, null for none. */
+  lease_s: number | null;
+  /** The last append or heartbeat. */
+  last_activity_at: string;
+  /** When the stream is closed as abandoned unless renewed; null without a lease or once closed. */
+  lease_expires_at: string | null;
+}
+
 export interface SubscriptionHandle {
   readonly stream: string;
   /** seq of the last event delivered (null until a `from` start is resolved). */
@@ -139,13 +154,27 @@ export class TailcastClient {
     opts?: { expectedSeq?: number },
   ): Promise<AppendResult>;
   answer(stream: string, requestId: string, data: unknown): Promise<object>;
-  stop(stream: string, reason?: unknown): Promise<object>;
+  stop(stream: string, reason?: unknown): Promise<AppendResult>;
+  /** The agent has stopped: appends `control.stopped` `{stop_seq}` answering the stop at `stopSeq`. */
+  stopped(stream: string, stopSeq: number, data?: Record<string, unknown>): Promise<AppendResult>;
+  /** The agent will not stop: appends `control.stop_refused` `{stop_seq, reason}`. */
+  refuseStop(stream: string, stopSeq: number, reason?: unknown): Promise<AppendResult>;
+  /** Whether the stop at `stopSeq` took effect (the agent's answer, or the stream's close). */
+  waitForStopOutcome(
+    stream: string,
+    stopSeq: number,
+    opts?: { timeoutMs?: number; pollMs?: number },
+  ): Promise<{ outcome: "stopped" | "refused" | "closed" | "timeout"; event: Envelope | null }>;
+  /** Sets the stream's lease in seconds (null or 0 removes it). */
+  setLease(stream: string, leaseS: number | null): Promise<StreamInfo>;
+  /** Renews the stream's lease without appending. */
+  heartbeat(stream: string): Promise<StreamInfo>;
 
   listStreams(opts?: { prefix?: string; limit?: number; afterName?: string }): Promise<{
     streams: { name: string; head: number; created_at: string; updated_at: string; closed: boolean; subscribers: number }[];
     next_after_name?: string | null;
   }>;
-  getStream(stream: string): Promise<{ name: string; head: number; created_at: string; updated_at: string; closed: boolean }>;
+  getStream(stream: string): Promise<StreamInfo>;
   readEvents(stream: string, opts?: { after?: number; limit?: number; since?: string }): Promise<{
     stream: string;
     events: Envelope[];

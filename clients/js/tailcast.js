@@ -311,6 +311,61 @@ export class TailcastClient {
     return this.request("POST", `/v1/streams/${enc(stream)}/stop`, op.reason === undefined ? {} : { reason: op.reason });
   }
 
+  // ---- stop acknowledgement (the agent's side, then the sender's) ------------------------
+
+  /**
+   * The agent has stopped: appends `control.stopped` `{stop_seq, ...data}` answering the
+   * `control.stop` at `stopSeq`.
+   */
+  stopped(stream, stopSeq, data = {}) {
+    return this.publish(stream, { type: "control.stopped", data: { ...data, stop_seq: stopSeq } });
+  }
+
+  /** The agent will not stop: appends `control.stop_refused` `{stop_seq, reason}`. */
+  refuseStop(stream, stopSeq, reason) {
+    const data = { stop_seq: stopSeq };
+    if (reason !== undefined) data.reason = reason;
+    return this.publish(stream, { type: "control.stop_refused", data });
+  }
+
+  /**
+   * Whether the stop at `stopSeq` took effect: reads the stream after it (REST, so it works
+   * beside a subscription to the same stream) until the agent answers, the stream closes, or
+   * `timeoutMs` passes. Resolves to `{outcome: "stopped"|"refused"|"closed"|"timeout", event}`
+   * (`event`: the answer or the `stream.closed`; a stream closed as abandoned by its lease has
+   * `event.data.reason === "abandoned"`).
+   */
+  async waitForStopOutcome(stream, stopSeq, { timeoutMs = 30000, pollMs = 250 } = {}) {
+    const deadline = Date.now() + timeoutMs;
+    let after = stopSeq;
+    for (;;) {
+      const page = await this.readEvents(stream, { after, limit: 1000 });
+      for (const ev of page.events) {
+        const d = ev.data && typeof ev.data === "object" ? ev.data : {};
+        if ((ev.type === "control.stopped" || ev.type === "control.stop_refused") && d.stop_seq === stopSeq) {
+          return { outcome: ev.type === "control.stopped" ? "stopped" : "refused", event: ev };
+        }
+        if (ev.type === "stream.closed") return { outcome: "closed", event: ev };
+      }
+      after = page.next_after;
+      if (page.events.length > 0) continue;
+      if (Date.now() >= deadline) return { outcome: "timeout", event: null };
+      await new Promise((r) => setTimeout(r, Math.min(pollMs, Math.max(0, deadline - Date.now()))));
+    }
+  }
+
+  // ---- leases (the producer's side) -------------------------------------------------------
+
+  /** Sets the stream's lease in seconds (null or 0 removes it): `PATCH /v1/streams/{stream}`. */
+  setLease(stream, leaseS) {
+    return this.request("PATCH", `/v1/streams/${enc(stream)}`, { lease_s: leaseS });
+  }
+
+  /** Renews the stream's lease without appending: `POST /v1/streams/{stream}/heartbeat`. */
+  heartbeat(stream) {
+    return this.request("POST", `/v1/streams/${enc(stream)}/heartbeat`);
+  }
+
   // ---- REST ------------------------------------------------------------------------------
 
   /** Lists streams: `{streams, next_after_name}`. */

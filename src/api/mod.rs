@@ -5,12 +5,14 @@ pub mod durable;
 pub mod events;
 pub mod extract;
 pub mod inputs;
+pub mod leases;
 pub mod ops;
 pub mod presence;
 pub mod rest;
 pub mod retention;
 pub mod sse;
 pub mod ui_stream;
+pub mod webhooks;
 pub mod ws;
 
 use std::time::Instant;
@@ -51,6 +53,8 @@ pub fn router(state: AppState) -> Router {
         .merge(inputs::router())
         .merge(presence::router())
         .merge(durable::router())
+        .merge(leases::router())
+        .merge(webhooks::router())
         .fallback(|| async { Error::NotFound })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .layer(middleware::from_fn(record_request))
@@ -161,7 +165,13 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
     Some(
         CorsLayer::new()
             .allow_origin(allow)
-            .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
+            .allow_methods([
+                Method::GET,
+                Method::POST,
+                Method::PATCH,
+                Method::DELETE,
+                Method::OPTIONS,
+            ])
             .allow_headers([
                 header::AUTHORIZATION,
                 header::CONTENT_TYPE,

@@ -113,6 +113,11 @@ async fn stats(State(app): State<AppState>, who: Principal) -> Result<Response> 
         "streams": totals.map(|t| t.streams),
         "events": totals.map(|t| t.events),
         "open_input_requests": totals.map(|t| t.open_input_requests),
+        "leased_streams": totals.map(|t| t.leased_streams),
+        "webhooks": totals.map(|t| json!({
+            "registered": t.webhooks,
+            "failing_streams": t.failing_webhook_streams,
+        })),
         "uptime_s": app.started.elapsed().as_secs(),
         "connections": {
             "sse": c.sse.load(Ordering::Relaxed),

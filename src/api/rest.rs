@@ -27,7 +27,9 @@ pub fn router() -> Router<AppState> {
         .route("/v1/streams", get(list_streams))
         .route(
             "/v1/streams/{stream}",
-            get(stream_info).delete(delete_stream),
+            get(stream_info)
+                .delete(delete_stream)
+                .patch(super::leases::patch_stream),
         )
         .route("/v1/streams/{stream}/events", post(append).get(read_events))
         .route("/v1/streams/{stream}/close", post(close))
@@ -37,6 +39,8 @@ pub fn router() -> Router<AppState> {
 #[derive(Deserialize)]
 struct AppendParams {
     expected_seq: Option<i64>,
+    /// Sets the stream's lease (as `PATCH` does) once the append succeeds.
+    lease_s: Option<i64>,
 }
 
 async fn append(
@@ -50,6 +54,10 @@ async fn append(
         return Err(Error::InvalidParameter("expected_seq must be >= 0".into()));
     }
     who.check(Grant::Write, &stream)?;
+    let lease = params
+        .lease_s
+        .map(|l| super::leases::parse_lease(Some(l)))
+        .transpose()?;
     let events = authored(parse_batch(&body, app.limits())?, who.subject());
     let spec = AppendSpec {
         stream,
@@ -58,6 +66,10 @@ async fn append(
         close: false,
     };
     let res = app.appender.append(spec).await?;
+    if let Some(lease) = lease {
+        // After the append: it may be what created the stream.
+        crate::log::leases::set_if_changed(&app.db, res.stream.as_str(), lease).await?;
+    }
     Ok((StatusCode::CREATED, Json(res)).into_response())
 }
 

@@ -5,6 +5,7 @@
 pub mod expiry;
 pub mod frame;
 pub mod hub;
+pub mod leases;
 pub mod notify;
 pub mod presence;
 pub mod presence_sync;

@@ -78,7 +78,8 @@ pub async fn stream_with_row(
     let columns = columns.join(", ");
     let sql = format!(
         "select {columns}, s.id as s_id, s.head as s_head, s.trimmed_to as s_trimmed_to,
-                s.closed as s_closed, s.created_at as s_created_at, s.updated_at as s_updated_at
+                s.closed as s_closed, s.created_at as s_created_at, s.updated_at as s_updated_at,
+                s.lease_s as s_lease_s, s.heartbeat_at as s_heartbeat_at
          from ds_streams d left join streams s on s.name = d.name
          where d.name = $1"
     );
@@ -97,6 +98,8 @@ pub async fn stream_with_row(
                     closed: r.try_get("s_closed")?,
                     created_at: r.try_get::<Ts, _>("s_created_at")?.0,
                     updated_at: r.try_get::<Ts, _>("s_updated_at")?.0,
+                    lease_s: r.try_get("s_lease_s")?,
+                    heartbeat_at: r.try_get("s_heartbeat_at")?,
                 }),
             };
             Ok::<_, sqlx::Error>((ds, row))

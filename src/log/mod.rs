@@ -6,11 +6,13 @@ pub mod db;
 pub mod durable;
 pub mod health;
 pub mod inputs;
+pub mod leases;
 pub mod model;
 pub mod presence;
 pub mod retention;
 pub mod stats;
 pub mod store;
+pub mod webhooks;
 
 pub use appender::{AppendResult, AppendSpec, Appender, AppenderSettings, CommitSink, Committed};
 pub use db::{Db, SqliteDb};

@@ -18,7 +18,9 @@ pub const MAX_TYPE_CHARS: usize = 128;
 /// Longest event `id` or `key`, in characters.
 pub const MAX_ID_CHARS: usize = 256;
 
-/// Types only the server writes; producers appending them get `reserved_type`.
+/// Types only the server writes; producers appending them get `reserved_type`. The agent's
+/// answers to `control.stop` (`control.stopped`, `control.stop_refused`) are not among them:
+/// the producer appends those with its own grant.
 pub const RESERVED_TYPES: [&str; 5] = [
     TYPE_STREAM_CLOSED,
     TYPE_INPUT_REQUESTED,
@@ -265,6 +267,11 @@ mod tests {
                 parse_event_type(reserved),
                 Err(Error::ReservedType(_))
             ));
+        }
+        // The agent's answers to a stop are its own events (the stop-acknowledgement
+        // convention): only the request, `control.stop`, is the server's.
+        for answer in ["control.stopped", "control.stop_refused"] {
+            assert_eq!(parse_event_type(answer).unwrap(), answer);
         }
     }
 

@@ -27,6 +27,10 @@ pub struct StreamRow {
     pub created_at: DateTime<Utc>,
     #[sqlx(try_from = "Ts")]
     pub updated_at: DateTime<Utc>,
+    /// The producer's lease in seconds (see `log::leases`); None: no lease.
+    pub lease_s: Option<i64>,
+    /// The last heartbeat (or lease change).
+    pub heartbeat_at: Option<Ts>,
 }
 
 /// A stream as the API shows it.
@@ -39,6 +43,12 @@ pub struct StreamInfo {
     pub created_at: String,
     pub updated_at: String,
     pub closed: bool,
+    /// Seconds without activity after which the stream is closed as abandoned; null: none.
+    pub lease_s: Option<i64>,
+    /// The last append or heartbeat.
+    pub last_activity_at: String,
+    /// When the lease lapses unless renewed; null without a lease or once closed.
+    pub lease_expires_at: Option<String>,
 }
 
 impl StreamRow {
@@ -50,11 +60,27 @@ impl StreamRow {
             created_at: format_time(&self.created_at),
             updated_at: format_time(&self.updated_at),
             closed: self.closed,
+            lease_s: self.lease_s,
+            last_activity_at: format_time(&self.last_activity()),
+            lease_expires_at: self.lease_expires_at().map(|t| format_time(&t)),
         }
+    }
+
+    /// The last append (which moves `updated_at`) or heartbeat.
+    pub fn last_activity(&self) -> DateTime<Utc> {
+        self.heartbeat_at
+            .map_or(self.updated_at, |h| h.0.max(self.updated_at))
+    }
+
+    /// When the lease lapses unless renewed (None: no lease, or the stream is closed).
+    pub fn lease_expires_at(&self) -> Option<DateTime<Utc>> {
+        let lease = self.lease_s.filter(|_| !self.closed)?;
+        Some(self.last_activity() + chrono::Duration::seconds(lease))
     }
 }
 
-const STREAM_COLUMNS: &str = "id, name, head, trimmed_to, closed, created_at, updated_at";
+const STREAM_COLUMNS: &str =
+    "id, name, head, trimmed_to, closed, created_at, updated_at, lease_s, heartbeat_at";
 
 /// The columns of a [`StoredEvent`], named as its fields.
 pub const EVENT_COLUMNS: &str = r#"seq, type as ty, data, event_id as id, key, time, body, "by""#;
@@ -97,7 +123,7 @@ pub async fn list_streams(
 }
 
 /// The smallest string greater than every string starting with `prefix`, if there is one.
-fn prefix_successor(prefix: &str) -> Option<String> {
+pub(crate) fn prefix_successor(prefix: &str) -> Option<String> {
     let mut chars: Vec<char> = prefix.chars().collect();
     while let Some(last) = chars.pop() {
         let next = (last as u32 + 1..=char::MAX as u32).find_map(char::from_u32);

@@ -62,6 +62,12 @@ impl NodeProcess {
         self.signal("-STOP");
     }
 
+    /// Kills the process with SIGKILL (nothing of it runs after this) and waits until it is
+    /// gone.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("kill -9");
+    }
+
     /// Lets a frozen process run again (SIGCONT).
     pub fn thaw(&self) {
         self.signal("-CONT");
@@ -74,6 +80,7 @@ impl Drop for NodeProcess {
         // of it lingers stopped if the kill were delayed.
         let _ = std::process::Command::new("kill")
             .args(["-CONT", &self.pid.to_string()])
+            .stderr(std::process::Stdio::null())
             .status();
     }
 }

@@ -270,3 +270,57 @@ describe("cursor tracking", () => {
     await server.stop();
   });
 });
+
+describe("leases and stop acknowledgement", () => {
+  test("the agent answers a stop; the sender sees whether it took effect; a lease lapses to abandoned", async () => {
+    const server = await Server.spawn({ env: { TAILCAST_LEASE_SWEEP_MS: "50" } });
+    const page = await clientPage(server.url);
+    await server.append("agent:1", { type: "token", data: { text: "working" } });
+    const result = await page.evaluate(async () => {
+      const sender = new window.tc.TailcastClient();
+      const agent = new window.tc.TailcastClient();
+      const out = {};
+      // Stopped: the agent answers with control.stopped naming the stop's seq.
+      const stop = await sender.stop("agent:1", "enough");
+      const waiting = sender.waitForStopOutcome("agent:1", stop.first_seq, { timeoutMs: 10000 });
+      await agent.stopped("agent:1", stop.first_seq);
+      out.stopped = await waiting;
+      // Refused, with a reason.
+      const stop2 = await sender.stop("agent:1");
+      await agent.refuseStop("agent:1", stop2.first_seq, "deploy half done");
+      out.refused = await sender.waitForStopOutcome("agent:1", stop2.first_seq, { timeoutMs: 10000 });
+      // Unanswered: a timeout, not a hang.
+      const stop3 = await sender.stop("agent:1");
+      out.unanswered = await sender.waitForStopOutcome("agent:1", stop3.first_seq, { timeoutMs: 300 });
+      // A lease, renewed by heartbeats, then left to lapse: the stream closes as abandoned and
+      // the pending stop's outcome is that close.
+      out.leased = await agent.setLease("agent:1", 1);
+      for (let i = 0; i < 6; i++) {
+        await new Promise((r) => setTimeout(r, 250));
+        out.beat = await agent.heartbeat("agent:1");
+      }
+      out.abandoned = await sender.waitForStopOutcome("agent:1", stop3.first_seq, { timeoutMs: 10000 });
+      try {
+        await agent.heartbeat("agent:1");
+      } catch (err) {
+        out.lateBeat = err.code;
+      }
+      sender.close();
+      agent.close();
+      return out;
+    });
+    assert.equal(result.stopped.outcome, "stopped");
+    assert.equal(result.stopped.event.type, "control.stopped");
+    assert.equal(result.refused.outcome, "refused");
+    assert.equal(result.refused.event.data.reason, "deploy half done");
+    assert.deepEqual(result.unanswered, { outcome: "timeout", event: null });
+    assert.equal(result.leased.lease_s, 1);
+    assert.equal(result.beat.closed, false);
+    assert.ok(result.beat.lease_expires_at > result.beat.last_activity_at);
+    assert.equal(result.abandoned.outcome, "closed");
+    assert.equal(result.abandoned.event.data.reason, "abandoned");
+    assert.equal(result.lateBeat, "stream_closed");
+    const types = (await server.readAll("agent:1")).map((e) => e.type);
+    assert.deepEqual(types, ["token", "control.stop", "control.stopped", "control.stop", "control.stop_refused", "control.stop", "stream.closed"]);
+  });
+});

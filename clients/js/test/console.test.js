@@ -238,7 +238,16 @@ describe("console", () => {
     );
     assert.equal(events[1].data.reason, "user cancelled");
     await waitFor(async () => /Stop sent/.test(await page.textContent("#banner")), "the confirmation");
+    assert.equal(await stopRow.locator(".stop-status").textContent(), "waiting");
     await screenshot(page, "console-stop.png");
+
+    // The agent acknowledges (the stop-acknowledgement convention): the row and the banner say
+    // the stop took effect.
+    await server.append(stream, { type: "control.stopped", data: { stop_seq: events[1].seq } });
+    await waitFor(async () => (await stopRow.locator(".stop-status").textContent()) === "stopped", "the stop marked stopped");
+    await waitFor(async () => /The agent stopped/.test(await page.textContent("#banner")), "the acknowledgement banner");
+    const answerRow = page.locator('#events li[data-type="control.stopped"] .desc');
+    assert.equal(await answerRow.textContent(), `stopped (answering stop #${events[1].seq})`);
 
     // Close, after a confirmation: Stop and Close are then disabled, with no error shown.
     const dialogs = [];
@@ -252,7 +261,7 @@ describe("console", () => {
     assert.equal(await page.isDisabled("#stop-btn"), true);
     assert.equal(await page.isDisabled("#close-btn"), true);
     assert.equal(await page.isVisible("#banner.error"), false, await page.textContent("#banner"));
-    assert.deepEqual((await server.readAll(stream)).map((e) => e.type), ["token", "control.stop", "stream.closed"]);
+    assert.deepEqual((await server.readAll(stream)).map((e) => e.type), ["token", "control.stop", "control.stopped", "stream.closed"]);
     await screenshot(page, "console-closed.png");
 
     // Delete, after a confirmation: the stream is gone, from the server and the list.

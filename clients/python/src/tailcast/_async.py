@@ -11,7 +11,7 @@ import httpx
 
 from . import _core as core
 from .errors import InputExists, InputExpired, TransportError
-from .models import AppendResult, Event
+from .models import AppendResult, Event, StopOutcome
 
 __all__ = ["AsyncTailcast", "AsyncWriter", "AsyncFollow", "AsyncStopWatch"]
 
@@ -232,6 +232,54 @@ class AsyncTailcast:
         """Watches ``stream`` for ``control.stop`` in a task: :class:`AsyncStopWatch`.
         ``cancel``: a task to cancel when the stop arrives (e.g. the agent's run)."""
         return AsyncStopWatch(self, stream, callback, cancel, after)
+
+    async def ack_stop(self, stream: str, stop_seq: int, data: Any = None) -> AppendResult:
+        """The agent has stopped: appends ``control.stopped`` ``{"stop_seq": stop_seq}``."""
+        ev = core.stop_answer_body(stop_seq, False, None, data)
+        return await self._append(stream, [core.event_body(ev["type"], ev["data"], None, None)], None)
+
+    async def refuse_stop(self, stream: str, stop_seq: int, reason: Any = None) -> AppendResult:
+        """The agent will not stop: appends ``control.stop_refused`` with ``reason``."""
+        ev = core.stop_answer_body(stop_seq, True, reason, None)
+        return await self._append(stream, [core.event_body(ev["type"], ev["data"], None, None)], None)
+
+    async def wait_stop_outcome(
+        self, stream: str, stop_seq: int, timeout: float = 30.0, *, poll: float = 0.25
+    ) -> StopOutcome:
+        """See :meth:`tailcast.Tailcast.wait_stop_outcome`."""
+        deadline = time.monotonic() + timeout
+        after = stop_seq
+        while True:
+            r = await self._request(
+                "GET",
+                core.path(stream, "events"),
+                params={"after": after, "limit": 1000},
+                idempotent=True,
+            )
+            page = r.json()
+            for env in page["events"]:
+                outcome = core.stop_outcome_of(env, stop_seq)
+                if outcome is not None:
+                    return StopOutcome(outcome, Event.from_envelope(env))
+            after = int(page["next_after"])
+            if page["events"]:
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return StopOutcome("timeout")
+            await asyncio.sleep(min(poll, left))
+
+    # -- leases -------------------------------------------------------------------------------
+
+    async def set_lease(self, stream: str, lease_s: Optional[int]) -> Dict[str, Any]:
+        """See :meth:`tailcast.Tailcast.set_lease`."""
+        r = await self._request("PATCH", core.path(stream), body={"lease_s": lease_s}, idempotent=True)
+        return dict(r.json())
+
+    async def heartbeat(self, stream: str) -> Dict[str, Any]:
+        """Renews the stream's lease without appending."""
+        r = await self._request("POST", core.path(stream, "heartbeat"), idempotent=True)
+        return dict(r.json())
 
 
 class AsyncFollow(AsyncIterator[Event]):
@@ -456,6 +504,8 @@ class AsyncStopWatch:
         self.event: Optional[Event] = None
         self._callback = callback
         self._cancel = cancel
+        self._client = client
+        self._stream = stream
         self._follow = client.follow(stream, after=after, types=[core.CONTROL_STOP])
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -467,6 +517,18 @@ class AsyncStopWatch:
     def reason(self) -> Any:
         data = self.event.data if self.event is not None else None
         return data.get("reason") if isinstance(data, dict) else None
+
+    async def ack(self, data: Any = None) -> AppendResult:
+        """Tells the sender the agent has stopped (``control.stopped``, linked to the stop)."""
+        if self.event is None:
+            raise RuntimeError("no control.stop has arrived to acknowledge")
+        return await self._client.ack_stop(self._stream, self.event.seq, data)
+
+    async def refuse(self, reason: Any = None) -> AppendResult:
+        """Tells the sender the agent will not stop (``control.stop_refused`` with ``reason``)."""
+        if self.event is None:
+            raise RuntimeError("no control.stop has arrived to refuse")
+        return await self._client.refuse_stop(self._stream, self.event.seq, reason)
 
     async def wait(self) -> Optional[Event]:
         """Waits for the stop (or the end of the stream); raises what ended the watch."""

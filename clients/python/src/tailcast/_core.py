@@ -29,6 +29,31 @@ from .sse import SSEMessage, SSEParser
 #: Event types the server appends itself.
 STREAM_CLOSED = "stream.closed"
 CONTROL_STOP = "control.stop"
+#: The agent's answers to a ``control.stop`` (data ``{"stop_seq": N}``, plus ``reason`` for a
+#: refusal): producer events, not reserved.
+CONTROL_STOPPED = "control.stopped"
+CONTROL_STOP_REFUSED = "control.stop_refused"
+
+
+def stop_answer_body(stop_seq: int, refused: bool, reason: Any, data: Any) -> Dict[str, Any]:
+    """The event answering the ``control.stop`` at ``stop_seq``."""
+    body: Dict[str, Any] = dict(data or {})
+    body["stop_seq"] = int(stop_seq)
+    if refused and reason is not None:
+        body["reason"] = reason
+    return {"type": CONTROL_STOP_REFUSED if refused else CONTROL_STOPPED, "data": body}
+
+
+def stop_outcome_of(env: Dict[str, Any], stop_seq: int) -> Optional[str]:
+    """``stopped``/``refused`` if ``env`` answers the stop at ``stop_seq``, ``closed`` if it
+    closes the stream, else None."""
+    data = env.get("data")
+    if env["type"] in (CONTROL_STOPPED, CONTROL_STOP_REFUSED) and isinstance(data, dict):
+        if data.get("stop_seq") == stop_seq:
+            return "stopped" if env["type"] == CONTROL_STOPPED else "refused"
+    if env["type"] == STREAM_CLOSED:
+        return "closed"
+    return None
 
 
 @dataclass(frozen=True)

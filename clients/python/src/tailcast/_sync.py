@@ -11,7 +11,7 @@ import httpx
 
 from . import _core as core
 from .errors import InputExists, TransportError
-from .models import AppendResult, Event
+from .models import AppendResult, Event, StopOutcome
 
 __all__ = ["Tailcast", "Writer", "Follow", "StopWatch"]
 
@@ -262,6 +262,57 @@ class Tailcast:
     ) -> "StopWatch":
         """Follows ``stream`` for ``control.stop`` in a background thread; see :class:`StopWatch`."""
         return StopWatch(self, stream, callback, after)
+
+    def ack_stop(self, stream: str, stop_seq: int, data: Any = None) -> AppendResult:
+        """The agent has stopped: appends ``control.stopped`` ``{"stop_seq": stop_seq}``."""
+        ev = core.stop_answer_body(stop_seq, False, None, data)
+        return self._append(stream, [core.event_body(ev["type"], ev["data"], None, None)], None)
+
+    def refuse_stop(self, stream: str, stop_seq: int, reason: Any = None) -> AppendResult:
+        """The agent will not stop: appends ``control.stop_refused`` with ``reason``."""
+        ev = core.stop_answer_body(stop_seq, True, reason, None)
+        return self._append(stream, [core.event_body(ev["type"], ev["data"], None, None)], None)
+
+    def wait_stop_outcome(
+        self, stream: str, stop_seq: int, timeout: float = 30.0, *, poll: float = 0.25
+    ) -> StopOutcome:
+        """Whether the stop at ``stop_seq`` (the seq :meth:`stop` returned) took effect: reads
+        the stream after it until the agent answers, the stream closes, or ``timeout``
+        seconds pass. See :class:`StopOutcome`."""
+        deadline = time.monotonic() + timeout
+        after = stop_seq
+        while True:
+            r = self._request(
+                "GET",
+                core.path(stream, "events"),
+                params={"after": after, "limit": 1000},
+                idempotent=True,
+            )
+            page = r.json()
+            for env in page["events"]:
+                outcome = core.stop_outcome_of(env, stop_seq)
+                if outcome is not None:
+                    return StopOutcome(outcome, Event.from_envelope(env))
+            after = int(page["next_after"])
+            if page["events"]:
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return StopOutcome("timeout")
+            time.sleep(min(poll, left))
+
+    # -- leases -------------------------------------------------------------------------------
+
+    def set_lease(self, stream: str, lease_s: Optional[int]) -> Dict[str, Any]:
+        """Gives the stream a lease of ``lease_s`` seconds (None removes it): unless an append
+        or :meth:`heartbeat` comes that often, the server closes it as ``abandoned``. Returns
+        the stream's metadata (``lease_s``, ``last_activity_at``, ``lease_expires_at``)."""
+        r = self._request("PATCH", core.path(stream), body={"lease_s": lease_s}, idempotent=True)
+        return dict(r.json())
+
+    def heartbeat(self, stream: str) -> Dict[str, Any]:
+        """Renews the stream's lease without appending; 409 :class:`StreamClosed` once closed."""
+        return dict(self._request("POST", core.path(stream, "heartbeat"), idempotent=True).json())
 
 
 class Follow(Iterator[Event]):
@@ -530,6 +581,8 @@ class StopWatch:
         #: An error that ended the watch early (e.g. 403), if any.
         self.error: Optional[BaseException] = None
         self._callback = callback
+        self._client = client
+        self._stream = stream
         self._follow = client.follow(stream, after=after, types=[core.CONTROL_STOP])
         self._thread = threading.Thread(target=self._run, name=f"tailcast-stop-{stream}", daemon=True)
         self._thread.start()
@@ -542,6 +595,18 @@ class StopWatch:
     def reason(self) -> Any:
         data = self.event.data if self.event is not None else None
         return data.get("reason") if isinstance(data, dict) else None
+
+    def ack(self, data: Any = None) -> AppendResult:
+        """Tells the sender the agent has stopped (``control.stopped``, linked to the stop)."""
+        if self.event is None:
+            raise RuntimeError("no control.stop has arrived to acknowledge")
+        return self._client.ack_stop(self._stream, self.event.seq, data)
+
+    def refuse(self, reason: Any = None) -> AppendResult:
+        """Tells the sender the agent will not stop (``control.stop_refused`` with ``reason``)."""
+        if self.event is None:
+            raise RuntimeError("no control.stop has arrived to refuse")
+        return self._client.refuse_stop(self._stream, self.event.seq, reason)
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Waits for the stop; True once it has arrived."""

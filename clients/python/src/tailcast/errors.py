@@ -37,6 +37,7 @@ __all__ = [
     "StreamNotFound",
     "InputNotFound",
     "RouteNotFound",
+    "WebhookNotFound",
     "NotSubscribed",
     "MethodNotAllowed",
     "NotAcceptable",
@@ -198,6 +199,10 @@ class InputNotFound(NotFound):
 
 class RouteNotFound(NotFound):
     """``not_found``: no such route (a wrong base URL?)."""
+
+
+class WebhookNotFound(NotFound):
+    pass
 
 
 class NotSubscribed(NotFound):
@@ -421,6 +426,7 @@ ERROR_CODES: Dict[str, Type[ApiError]] = {
     "stream_not_found": StreamNotFound,
     "input_not_found": InputNotFound,
     "not_found": RouteNotFound,
+    "webhook_not_found": WebhookNotFound,
     "not_subscribed": NotSubscribed,
     "method_not_allowed": MethodNotAllowed,
     "not_acceptable": NotAcceptable,

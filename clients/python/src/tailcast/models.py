@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Dict, List, Mapping, Optional
 
-__all__ = ["Event", "EventAck", "AppendResult", "parse_time"]
+__all__ = ["Event", "EventAck", "AppendResult", "StopOutcome", "parse_time"]
 
 
 def parse_time(raw: str) -> datetime:
@@ -84,3 +84,19 @@ class AppendResult:
                 for e in body.get("events", [])
             ],
         )
+
+
+@dataclass(frozen=True)
+class StopOutcome:
+    """Whether a stop took effect: ``outcome`` is ``stopped`` or ``refused`` (the agent's
+    answer is :attr:`event`), ``closed`` (the stream closed first: :attr:`event` is its
+    ``stream.closed``; ``data["reason"] == "abandoned"`` if its lease lapsed) or ``timeout``
+    (no answer in time; :attr:`event` is None)."""
+
+    outcome: str
+    event: Optional[Event] = None
+
+    @property
+    def took_effect(self) -> bool:
+        """True when the run is over: stopped, or its stream closed."""
+        return self.outcome in ("stopped", "closed")
