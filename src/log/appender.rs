@@ -599,6 +599,7 @@ async fn commit_postgres(
             rows.id.push(ev.id.as_deref());
             rows.key.push(ev.key.as_deref());
             rows.body.push(ev.body.as_deref());
+            rows.append.push(ev.append);
         }
     }
     let token = uuid::Uuid::new_v4();
@@ -743,6 +744,7 @@ fn plan_job<'a>(
                 out.id.push(ev.id.as_deref());
                 out.key.push(ev.key.as_deref());
                 out.body.push(ev.body.as_deref());
+                out.append.push(ev.append);
                 if let Some(id) = &ev.id {
                     st.new_ids.insert(id.clone(), st.head);
                 }
@@ -801,6 +803,7 @@ fn deliver(sink: &dyn CommitSink, jobs: Vec<Job>, plan: Plan, started: Instant) 
                             key: ev.key,
                             time: plan.time,
                             body: ev.body,
+                            append: ev.append,
                         });
                     }
                 }
@@ -858,6 +861,7 @@ mod tests {
                 id: Some(id.into()),
                 key: None,
                 body: None,
+                append: false,
             }],
             expected_seq: None,
             close: false,

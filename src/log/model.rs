@@ -106,6 +106,9 @@ pub struct NewEvent {
     /// A byte payload kept exactly as received (Durable Streams byte streams); `data` is then
     /// `null`. None for every JSON event.
     pub body: Option<Vec<u8>>,
+    /// The event extends the message named by `key` (never set without a key); see
+    /// [`crate::live::compact`] for the merge rule.
+    pub append: bool,
 }
 
 /// An event as stored in the log (read with [`crate::log::store::EVENT_COLUMNS`]).
@@ -120,6 +123,8 @@ pub struct StoredEvent {
     pub time: DateTime<Utc>,
     /// See [`NewEvent::body`].
     pub body: Option<Vec<u8>>,
+    /// See [`NewEvent::append`].
+    pub append: bool,
 }
 
 /// Formats a time the way every tailcast response does: RFC 3339, UTC, milliseconds.
@@ -149,19 +154,22 @@ fn put_json_str(buf: &mut BytesMut, s: &str) {
     serde_json::to_writer(buf.writer(), s).expect("string serialisation");
 }
 
-/// The event envelope (openapi.yaml `Envelope`), encoded once: `{"stream","seq","type","data","id"?,"key"?,"time"}`.
+/// The event envelope (openapi.yaml `Envelope`), encoded once:
+/// `{"stream","seq","type","data","id"?,"key"?,"append"?,"time"}`.
 /// An event holding a byte payload carries it as a base64 string in `data`, followed by
 /// `"encoding":"base64"`.
 pub fn encode_envelope(stream: &str, ev: &StoredEvent) -> Bytes {
-    encode_envelope_locating_data(stream, ev).0
+    encode_envelope_locating_data(stream, ev, None).0
 }
 
 /// `encode_envelope`, and where the event's `data` lies in it (so a framing that sends only
 /// the data, like the AI SDK view, can slice it out without a copy). For a byte payload
-/// that is its base64 string, quotes included.
+/// that is its base64 string, quotes included. `folded`: the envelope stands for that many
+/// events of the log (a compacted read), said by `"folded":n` before `time`.
 pub fn encode_envelope_locating_data(
     stream: &str,
     ev: &StoredEvent,
+    folded: Option<usize>,
 ) -> (Bytes, std::ops::Range<usize>) {
     let body_len = ev.body.as_ref().map_or(0, |b| b.len() * 4 / 3 + 32);
     let mut buf =
@@ -198,6 +206,13 @@ pub fn encode_envelope_locating_data(
     if let Some(key) = &ev.key {
         buf.put_slice(b",\"key\":");
         put_json_str(&mut buf, key);
+    }
+    if ev.append {
+        buf.put_slice(b",\"append\":true");
+    }
+    if let Some(n) = folded {
+        buf.put_slice(b",\"folded\":");
+        buf.put_slice(n.to_string().as_bytes());
     }
     buf.put_slice(b",\"time\":\"");
     buf.put_slice(format_time(&ev.time).as_bytes());
@@ -260,6 +275,7 @@ mod tests {
             key: Some("k\"1".into()),
             time: DateTime::from_timestamp_millis(1_795_000_000_123).unwrap(),
             body: None,
+            append: false,
         };
         let env = encode_envelope("run:42", &ev);
         assert_eq!(
@@ -278,8 +294,9 @@ mod tests {
             key: None,
             time: DateTime::from_timestamp_millis(0).unwrap(),
             body: None,
+            append: false,
         };
-        let (env, at) = encode_envelope_locating_data("s\"é", &ev);
+        let (env, at) = encode_envelope_locating_data("s\"é", &ev, None);
         assert_eq!(&env[at], ev.data.as_bytes());
         // A byte payload's data is its base64 string, and the envelope says so after it.
         let bytes = StoredEvent {
@@ -287,7 +304,7 @@ mod tests {
             data: "null".into(),
             ..ev
         };
-        let (env, at) = encode_envelope_locating_data("s", &bytes);
+        let (env, at) = encode_envelope_locating_data("s", &bytes, None);
         assert_eq!(&env[at.clone()], b"\"AP8i\"");
         assert!(std::str::from_utf8(&env[at.end..])
             .unwrap()

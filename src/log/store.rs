@@ -57,7 +57,7 @@ impl StreamRow {
 const STREAM_COLUMNS: &str = "id, name, head, trimmed_to, closed, created_at, updated_at";
 
 /// The columns of a [`StoredEvent`], named as its fields.
-pub const EVENT_COLUMNS: &str = "seq, type as ty, data, event_id as id, key, time, body";
+pub const EVENT_COLUMNS: &str = "seq, type as ty, data, event_id as id, key, time, body, append";
 
 /// Most values one SQLite statement may bind.
 const SQLITE_MAX_BINDS: usize = 32_766;
@@ -132,7 +132,7 @@ pub async fn read_events_bounded(
     // filtered before their `data` is fetched from TOAST.
     let sql = format!(
         r#"select {EVENT_COLUMNS} from (
-             select seq, type, data, event_id, key, time, body,
+             select seq, type, data, event_id, key, time, body, append,
                     sum(octet_length(data) + coalesce(octet_length(body), 0)) over (order by seq)
                       - octet_length(data) - coalesce(octet_length(body), 0) as before
              from events
@@ -438,6 +438,7 @@ pub struct EventRows<'a> {
     pub id: Vec<Option<&'a str>>,
     pub key: Vec<Option<&'a str>>,
     pub body: Vec<Option<&'a [u8]>>,
+    pub append: Vec<bool>,
 }
 
 /// Inserts every row (in one statement on PostgreSQL, in as few as SQLite's bind limit
@@ -453,10 +454,12 @@ pub async fn insert_events(
     match tx {
         Tx::Postgres(t) => {
             sqlx::query(
-                r#"insert into events (stream_id, seq, type, data, event_id, key, time, body)
-                   select sid, seq, ty, data, eid, k, $7, b
+                r#"insert into events (stream_id, seq, type, data, event_id, key, time, body,
+                                      append)
+                   select sid, seq, ty, data, eid, k, $7, b, a
                    from unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],
-                               $6::text[], $8::bytea[]) as t(sid, seq, ty, data, eid, k, b)"#,
+                               $6::text[], $8::bytea[], $9::bool[])
+                        as t(sid, seq, ty, data, eid, k, b, a)"#,
             )
             .bind(&rows.stream_id)
             .bind(&rows.seq)
@@ -466,15 +469,16 @@ pub async fn insert_events(
             .bind(&rows.key)
             .bind(Ts(time))
             .bind(&rows.body)
+            .bind(&rows.append)
             .execute(&mut **t)
             .await?;
         }
         Tx::Sqlite(t) => {
-            const COLUMNS: usize = 8;
+            const COLUMNS: usize = 9;
             let indices: Vec<usize> = (0..rows.seq.len()).collect();
             for chunk in indices.chunks(SQLITE_MAX_BINDS / COLUMNS) {
                 let mut q = QueryBuilder::<Sqlite>::new(
-                    "insert into events (stream_id, seq, type, data, event_id, key, time, body) ",
+                    "insert into events (stream_id, seq, type, data, event_id, key, time, body, append) ",
                 );
                 q.push_values(chunk, |mut b, &i| {
                     b.push_bind(rows.stream_id[i])
@@ -484,7 +488,8 @@ pub async fn insert_events(
                         .push_bind(rows.id[i])
                         .push_bind(rows.key[i])
                         .push_bind(Ts(time))
-                        .push_bind(rows.body[i]);
+                        .push_bind(rows.body[i])
+                        .push_bind(rows.append[i]);
                 });
                 q.build().persistent(false).execute(&mut **t).await?;
             }
@@ -508,6 +513,8 @@ pub struct JobRows<'a> {
     pub key: Vec<Option<&'a str>>,
     /// Byte payloads (Durable Streams byte mode); sent as one null when no event has one.
     pub body: Vec<Option<&'a [u8]>>,
+    /// Append flags; sent as one null when no event has one set.
+    pub append: Vec<bool>,
 }
 
 /// What `tailcast.append_jobs` decided, per event, per job and per stream written.
@@ -540,7 +547,7 @@ pub async fn append_jobs(
 ) -> Result<JobsOutcome, sqlx::Error> {
     sqlx::query_as(
         "select * from tailcast.append_jobs($1, $2::uuid, $3, $4, $5, $6, $7, $8, $9, $10, $11,
-                                            $12)",
+                                            $12, $13)",
     )
     .bind(node)
     .bind(token.to_string())
@@ -554,6 +561,7 @@ pub async fn append_jobs(
     .bind(&rows.id)
     .bind(&rows.key)
     .bind(rows.body.iter().any(Option::is_some).then_some(&rows.body))
+    .bind(rows.append.iter().any(|a| *a).then_some(&rows.append))
     .fetch_one(&mut **tx)
     .await
 }
@@ -689,7 +697,8 @@ pub async fn read_events_by_name(
     limit: i64,
 ) -> Result<Vec<StoredEvent>, sqlx::Error> {
     sqlx::query_as(
-        r#"select e.seq, e.type as ty, e.data, e.event_id as id, e.key, e.time, e.body
+        r#"select e.seq, e.type as ty, e.data, e.event_id as id, e.key, e.time, e.body,
+                  e.append
            from streams s join events e on e.stream_id = s.id
            where s.name = $1 and e.seq > $2 and e.seq <= $3
            order by e.seq limit $4"#,

@@ -5,6 +5,7 @@
 mod auth;
 mod backend;
 mod cluster;
+mod compact;
 mod conformance;
 mod console;
 mod crash;

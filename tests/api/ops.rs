@@ -100,6 +100,7 @@ async fn lag_once(db: &TestDb) {
             id: None,
             key: None,
             body: None,
+            append: false,
         }],
         expected_seq: None,
         close: false,

@@ -389,6 +389,7 @@ async fn live_events_of_a_deleted_incarnation_do_not_reach_a_new_subscriber(db: 
             key: None,
             time: chrono::Utc::now(),
             body: None,
+            append: false,
         };
         Frame::new("reborn", &ev, None)
     };

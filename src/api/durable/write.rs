@@ -156,6 +156,7 @@ fn body_events(
             id: None,
             key: None,
             body: Some(body.to_vec()),
+            append: false,
         }]);
     }
     let text = std::str::from_utf8(body)
@@ -193,6 +194,7 @@ fn body_events(
                 id: None,
                 key: None,
                 body: None,
+                append: false,
             })
         })
         .collect()
@@ -205,6 +207,7 @@ fn closed_event() -> NewEvent {
         id: None,
         key: None,
         body: None,
+        append: false,
     }
 }
 
@@ -587,6 +590,7 @@ async fn copy_fork(app: &AppState, name: &StreamName, plan: &ForkPlan) -> Result
                     id: e.id.filter(|id| !id.starts_with(PRODUCER_ID_PREFIX)),
                     key: e.key,
                     body,
+                    append: e.append,
                 }
             })
             .collect();

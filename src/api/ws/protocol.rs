@@ -32,6 +32,8 @@ pub enum Op<'a> {
         stream: StreamName,
         start: Start,
         filter: Filter,
+        /// Whole messages for the catch-up, then the live tail (see `live::compact`).
+        compact: bool,
     },
     Unsubscribe {
         stream: StreamName,
@@ -161,6 +163,19 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// A boolean field, false when absent.
+    fn flag(&mut self, name: &'static str) -> Result<bool, Error> {
+        self.raw(name)
+            .map(|raw| {
+                serde_json::from_str::<bool>(raw.get()).map_err(|_| Error::InvalidField {
+                    field: name,
+                    detail: format!("must be true or false, not {}", shorten(raw.get())),
+                })
+            })
+            .transpose()
+            .map(Option::unwrap_or_default)
+    }
+
     fn request_id(&mut self) -> Result<String, Error> {
         let id = self.required_string("request_id")?;
         check_request_id(&id).map_err(|detail| Error::InvalidField {
@@ -260,6 +275,7 @@ fn parse_op<'a>(op: &str, f: &mut Fields<'a>) -> Result<Op<'a>, Error> {
             stream: f.stream()?,
             start: f.start()?,
             filter: f.types()?,
+            compact: f.flag("compact")?,
         },
         "unsubscribe" => Op::Unsubscribe {
             stream: f.stream()?,
@@ -413,6 +429,10 @@ mod tests {
             "unknown_field"
         );
         assert_eq!(code(r#"{"op":"publish","stream":"s"}"#), "missing_field");
+        assert_eq!(
+            code(r#"{"op":"subscribe","stream":"s","compact":1}"#),
+            "invalid_field"
+        );
         assert_eq!(
             code(r#"{"op":"input","stream":"s","request_id":"","data":1}"#),
             "invalid_field"
