@@ -12,7 +12,7 @@ from ._core import CONTROL_STOP, STREAM_CLOSED, RetryPolicy
 from ._sync import Follow, StopWatch, Tailcast, Writer
 from .errors import *  # noqa: F401,F403 - the exception hierarchy is part of the API
 from .errors import __all__ as _errors_all
-from .models import AppendResult, Event, EventAck
+from .models import AppendResult, Event, EventAck, Message, Messages, merge_append
 from .sse import SSEMessage, SSEParser
 
 __version__ = "0.1.0"
@@ -30,6 +30,9 @@ __all__ = [
     "Event",
     "EventAck",
     "AppendResult",
+    "Message",
+    "Messages",
+    "merge_append",
     "SSEMessage",
     "SSEParser",
     "STREAM_CLOSED",
