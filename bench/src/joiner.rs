@@ -94,7 +94,10 @@ pub async fn late_joiner(addr: SocketAddr, tokens: u64, run: usize, m: &mut Metr
             unreachable!("two figures")
         };
         m.set(&format!("joiner.{view}.full_bytes"), full_bytes as f64);
-        m.set(&format!("joiner.{view}.compact_bytes"), compact_bytes as f64);
+        m.set(
+            &format!("joiner.{view}.compact_bytes"),
+            compact_bytes as f64,
+        );
         m.set(
             &format!("joiner.{view}.bytes_pct"),
             100.0 * compact_bytes as f64 / full_bytes as f64,
@@ -106,7 +109,10 @@ pub async fn late_joiner(addr: SocketAddr, tokens: u64, run: usize, m: &mut Metr
 }
 
 fn sse_path(stream: &str, compact: bool) -> String {
-    format!("/v1/streams/{stream}/sse?after=0&compact={}", u8::from(compact))
+    format!(
+        "/v1/streams/{stream}/sse?after=0&compact={}",
+        u8::from(compact)
+    )
 }
 
 fn ui_path(stream: &str, compact: bool) -> String {
@@ -170,7 +176,9 @@ impl Text {
         let v: Value = serde_json::from_slice(data).context("event JSON")?;
         if v.get("stream").is_some() {
             // An envelope: a start replaces the text, an append extends it.
-            let piece = v["data"]["text"].as_str().context("envelope without text")?;
+            let piece = v["data"]["text"]
+                .as_str()
+                .context("envelope without text")?;
             if v["append"] != json!(true) {
                 self.0.clear();
             }

@@ -293,7 +293,13 @@ fn wants_ndjson(headers: &HeaderMap) -> bool {
 /// Every event after `after` up to the head as of now, one envelope per line, read from the
 /// log page by page so memory stays constant whatever the stream's length (compacted: one
 /// envelope per run, see `live::compact`).
-fn export(app: AppState, stream: StreamName, row: StreamRow, after: i64, compact: bool) -> Response {
+fn export(
+    app: AppState,
+    stream: StreamName,
+    row: StreamRow,
+    after: i64,
+    compact: bool,
+) -> Response {
     let page = app.config.read_page;
     let state = Some((app, after));
     let body = futures::stream::unfold(state, move |state| {

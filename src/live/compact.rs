@@ -331,10 +331,9 @@ fn join_delta(acc: &mut Data, w: Data) {
         return;
     };
     let (_, delta) = w.fields.swap_remove(i);
-    if let (Some(Field::Str(mine)), Field::Str(more)) = (
-        a.index.get("delta").map(|i| &mut a.fields[*i].1),
-        delta,
-    ) {
+    if let (Some(Field::Str(mine)), Field::Str(more)) =
+        (a.index.get("delta").map(|i| &mut a.fields[*i].1), delta)
+    {
         mine.push_str(&more);
     }
 }
@@ -432,15 +431,9 @@ pub async fn read_page(
     let mut out_bytes = 0;
     let mut cursor = after;
     'pages: while cursor < upto {
-        let rows = store::read_events_bounded(
-            db,
-            stream_id,
-            cursor,
-            upto,
-            limits.read,
-            limits.read_bytes,
-        )
-        .await?;
+        let rows =
+            store::read_events_bounded(db, stream_id, cursor, upto, limits.read, limits.read_bytes)
+                .await?;
         let full = store::page_is_full(&rows, limits.read, limits.read_bytes);
         for ev in rows {
             let seq = ev.seq;
@@ -450,8 +443,7 @@ pub async fn read_page(
             };
             // `ev` needs a place of its own: stop here if the page has none left.
             let held = usize::from(folder.is_open());
-            if out.len() + held >= limits.events
-                || out_bytes + folder.held_bytes() >= limits.bytes
+            if out.len() + held >= limits.events || out_bytes + folder.held_bytes() >= limits.bytes
             {
                 break 'pages;
             }
@@ -614,7 +606,10 @@ mod tests {
     fn folded_data_keeps_raw_values_exactly() {
         let mut folder = Folder::new(StreamName::parse("s").unwrap(), Compaction::Messages);
         let mut out = Vec::new();
-        folder.feed(ev(1, Some("k"), false, r#"{"n":1e400, "t":"a\u00e9"}"#), &mut out);
+        folder.feed(
+            ev(1, Some("k"), false, r#"{"n":1e400, "t":"a\u00e9"}"#),
+            &mut out,
+        );
         folder.feed(ev(2, Some("k"), true, r#"{"t":"\"b"}"#), &mut out);
         folder.flush(&mut out);
         let env = std::str::from_utf8(&out[0].envelope).unwrap();
@@ -662,9 +657,7 @@ mod tests {
     fn a_run_stops_at_its_byte_bound() {
         let chunk = "x".repeat(FOLD_MAX_BYTES / 3);
         let data = serde_json::to_string(&chunk).unwrap();
-        let events: Vec<_> = (1..=7)
-            .map(|s| ev(s, Some("k"), s > 1, &data))
-            .collect();
+        let events: Vec<_> = (1..=7).map(|s| ev(s, Some("k"), s > 1, &data)).collect();
         let out = fold(Compaction::Messages, events.clone());
         assert!(out.len() >= 3, "{}", out.len());
         assert_eq!(apply(&[], &out), apply(&[], &raw(&events)));
@@ -684,7 +677,10 @@ mod tests {
                 ui(3, json!({"type":"text-delta","id":"t","delta":"lo"})),
                 ui(4, json!({"type":"reasoning-delta","id":"t","delta":"?"})),
                 ui(5, json!({"type":"text-delta","id":"u","delta":"a"})),
-                ui(6, json!({"type":"text-delta","id":"u","delta":"b","providerMetadata":{}})),
+                ui(
+                    6,
+                    json!({"type":"text-delta","id":"u","delta":"b","providerMetadata":{}}),
+                ),
                 ui(7, json!({"type":"text-end","id":"t"})),
             ],
         );

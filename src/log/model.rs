@@ -285,6 +285,25 @@ mod tests {
     }
 
     #[test]
+    fn envelope_says_append_and_folded_before_time() {
+        let ev = StoredEvent {
+            seq: 9,
+            ty: "t".into(),
+            data: "\"x\"".into(),
+            id: None,
+            key: Some("k".into()),
+            time: DateTime::from_timestamp_millis(0).unwrap(),
+            body: None,
+            append: true,
+        };
+        let (env, _) = encode_envelope_locating_data("s", &ev, Some(3));
+        assert_eq!(
+            std::str::from_utf8(&env).unwrap(),
+            r#"{"stream":"s","seq":9,"type":"t","data":"x","key":"k","append":true,"folded":3,"time":"1970-01-01T00:00:00.000Z"}"#
+        );
+    }
+
+    #[test]
     fn envelope_locates_its_data() {
         let ev = StoredEvent {
             seq: 3,

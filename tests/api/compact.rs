@@ -158,10 +158,7 @@ async fn compact_then_resume_rebuilds_the_full_replay(db: TestDb) {
     let mut runner = TestRunner::default();
     for case in 0..10 {
         let stream = format!("prop-{case}");
-        let events = events_strategy()
-            .new_tree(&mut runner)
-            .unwrap()
-            .current();
+        let events = events_strategy().new_tree(&mut runner).unwrap().current();
         let batch = (1usize..6).new_tree(&mut runner).unwrap().current();
         for chunk in events.chunks(batch) {
             app.append(&stream, Value::from(chunk.to_vec())).await;
@@ -213,10 +210,12 @@ async fn a_folded_envelope_is_exact(db: TestDb) {
     )
     .await;
     let raw = wire::raw_envelopes(&app, "s").await;
-    assert!(raw[1].contains(r#""key":"m","append":true,"time""#), "{}", raw[1]);
-    let page = app
-        .get_json("/v1/streams/s/events?compact=1")
-        .await;
+    assert!(
+        raw[1].contains(r#""key":"m","append":true,"time""#),
+        "{}",
+        raw[1]
+    );
+    let page = app.get_json("/v1/streams/s/events?compact=1").await;
     let events = page["events"].as_array().unwrap();
     assert_eq!(events.len(), 3);
     let time = raw[2].split("\"time\":").nth(1).unwrap();
@@ -305,7 +304,11 @@ async fn live_appends_during_a_compacted_catch_up(db: TestDb) {
                 let env: Value = serde_json::from_str(&ev.data).unwrap();
                 assert_eq!(ev.id, env["seq"].to_string());
                 // The catch-up was folded into the first event: the rest is the live tail.
-                assert_eq!(env.get("folded"), None, "live events come one by one: {env}");
+                assert_eq!(
+                    env.get("folded"),
+                    None,
+                    "live events come one by one: {env}"
+                );
                 got.push(env);
             }
             Next::End => break,
@@ -318,7 +321,10 @@ async fn live_appends_during_a_compacted_catch_up(db: TestDb) {
     assert_eq!(wire::seq(got.last().unwrap()), raw.len() as i64);
     assert_eq!(apply(&[], &got), apply(&[], &raw));
     let text = apply(&[], &got)[0].1["text"].as_str().unwrap().to_owned();
-    assert!(text.starts_with("t0 t1 t2 ") && text.contains(" t1049 "), "{text}");
+    assert!(
+        text.starts_with("t0 t1 t2 ") && text.contains(" t1049 "),
+        "{text}"
+    );
 }
 
 /// The AI SDK view: consecutive text deltas of one part come as one chunk (events of other
