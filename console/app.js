@@ -254,8 +254,12 @@ function watch(stream, { after = 0, from, keep = false } = {}) {
   $("stream-name").textContent = stream;
   document.title = `${stream} · tailcast`;
   for (const li of $("streams").children) li.classList.toggle("selected", li.dataset.stream === stream);
+  // Opened from its start, a stream is followed compacted: a long answer's catch-up comes as
+  // one row per message (each run of appends folded; the log keeps every token), then the
+  // live tail event by event. A replay from a seq shows every event.
+  const compact = !from && after === 0;
   setStreamStatus(from === "now" ? "live from now" : after > 0 ? `replay from ${after + 1}` : "live", "live");
-  const opts = from ? { from } : { after };
+  const opts = from ? { from } : { after, compact };
   opts.onNotice = (n) => {
     const row = { stream, seq: "·", type: `notice.${n.notice}`, data: n, time: new Date().toISOString() };
     view.addRow(row);

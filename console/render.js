@@ -78,7 +78,7 @@ function describe(ev) {
       return { cls: "stop", text: `stop refused (stop #${d.stop_seq ?? "?"})${d.reason !== undefined ? ": " + brief(d.reason) : ""}` };
     default: {
       const t = tokenText(ev);
-      if (t !== null) return { cls: "token", text: JSON.stringify(t) };
+      if (t !== null) return { cls: "token", text: brief(JSON.stringify(t), 400) };
       const p = progressOf(ev);
       if (p) return { cls: "progress", text: `${p.label}: ${p.caption}` };
       return { cls: "", text: brief(ev.data) };
@@ -208,6 +208,13 @@ export class StreamView {
       sum.append(badge);
       this.stops.set(ev.seq, badge);
       this.showStop(ev.seq);
+    }
+    if (typeof ev.folded === "number") {
+      // A compacted catch-up: this row stands for a run of appends to one message.
+      const f = el("span", "folded", `×${ev.folded}`);
+      f.title = `${ev.folded} events, seq ${ev.seq - ev.folded + 1}–${ev.seq}, folded into one message`;
+      sum.append(f);
+      li.classList.add("is-folded");
     }
     head.append(sum);
     // The JSON is built when first opened: thousands of token rows stay cheap.

@@ -13,6 +13,7 @@ mod durability;
 mod fanout;
 mod http;
 mod idle;
+mod joiner;
 mod lite;
 mod report;
 mod server;
@@ -119,6 +120,8 @@ struct Sizes {
     idle_connections: usize,
     durability_producers: usize,
     durability_subscribers: usize,
+    /// Tokens of the answer a late joiner opens (`joiner`).
+    joiner_tokens: u64,
 }
 
 impl Sizes {
@@ -137,6 +140,7 @@ impl Sizes {
             idle_connections: 10_000,
             durability_producers: 8,
             durability_subscribers: 8,
+            joiner_tokens: 10_000,
         }
     }
 
@@ -155,6 +159,7 @@ impl Sizes {
             idle_connections: 20,
             durability_producers: 2,
             durability_subscribers: 2,
+            joiner_tokens: 500,
         }
     }
 }
@@ -174,7 +179,7 @@ const CATCHUP_STREAM: &str = "catchup";
 /// (the write path, reads of the log, recovery after SIGKILL). Fan-out, many streams and idle
 /// connections exercise the in-process hub, the same code on both; name them in `--only` to
 /// run them on SQLite too.
-const SQLITE_SCENARIOS: &[&str] = &["baseline", "append", "catchup", "durability"];
+const SQLITE_SCENARIOS: &[&str] = &["baseline", "append", "catchup", "joiner", "durability"];
 
 impl Bench {
     fn wants(&self, name: &str) -> bool {
@@ -407,6 +412,12 @@ impl Bench {
             )
             .await;
         }
+
+        self.scenario(run, "joiner", &mut m, errors, |srv, mut m| async move {
+            let res = joiner::late_joiner(srv.addr, s.joiner_tokens, run, &mut m).await;
+            (m, finish(srv, res).await)
+        })
+        .await;
 
         for via in ["sse", "ws"] {
             let prefix = format!("idle-{via}-r{run}");

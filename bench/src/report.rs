@@ -304,6 +304,7 @@ impl Report {
         ]));
         out.push_str("### Catch-up from cursor 0 (ratio to (d) COPY read)\n\n");
         out.push_str(&self.table(catchup_rows("base.copy_out.rows_s", Some(0.5))));
+        out.push_str(&joiner_section(self));
         out.push_str("### Fan-out (publish-to-client latency: from the publisher's send, so it includes the append)\n\n");
         out.push_str(&self.table(fanout_rows(fanout)));
         out.push_str("### Idle connections (server RSS growth / connections)\n\n");
@@ -453,6 +454,7 @@ impl Report {
         out.push_str(&self.table(rows));
         out.push_str("### Catch-up from cursor 0 (ratio to (d) sequential read)\n\n");
         out.push_str(&self.table(catchup_rows("lite.read_seq.rows_s", None)));
+        out.push_str(&joiner_section(self));
         out.push_str("### Durability (SIGKILL mid-run, restart on the same file, resume)\n\n");
         out.push_str(&self.table(durability_rows()));
         let fan = fanout_rows(fanout);
@@ -480,6 +482,58 @@ impl Report {
         }
         out
     }
+}
+
+/// The late joiner's table (issue 24), if it was measured.
+fn joiner_section(r: &Report) -> String {
+    let mut rows = Vec::new();
+    for (view, label) in [("sse", "SSE envelopes"), ("ui", "AI SDK UI message stream")] {
+        rows.extend([
+            row(
+                &format!("{label}, full replay: bytes to the current text"),
+                &format!("joiner.{view}.full_bytes"),
+                "bytes",
+                None,
+                None,
+            ),
+            row(
+                &format!("{label}, compacted: bytes to the current text"),
+                &format!("joiner.{view}.compact_bytes"),
+                "bytes",
+                None,
+                None,
+            ),
+            row(
+                &format!("{label}, compacted bytes as % of the full replay's"),
+                &format!("joiner.{view}.bytes_pct"),
+                "%",
+                None,
+                Some(Target::AtMost(2.0)),
+            ),
+            row(
+                &format!("{label}, full replay: time to the current text"),
+                &format!("joiner.{view}.full_ms"),
+                "ms",
+                None,
+                None,
+            ),
+            row(
+                &format!("{label}, compacted: time to the current text"),
+                &format!("joiner.{view}.compact_ms"),
+                "ms",
+                None,
+                None,
+            ),
+        ]);
+    }
+    if !r.measured(&rows) {
+        return String::new();
+    }
+    let mut out = String::from(
+        "### Late joiner to a 10,000-token answer (issue 24; stream open, one message of appends)\n\n",
+    );
+    out.push_str(&r.table(rows));
+    out
 }
 
 fn catchup_rows(base: &'static str, target: Option<f64>) -> Vec<Row> {

@@ -9,6 +9,10 @@ export interface Envelope {
   key?: string;
   /** Who appended it: the `sub` of their token (`admin` for the admin token); absent when anonymous. */
   by?: string;
+  /** The event extends the message its key names. */
+  append?: true;
+  /** Compacted reads: this event stands for that many events of one message's run. */
+  folded?: number;
   time: string;
 }
 
@@ -37,6 +41,8 @@ export interface SubscribeOptions {
   from?: "now" | "snapshot";
   /** Only these event types. */
   types?: string[];
+  /** Compacted follow: the catch-up with each run of appends folded, then the live tail. */
+  compact?: boolean;
   onNotice?: (notice: Notice) => void;
   /** The subscription was refused (unauthorized, forbidden, …); it has ended. */
   onError?: (err: TailcastError) => void;
@@ -175,7 +181,7 @@ export class TailcastClient {
     next_after_name?: string | null;
   }>;
   getStream(stream: string): Promise<StreamInfo>;
-  readEvents(stream: string, opts?: { after?: number; limit?: number; since?: string }): Promise<{
+  readEvents(stream: string, opts?: { after?: number; limit?: number; since?: string; compact?: boolean }): Promise<{
     stream: string;
     events: Envelope[];
     next_after: number;
@@ -192,3 +198,12 @@ export class TailcastClient {
   request(method: string, path: string, body?: unknown): Promise<any>;
 }
 export function isTransient(err: unknown): boolean;
+
+/** Appends `w` to a message whose data is `m` (tailcast's append rule). */
+export function mergeAppend(m: unknown, w: unknown): unknown;
+
+/** A stream's messages as its events (one by one or compacted) build them. */
+export class Messages {
+  list: { key?: string; type: string; data: unknown; seq: number }[];
+  apply(event: Envelope): { key?: string; type: string; data: unknown; seq: number };
+}

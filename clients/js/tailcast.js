@@ -15,6 +15,9 @@
  * @property {any} data
  * @property {string} [id]
  * @property {string} [key]
+ * @property {true} [append] The event extends the message its key names.
+ * @property {number} [folded] Compacted reads: this event stands for that many events of the
+ *   log (one message's run), with the last one's seq and the merged data.
  * @property {string} time
  */
 
@@ -23,6 +26,10 @@
  * @property {number} [after] Cursor: deliver events with seq > after (default 0: everything).
  * @property {"now"|"snapshot"} [from] Start at the head, or with the latest event per key.
  * @property {string[]} [types] Only these event types.
+ * @property {boolean} [compact] Compacted follow: the catch-up comes with each run of appends
+ *   to a message folded into one event (`folded`), then the live tail event by event. Every
+ *   seq stays an exact cursor, so reconnects resume (compacted) where they left off. Feed
+ *   the events to a {@link Messages} to hold whole messages either way.
  * @property {(notice: object) => void} [onNotice] gap / reset / deleted notices.
  * @property {(err: TailcastError) => void} [onError] The subscription was refused (it ends).
  * @property {(reason: "closed"|"deleted"|"unsubscribed") => void} [onEnd] No more events will come.
@@ -375,9 +382,12 @@ export class TailcastClient {
   getStream(stream) {
     return this.request("GET", `/v1/streams/${enc(stream)}`);
   }
-  /** One page of history: `{events, next_after, head, closed}`. */
-  readEvents(stream, { after = 0, limit, since } = {}) {
-    return this.request("GET", `/v1/streams/${enc(stream)}/events` + query({ after, limit, since }));
+  /** One page of history: `{events, next_after, head, closed}` (`compact`: runs folded). */
+  readEvents(stream, { after = 0, limit, since, compact } = {}) {
+    return this.request(
+      "GET",
+      `/v1/streams/${enc(stream)}/events` + query({ after, limit, since, compact: compact ? 1 : undefined }),
+    );
   }
   snapshot(stream) {
     return this.request("GET", `/v1/streams/${enc(stream)}/snapshot`);
@@ -731,6 +741,7 @@ export class TailcastClient {
   _wsSubscribe(sub) {
     const op = { op: "subscribe", stream: sub.stream, after: sub.cursor };
     if (sub.opts.types?.length) op.types = sub.opts.types;
+    if (sub.opts.compact) op.compact = true;
     this._wsCall(op).catch((err) => {
       // A dropped connection resubscribes on reconnect; a busy server, after a delay; a
       // refusal ends the subscription.
@@ -866,6 +877,7 @@ export class TailcastClient {
     }
     const params = { after: sub.cursor, token: this.token ?? undefined };
     if (sub.opts.types?.length) params.types = sub.opts.types.join(",");
+    if (sub.opts.compact) params.compact = 1;
     const es = new this._EventSource(`${this.url}/v1/streams/${enc(sub.stream)}/sse${query(params)}`);
     sub.es = es;
     es.onopen = () => {
@@ -922,6 +934,51 @@ export class TailcastClient {
     this._stats.reconnects++;
     this._emit("status", { transport: "sse", state: "waiting", stream: sub.stream, attempt: sub.attempt, delayMs });
     sub.timer = setTimeout(() => this._openEs(sub), delayMs);
+  }
+}
+
+/**
+ * Appends `w` to a message whose data is `m`, by tailcast's rule (openapi.yaml
+ * `NewEvent.append`): two objects merge field by field over `w`'s top-level fields (two
+ * strings concatenate, anything else replaces); two strings concatenate; otherwise `w`
+ * replaces `m`.
+ */
+export function mergeAppend(m, w) {
+  const isObj = (v) => v !== null && typeof v === "object" && !Array.isArray(v);
+  if (isObj(m) && isObj(w)) {
+    const out = { ...m };
+    for (const [k, v] of Object.entries(w)) {
+      out[k] = typeof out[k] === "string" && typeof v === "string" ? out[k] + v : v;
+    }
+    return out;
+  }
+  if (typeof m === "string" && typeof w === "string") return m + w;
+  return w;
+}
+
+/**
+ * A stream's messages as its events build them, whether they come one by one or compacted:
+ * an event with a key and `append` extends that key's message, any other event starts one.
+ */
+export class Messages {
+  constructor() {
+    /** @type {{key?: string, type: string, data: any, seq: number}[]} in order of start */
+    this.list = [];
+    this._open = new Map();
+  }
+
+  /** Applies one envelope; returns the message it started or extended. */
+  apply(ev) {
+    const open = ev.key !== undefined ? this._open.get(ev.key) : undefined;
+    if (ev.append && open) {
+      open.data = mergeAppend(open.data, ev.data);
+      open.seq = ev.seq;
+      return open;
+    }
+    const msg = { key: ev.key, type: ev.type, data: ev.data, seq: ev.seq };
+    this.list.push(msg);
+    if (ev.key !== undefined) this._open.set(ev.key, msg);
+    return msg;
   }
 }
 

@@ -26,6 +26,9 @@ struct EventIn<'a> {
     id: Option<String>,
     #[serde(default)]
     key: Option<String>,
+    /// Extends the message named by `key` (see `live::compact`); only with a key.
+    #[serde(default)]
+    append: Option<bool>,
 }
 
 /// Maps a serde_json error to `invalid_json` (not JSON at all) or `invalid_event` (JSON of
@@ -100,17 +103,25 @@ fn to_new_event(ev: EventIn<'_>, limits: Limits) -> Result<NewEvent, Error> {
             limit: limits.max_event_bytes,
         });
     }
+    let key = ev
+        .key
+        .as_deref()
+        .map(|s| parse_label("key", s))
+        .transpose()?;
+    let append = ev.append.unwrap_or(false);
+    if append && key.is_none() {
+        return Err(Error::InvalidEvent(
+            "`append` needs a `key`: it names the message the event extends".into(),
+        ));
+    }
     Ok(NewEvent {
         ty,
         data: data.to_owned(),
         id: ev.id.as_deref().map(|s| parse_label("id", s)).transpose()?,
-        key: ev
-            .key
-            .as_deref()
-            .map(|s| parse_label("key", s))
-            .transpose()?,
+        key,
         body: None,
         by: None,
+        append,
     })
 }
 
@@ -130,6 +141,11 @@ mod tests {
         assert_eq!(evs[0].ty, "message");
         let evs = parse_batch(br#"[{"type":"t"}]"#, LIMITS).unwrap();
         assert_eq!(evs[0].data, "null");
+        assert!(!evs[0].append);
+        let evs = parse_batch(br#"{"key":"k","append":true,"data":"x"}"#, LIMITS).unwrap();
+        assert!(evs[0].append);
+        let evs = parse_batch(br#"{"append":false}"#, LIMITS).unwrap();
+        assert!(!evs[0].append);
     }
 
     #[test]
@@ -146,6 +162,8 @@ mod tests {
         assert_eq!(code(br#"{"type":5}"#), "invalid_event");
         assert_eq!(code(br#"{"dta":1}"#), "invalid_event");
         assert_eq!(code(br#"{"id":""}"#), "invalid_event");
+        assert_eq!(code(br#"{"append":true}"#), "invalid_event");
+        assert_eq!(code(br#"{"key":"k","append":1}"#), "invalid_event");
         let big = format!(r#"{{"data":"{}"}}"#, "x".repeat(64));
         assert_eq!(code(big.as_bytes()), "event_too_large");
     }

@@ -13,10 +13,11 @@ use serde_json::json;
 
 use super::events::{authored, parse_batch};
 use super::extract::{Body, Query, Stream};
-use super::sse::parse_cursor;
+use super::sse::{parse_cursor, parse_flag};
 use crate::app::AppState;
 use crate::auth::{Grant, Principal};
 use crate::error::{Error, Result};
+use crate::live::compact;
 use crate::live::subscription::PAGE_BYTES;
 use crate::log::model::{encode_envelope, TYPE_STREAM_CLOSED};
 use crate::log::store::{self, StreamRow};
@@ -105,6 +106,7 @@ async fn close(
             key: None,
             body: None,
             by: who.subject().map(str::to_owned),
+            append: false,
         }],
         expected_seq: None,
         close: true,
@@ -205,6 +207,7 @@ struct ReadParams {
     after: Option<String>,
     limit: Option<i64>,
     since: Option<String>,
+    compact: Option<String>,
 }
 
 /// Parses an RFC 3339 time parameter.
@@ -234,8 +237,16 @@ async fn read_events(
             ));
         }
     };
+    let compact = parse_flag("compact", p.compact.as_deref())?;
     if wants_ndjson(&headers) {
-        return Ok(export(app, stream, row, after));
+        return Ok(export(app, stream, row, after, compact));
+    }
+    if compact {
+        // `limit` counts the events sent, a folded one as one.
+        let limits = compacted_limits(&app, limit as usize, REPLAY_PAGE_BYTES as usize);
+        let page = compact::read_page(&app.db, &stream, row.id, after, row.head, limits).await?;
+        let envelopes = page.events.iter().map(|f| f.envelope.clone());
+        return Ok(events_page(&stream, envelopes, page.next_after, &row));
     }
     // A page also ends at REPLAY_PAGE_BYTES of data (never before its first event): the page is
     // built in memory, and `limit` big events could otherwise take gigabytes. Clients page by
@@ -244,9 +255,30 @@ async fn read_events(
         store::read_events_bounded(&app.db, row.id, after, row.head, limit, REPLAY_PAGE_BYTES)
             .await?;
     let next_after = events.last().map_or(after, |e| e.seq);
+    let envelopes = events.iter().map(|ev| encode_envelope(stream.as_str(), ev));
+    Ok(events_page(&stream, envelopes, next_after, &row))
+}
+
+/// What a compacted read may hold: `events` envelopes, about `bytes` bytes, reading the log in
+/// the server's pages.
+fn compacted_limits(app: &AppState, events: usize, bytes: usize) -> compact::PageLimits {
+    compact::PageLimits {
+        events,
+        bytes,
+        read: app.config.read_page,
+        read_bytes: PAGE_BYTES,
+    }
+}
+
+/// The JSON replay page: `{"stream","events":[…],"next_after","head","oldest_seq","closed"}`.
+fn events_page(
+    stream: &StreamName,
+    envelopes: impl Iterator<Item = Bytes>,
+    next_after: i64,
+    row: &StreamRow,
+) -> Response {
     // Envelopes are spliced in as encoded, so replay is byte-identical to live delivery.
-    let mut body =
-        BytesMut::with_capacity(256 + events.iter().map(|e| e.data.len() + 128).sum::<usize>());
+    let mut body = BytesMut::with_capacity(4096);
     body.put_slice(b"{\"stream\":");
     body.put_slice(
         serde_json::to_string(stream.as_str())
@@ -254,11 +286,11 @@ async fn read_events(
             .as_bytes(),
     );
     body.put_slice(b",\"events\":[");
-    for (i, ev) in events.iter().enumerate() {
+    for (i, envelope) in envelopes.enumerate() {
         if i > 0 {
             body.put_u8(b',');
         }
-        body.put_slice(&encode_envelope(stream.as_str(), ev));
+        body.put_slice(&envelope);
     }
     let tail = json!({
         "next_after": next_after,
@@ -269,7 +301,7 @@ async fn read_events(
     .to_string();
     body.put_slice(b"],");
     body.put_slice(&tail.as_bytes()[1..]);
-    Ok(([(header::CONTENT_TYPE, "application/json")], body.freeze()).into_response())
+    ([(header::CONTENT_TYPE, "application/json")], body.freeze()).into_response()
 }
 
 fn wants_ndjson(headers: &HeaderMap) -> bool {
@@ -281,8 +313,15 @@ fn wants_ndjson(headers: &HeaderMap) -> bool {
 }
 
 /// Every event after `after` up to the head as of now, one envelope per line, read from the
-/// log page by page so memory stays constant whatever the stream's length.
-fn export(app: AppState, stream: StreamName, row: StreamRow, after: i64) -> Response {
+/// log page by page so memory stays constant whatever the stream's length (compacted: one
+/// envelope per run, see `live::compact`).
+fn export(
+    app: AppState,
+    stream: StreamName,
+    row: StreamRow,
+    after: i64,
+    compact: bool,
+) -> Response {
     let page = app.config.read_page;
     let state = Some((app, after));
     let body = futures::stream::unfold(state, move |state| {
@@ -292,15 +331,34 @@ fn export(app: AppState, stream: StreamName, row: StreamRow, after: i64) -> Resp
             if cursor >= row.head {
                 return None;
             }
-            let read =
-                store::read_events_bounded(&app.db, row.id, cursor, row.head, page, PAGE_BYTES);
-            match read.await {
-                Ok(events) if events.is_empty() => None,
-                Ok(events) => {
+            let read = async {
+                if compact {
+                    let limits = compacted_limits(&app, page as usize, PAGE_BYTES as usize);
+                    let page =
+                        compact::read_page(&app.db, &stream, row.id, cursor, row.head, limits)
+                            .await?;
+                    let envelopes: Vec<Bytes> =
+                        page.events.iter().map(|f| f.envelope.clone()).collect();
+                    Ok::<_, sqlx::Error>((envelopes, page.next_after))
+                } else {
+                    let events = store::read_events_bounded(
+                        &app.db, row.id, cursor, row.head, page, PAGE_BYTES,
+                    )
+                    .await?;
                     let next = events.last().map_or(cursor, |e| e.seq);
+                    let envelopes = events
+                        .iter()
+                        .map(|ev| encode_envelope(stream.as_str(), ev))
+                        .collect();
+                    Ok((envelopes, next))
+                }
+            };
+            match read.await {
+                Ok((envelopes, _)) if envelopes.is_empty() => None,
+                Ok((envelopes, next)) => {
                     let mut buf = BytesMut::new();
-                    for ev in &events {
-                        buf.put_slice(&encode_envelope(stream.as_str(), ev));
+                    for envelope in &envelopes {
+                        buf.put_slice(envelope);
                         buf.put_u8(b'\n');
                     }
                     Some((Ok::<Bytes, std::io::Error>(buf.freeze()), Some((app, next))))

@@ -24,7 +24,7 @@ use crate::auth::{Grant, Principal};
 use crate::error::{Error, Result};
 use crate::live::frame::put_sse_data;
 use crate::live::presence::PresenceGuard;
-use crate::live::{Filter, Item, Start, Subscription};
+use crate::live::{Compaction, Filter, Item, Start, Subscription};
 use crate::log::StreamName;
 use crate::metrics as m;
 
@@ -40,6 +40,7 @@ pub struct SseParams {
     types: Option<String>,
     named: Option<String>,
     label: Option<String>,
+    compact: Option<String>,
 }
 
 /// Parses a cursor: a non-negative integer seq.
@@ -93,7 +94,7 @@ pub fn sse_start(params: &SseParams, headers: &HeaderMap) -> Result<Start> {
     Ok(Start::After(0))
 }
 
-fn parse_flag(name: &str, raw: Option<&str>) -> Result<bool> {
+pub fn parse_flag(name: &str, raw: Option<&str>) -> Result<bool> {
     match raw {
         None | Some("0") | Some("false") => Ok(false),
         Some("") | Some("1") | Some("true") => Ok(true),
@@ -124,9 +125,13 @@ async fn sse(
     let start = sse_start(&params, &headers)?;
     let named = parse_flag("named", params.named.as_deref())?;
     let label = super::presence::parse_label(params.label.as_deref())?;
+    let compact = parse_flag("compact", params.compact.as_deref())?;
     let filter = parse_types(params.types.as_deref());
     let snapshot = start == Start::Snapshot;
-    let (sub, opened) = Subscription::open(app.source(), stream, start, filter, true).await?;
+    let (mut sub, opened) = Subscription::open(app.source(), stream, start, filter, true).await?;
+    if compact {
+        sub.compact(Compaction::Messages);
+    }
     if opened.closed && opened.cursor >= opened.head && !snapshot {
         // Tells EventSource to stop reconnecting: there is nothing more, ever.
         return Ok(StatusCode::NO_CONTENT.into_response());

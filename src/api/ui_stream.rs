@@ -24,12 +24,12 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 
 use super::extract::{Query, Stream};
-use super::sse::{event_stream, resume_cursor, Framing};
+use super::sse::{event_stream, parse_flag, resume_cursor, Framing};
 use crate::app::AppState;
 use crate::auth::{Grant, Principal};
 use crate::error::Result;
 use crate::live::frame::put_sse_data;
-use crate::live::{Filter, Item, Notice, Start, Subscription};
+use crate::live::{Compaction, Filter, Item, Notice, Start, Subscription};
 use crate::log::model::TYPE_STREAM_CLOSED;
 use crate::log::StreamName;
 
@@ -50,6 +50,7 @@ pub fn router() -> Router<AppState> {
 struct UiParams {
     after: Option<String>,
     label: Option<String>,
+    compact: Option<String>,
 }
 
 async fn ui_message_stream(
@@ -62,9 +63,14 @@ async fn ui_message_stream(
     who.check(Grant::Read, &stream)?;
     let after = resume_cursor(params.after.as_deref(), &headers)?.unwrap_or(0);
     let label = super::presence::parse_label(params.label.as_deref())?;
+    let compact = parse_flag("compact", params.compact.as_deref())?;
     let filter = Filter::types([TYPE_UI.to_owned()]);
-    let (sub, opened) =
+    let (mut sub, opened) =
         Subscription::open(app.source(), stream, Start::After(after), filter, true).await?;
+    if compact {
+        // The catch-up's text and reasoning deltas come joined, one chunk per run of a part.
+        sub.compact(Compaction::UiDeltas);
+    }
     if !opened.exists {
         // The AI SDK's "no active stream": `reconnectToStream` resolves to null.
         return Ok(StatusCode::NO_CONTENT.into_response());

@@ -38,7 +38,7 @@ use crate::app::{AppState, ConnectionGuard, Transport};
 use crate::auth::{Grant, Principal};
 use crate::error::Error;
 use crate::live::presence::{Notice, PresenceGuard};
-use crate::live::{Item, Start, Subscription};
+use crate::live::{Compaction, Item, Start, Subscription};
 use crate::log::model::{format_time, TYPE_STREAM_CLOSED};
 use crate::log::{AppendSpec, StreamName};
 use crate::metrics as m;
@@ -412,6 +412,7 @@ impl Connection {
                 filter,
                 presence,
                 label,
+                compact,
             } => {
                 self.who.check(Grant::Read, &stream)?;
                 if self.subs.contains_key(&stream) {
@@ -422,8 +423,11 @@ impl Connection {
                     return Err(Error::TooManySubscriptions { limit });
                 }
                 let snapshot = start == Start::Snapshot;
-                let (sub, opened) =
+                let (mut sub, opened) =
                     Subscription::open(app.source(), stream.clone(), start, filter, true).await?;
+                if compact {
+                    sub.compact(Compaction::Messages);
+                }
                 let body = json!({
                     "stream": stream,
                     "head": opened.head,

@@ -26,7 +26,22 @@ pub struct Frame {
 
 impl Frame {
     pub fn new(stream: &str, ev: &StoredEvent, committed_at: Option<Instant>) -> Arc<Self> {
-        let (envelope, data) = encode_envelope_locating_data(stream, ev);
+        Self::build(stream, ev, committed_at, None)
+    }
+
+    /// The frame of a compacted read's event standing for `n` events of the log (`ev` carries
+    /// the last one's seq and the merged data): its envelope says `"folded":n`.
+    pub fn folded(stream: &str, ev: &StoredEvent, n: usize) -> Arc<Self> {
+        Self::build(stream, ev, None, Some(n))
+    }
+
+    fn build(
+        stream: &str,
+        ev: &StoredEvent,
+        committed_at: Option<Instant>,
+        folded: Option<usize>,
+    ) -> Arc<Self> {
+        let (envelope, data) = encode_envelope_locating_data(stream, ev, folded);
         Arc::new(Frame {
             seq: ev.seq,
             ty: ev.ty.clone(),

@@ -61,6 +61,9 @@ pub async fn sweep(app: &AppState) -> Result<usize, Error> {
                 id: None,
                 key: None,
                 body: None,
+                // The server's own doing: nobody authored it.
+                by: None,
+                append: false,
             }],
             expected_seq: Some(lapsed.head),
             close: true,

@@ -7,6 +7,11 @@
 //! live path cannot vouch for — a lagged channel, a gap in seqs, a bare head announcement —
 //! sends it back to the log from the last seq it holds, which is always correct because
 //! commit order equals seq order within a stream.
+//!
+//! A compacted subscription ([`Subscription::compact`]) folds its first catch-up — from its
+//! cursor to the end of the log as it reads it — run by run (see `compact`), and then follows
+//! the live tail event by event: a run is sent when it ends, when it reaches its byte bound,
+//! and at the latest when the catch-up reaches the end of the log.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -16,6 +21,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
 
+use super::compact::{Compaction, Folder};
 use super::frame::Frame;
 use super::hub::{Hub, LiveMsg, LiveReceiver};
 use crate::error::Error;
@@ -112,6 +118,8 @@ pub struct Subscription {
     finished: bool,
     /// While the database is unreachable: when to try the log again, and the current backoff.
     retry: Option<(tokio::time::Instant, std::time::Duration)>,
+    /// Folds the first catch-up of a compacted subscription; gone once it is live.
+    folder: Option<Folder>,
 }
 
 /// The state of a stream when a subscription opened.
@@ -150,6 +158,7 @@ impl Subscription {
             end_on_close,
             finished: false,
             retry: None,
+            folder: None,
         };
         let head = row.as_ref().map_or(0, |r| r.head);
         let cursor = sub.position(row.as_ref(), start).await?;
@@ -243,6 +252,15 @@ impl Subscription {
         &self.stream
     }
 
+    /// Makes this a compacted subscription: its catch-up from the log (up to the log's end as
+    /// it reads it) comes folded by `rule`, the live tail after it event by event. Call it
+    /// right after [`Subscription::open`].
+    pub fn compact(&mut self, rule: Compaction) {
+        if matches!(self.mode, Mode::CatchUp) {
+            self.folder = Some(Folder::new(self.stream.clone(), rule));
+        }
+    }
+
     /// The seq of the last event this subscription handed out (or filtered out).
     pub fn cursor(&self) -> i64 {
         self.delivered
@@ -308,6 +326,7 @@ impl Subscription {
                 None => {
                     // Not created yet: wait for its first events live.
                     self.mode = Mode::Live;
+                    self.folder = None;
                     return Ok(());
                 }
             }
@@ -320,11 +339,14 @@ impl Subscription {
         })
         .await?;
         metrics::counter!(m::CATCHUP_READS).increment(1);
-        if !store::page_is_full(&rows, page, bytes) {
+        let at_end = !store::page_is_full(&rows, page, bytes);
+        if at_end {
             self.mode = Mode::Live;
         }
         if let Some(first) = rows.first() {
             if first.seq > self.upto + 1 {
+                // A run never spans a hole: what was folded goes before the notice.
+                self.flush_folder();
                 // The log is gap-free, so a hole means retention removed those events.
                 let (from, to) = (self.upto + 1, first.seq - 1);
                 self.notice(
@@ -338,12 +360,54 @@ impl Subscription {
                 );
             }
         }
+        if self.folder.is_some() {
+            self.fold_rows(rows);
+            if at_end {
+                // The catch-up is over: send the last run now, and the live tail as it comes.
+                self.flush_folder();
+                self.folder = None;
+            }
+            return Ok(());
+        }
         for ev in &rows {
             self.upto = ev.seq;
             let frame = Frame::new(self.stream.as_str(), ev, None);
             self.push_event(frame);
         }
         Ok(())
+    }
+
+    /// Catch-up rows through the folder. Events the filter drops never reach it: the reader
+    /// is never sent them, so they neither count in a run nor end one.
+    fn fold_rows(&mut self, rows: Vec<crate::log::StoredEvent>) {
+        let mut out = Vec::new();
+        for ev in rows {
+            self.upto = ev.seq;
+            let Some(folder) = self.folder.as_mut() else {
+                return;
+            };
+            let kept =
+                self.filter.passes(&ev.ty) || (ev.ty == TYPE_STREAM_CLOSED && self.end_on_close);
+            if kept {
+                folder.feed(ev, &mut out);
+            } else if out.is_empty() && !folder.is_open() && self.pending.is_empty() {
+                // Filtered out with nothing held before it: the cursor moves past it.
+                self.delivered = ev.seq;
+            }
+            for frame in out.drain(..) {
+                self.pending.push_back(Item::Event(frame));
+            }
+        }
+    }
+
+    fn flush_folder(&mut self) {
+        let mut out = Vec::new();
+        if let Some(folder) = self.folder.as_mut() {
+            folder.flush(&mut out);
+        }
+        for frame in out {
+            self.pending.push_back(Item::Event(frame));
+        }
     }
 
     fn push_event(&mut self, frame: Arc<Frame>) {

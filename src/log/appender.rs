@@ -600,6 +600,7 @@ async fn commit_postgres(
             rows.key.push(ev.key.as_deref());
             rows.body.push(ev.body.as_deref());
             rows.by.push(ev.by.as_deref());
+            rows.append.push(ev.append);
         }
     }
     let token = uuid::Uuid::new_v4();
@@ -745,6 +746,7 @@ fn plan_job<'a>(
                 out.key.push(ev.key.as_deref());
                 out.body.push(ev.body.as_deref());
                 out.by.push(ev.by.as_deref());
+                out.append.push(ev.append);
                 if let Some(id) = &ev.id {
                     st.new_ids.insert(id.clone(), st.head);
                 }
@@ -804,6 +806,7 @@ fn deliver(sink: &dyn CommitSink, jobs: Vec<Job>, plan: Plan, started: Instant) 
                             time: plan.time,
                             body: ev.body,
                             by: ev.by,
+                            append: ev.append,
                         });
                     }
                 }
@@ -862,6 +865,7 @@ mod tests {
                 key: None,
                 body: None,
                 by: None,
+                append: false,
             }],
             expected_seq: None,
             close: false,

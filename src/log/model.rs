@@ -111,6 +111,9 @@ pub struct NewEvent {
     /// Who appended it: the token `sub` of an authenticated caller (`"admin"` for the admin
     /// token); None for anonymous callers. The envelope's `by`.
     pub by: Option<String>,
+    /// The event extends the message named by `key` (never set without a key); see
+    /// [`crate::live::compact`] for the merge rule.
+    pub append: bool,
 }
 
 impl NewEvent {
@@ -135,6 +138,8 @@ pub struct StoredEvent {
     pub body: Option<Vec<u8>>,
     /// See [`NewEvent::by`].
     pub by: Option<String>,
+    /// See [`NewEvent::append`].
+    pub append: bool,
 }
 
 /// Formats a time the way every tailcast response does: RFC 3339, UTC, milliseconds.
@@ -165,19 +170,21 @@ fn put_json_str(buf: &mut BytesMut, s: &str) {
 }
 
 /// The event envelope (openapi.yaml `Envelope`), encoded once:
-/// `{"stream","seq","type","data","id"?,"key"?,"by"?,"time"}`.
+/// `{"stream","seq","type","data","id"?,"key"?,"by"?,"append"?,"folded"?,"time"}`.
 /// An event holding a byte payload carries it as a base64 string in `data`, followed by
 /// `"encoding":"base64"`.
 pub fn encode_envelope(stream: &str, ev: &StoredEvent) -> Bytes {
-    encode_envelope_locating_data(stream, ev).0
+    encode_envelope_locating_data(stream, ev, None).0
 }
 
 /// `encode_envelope`, and where the event's `data` lies in it (so a framing that sends only
 /// the data, like the AI SDK view, can slice it out without a copy). For a byte payload
-/// that is its base64 string, quotes included.
+/// that is its base64 string, quotes included. `folded`: the envelope stands for that many
+/// events of the log (a compacted read), said by `"folded":n` before `time`.
 pub fn encode_envelope_locating_data(
     stream: &str,
     ev: &StoredEvent,
+    folded: Option<usize>,
 ) -> (Bytes, std::ops::Range<usize>) {
     let body_len = ev.body.as_ref().map_or(0, |b| b.len() * 4 / 3 + 32);
     let mut buf =
@@ -218,6 +225,13 @@ pub fn encode_envelope_locating_data(
     if let Some(by) = &ev.by {
         buf.put_slice(b",\"by\":");
         put_json_str(&mut buf, by);
+    }
+    if ev.append {
+        buf.put_slice(b",\"append\":true");
+    }
+    if let Some(n) = folded {
+        buf.put_slice(b",\"folded\":");
+        buf.put_slice(n.to_string().as_bytes());
     }
     buf.put_slice(b",\"time\":\"");
     buf.put_slice(format_time(&ev.time).as_bytes());
@@ -286,11 +300,32 @@ mod tests {
             time: DateTime::from_timestamp_millis(1_795_000_000_123).unwrap(),
             body: None,
             by: None,
+            append: false,
         };
         let env = encode_envelope("run:42", &ev);
         assert_eq!(
             std::str::from_utf8(&env).unwrap(),
             r#"{"stream":"run:42","seq":17,"type":"token","data":{"b":1, "a":[1e400]},"key":"k\"1","time":"2026-11-18T11:06:40.123Z"}"#
+        );
+    }
+
+    #[test]
+    fn envelope_says_append_and_folded_before_time() {
+        let ev = StoredEvent {
+            seq: 9,
+            ty: "t".into(),
+            data: "\"x\"".into(),
+            id: None,
+            key: Some("k".into()),
+            time: DateTime::from_timestamp_millis(0).unwrap(),
+            body: None,
+            by: None,
+            append: true,
+        };
+        let (env, _) = encode_envelope_locating_data("s", &ev, Some(3));
+        assert_eq!(
+            std::str::from_utf8(&env).unwrap(),
+            r#"{"stream":"s","seq":9,"type":"t","data":"x","key":"k","append":true,"folded":3,"time":"1970-01-01T00:00:00.000Z"}"#
         );
     }
 
@@ -305,8 +340,9 @@ mod tests {
             time: DateTime::from_timestamp_millis(0).unwrap(),
             body: None,
             by: Some("ops@example".into()),
+            append: false,
         };
-        let (env, at) = encode_envelope_locating_data("s\"é", &ev);
+        let (env, at) = encode_envelope_locating_data("s\"é", &ev, None);
         assert_eq!(&env[at], ev.data.as_bytes());
         // A byte payload's data is its base64 string, and the envelope says so after it.
         let bytes = StoredEvent {
@@ -314,7 +350,7 @@ mod tests {
             data: "null".into(),
             ..ev
         };
-        let (env, at) = encode_envelope_locating_data("s", &bytes);
+        let (env, at) = encode_envelope_locating_data("s", &bytes, None);
         assert_eq!(&env[at.clone()], b"\"AP8i\"");
         assert!(std::str::from_utf8(&env[at.end..])
             .unwrap()

@@ -83,7 +83,8 @@ const STREAM_COLUMNS: &str =
     "id, name, head, trimmed_to, closed, created_at, updated_at, lease_s, heartbeat_at";
 
 /// The columns of a [`StoredEvent`], named as its fields.
-pub const EVENT_COLUMNS: &str = r#"seq, type as ty, data, event_id as id, key, time, body, "by""#;
+pub const EVENT_COLUMNS: &str =
+    r#"seq, type as ty, data, event_id as id, key, time, body, "by", append"#;
 
 /// Most values one SQLite statement may bind.
 const SQLITE_MAX_BINDS: usize = 32_766;
@@ -158,7 +159,7 @@ pub async fn read_events_bounded(
     // filtered before their `data` is fetched from TOAST.
     let sql = format!(
         r#"select {EVENT_COLUMNS} from (
-             select seq, type, data, event_id, key, time, body, "by",
+             select seq, type, data, event_id, key, time, body, "by", append,
                     sum(octet_length(data) + coalesce(octet_length(body), 0)) over (order by seq)
                       - octet_length(data) - coalesce(octet_length(body), 0) as before
              from events
@@ -465,6 +466,7 @@ pub struct EventRows<'a> {
     pub key: Vec<Option<&'a str>>,
     pub body: Vec<Option<&'a [u8]>>,
     pub by: Vec<Option<&'a str>>,
+    pub append: Vec<bool>,
 }
 
 /// Inserts every row (in one statement on PostgreSQL, in as few as SQLite's bind limit
@@ -480,11 +482,12 @@ pub async fn insert_events(
     match tx {
         Tx::Postgres(t) => {
             sqlx::query(
-                r#"insert into events (stream_id, seq, type, data, event_id, key, time, body, "by")
-                   select sid, seq, ty, data, eid, k, $7, b, w
+                r#"insert into events (stream_id, seq, type, data, event_id, key, time, body, "by",
+                                      append)
+                   select sid, seq, ty, data, eid, k, $7, b, w, a
                    from unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],
-                               $6::text[], $8::bytea[], $9::text[])
-                        as t(sid, seq, ty, data, eid, k, b, w)"#,
+                               $6::text[], $8::bytea[], $9::text[], $10::bool[])
+                        as t(sid, seq, ty, data, eid, k, b, w, a)"#,
             )
             .bind(&rows.stream_id)
             .bind(&rows.seq)
@@ -495,15 +498,16 @@ pub async fn insert_events(
             .bind(Ts(time))
             .bind(&rows.body)
             .bind(&rows.by)
+            .bind(&rows.append)
             .execute(&mut **t)
             .await?;
         }
         Tx::Sqlite(t) => {
-            const COLUMNS: usize = 9;
+            const COLUMNS: usize = 10;
             let indices: Vec<usize> = (0..rows.seq.len()).collect();
             for chunk in indices.chunks(SQLITE_MAX_BINDS / COLUMNS) {
                 let mut q = QueryBuilder::<Sqlite>::new(
-                    r#"insert into events (stream_id, seq, type, data, event_id, key, time, body, "by") "#,
+                    r#"insert into events (stream_id, seq, type, data, event_id, key, time, body, "by", append) "#,
                 );
                 q.push_values(chunk, |mut b, &i| {
                     b.push_bind(rows.stream_id[i])
@@ -514,7 +518,8 @@ pub async fn insert_events(
                         .push_bind(rows.key[i])
                         .push_bind(Ts(time))
                         .push_bind(rows.body[i])
-                        .push_bind(rows.by[i]);
+                        .push_bind(rows.by[i])
+                        .push_bind(rows.append[i]);
                 });
                 q.build().persistent(false).execute(&mut **t).await?;
             }
@@ -540,6 +545,8 @@ pub struct JobRows<'a> {
     pub body: Vec<Option<&'a [u8]>>,
     /// Authors; sent as one null when no event has one.
     pub by: Vec<Option<&'a str>>,
+    /// Append flags; sent as one null when no event has one set.
+    pub append: Vec<bool>,
 }
 
 /// What `tailcast.append_jobs` decided, per event, per job and per stream written.
@@ -572,7 +579,7 @@ pub async fn append_jobs(
 ) -> Result<JobsOutcome, sqlx::Error> {
     sqlx::query_as(
         "select * from tailcast.append_jobs($1, $2::uuid, $3, $4, $5, $6, $7, $8, $9, $10, $11,
-                                            $12, $13)",
+                                            $12, $13, $14)",
     )
     .bind(node)
     .bind(token.to_string())
@@ -587,6 +594,7 @@ pub async fn append_jobs(
     .bind(&rows.key)
     .bind(rows.body.iter().any(Option::is_some).then_some(&rows.body))
     .bind(rows.by.iter().any(Option::is_some).then_some(&rows.by))
+    .bind(rows.append.iter().any(|a| *a).then_some(&rows.append))
     .fetch_one(&mut **tx)
     .await
 }
@@ -722,7 +730,8 @@ pub async fn read_events_by_name(
     limit: i64,
 ) -> Result<Vec<StoredEvent>, sqlx::Error> {
     sqlx::query_as(
-        r#"select e.seq, e.type as ty, e.data, e.event_id as id, e.key, e.time, e.body, e."by"
+        r#"select e.seq, e.type as ty, e.data, e.event_id as id, e.key, e.time, e.body, e."by",
+                  e.append
            from streams s join events e on e.stream_id = s.id
            where s.name = $1 and e.seq > $2 and e.seq <= $3
            order by e.seq limit $4"#,

@@ -6,6 +6,7 @@ mod auth;
 mod authorship;
 mod backend;
 mod cluster;
+mod compact;
 mod conformance;
 mod console;
 mod crash;

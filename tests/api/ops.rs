@@ -101,6 +101,7 @@ async fn lag_once(db: &TestDb) {
             key: None,
             body: None,
             by: None,
+            append: false,
         }],
         expected_seq: None,
         close: false,

@@ -390,6 +390,7 @@ async fn live_events_of_a_deleted_incarnation_do_not_reach_a_new_subscriber(db: 
             time: chrono::Utc::now(),
             body: None,
             by: None,
+            append: false,
         };
         Frame::new("reborn", &ev, None)
     };

@@ -324,3 +324,59 @@ describe("leases and stop acknowledgement", () => {
     assert.deepEqual(types, ["token", "control.stop", "control.stopped", "control.stop", "control.stop_refused", "control.stop", "stream.closed"]);
   });
 });
+
+describe("compacted follow", () => {
+  for (const transport of ["ws", "sse"]) {
+    test(`${transport}: a late joiner gets the answer folded, then the live tail, and the same messages`, async () => {
+      const server = await Server.spawn();
+      const page = await clientPage(server.url);
+      const stream = `compact:${transport}`;
+      const word = (i) => ` w${i}`;
+      await server.append(stream, { type: "msg", key: "answer", data: { role: "assistant", text: "" } });
+      for (let b = 0; b < 4; b++) {
+        await server.append(
+          stream,
+          range(b * 100, b * 100 + 99).map((i) => ({ type: "msg", key: "answer", append: true, data: { text: word(i) } })),
+        );
+      }
+      await server.append(stream, { type: "progress", data: { pct: 50 } });
+      await page.evaluate(
+        ({ stream, transport }) => {
+          window.got = [];
+          window.messages = new window.tc.Messages();
+          const c = new window.tc.TailcastClient({ transport: transport === "ws" ? "auto" : "sse" });
+          c.subscribe(stream, { after: 0, compact: true }, (ev) => {
+            window.got.push({ seq: ev.seq, folded: ev.folded });
+            window.messages.apply(ev);
+          });
+          window.client = c;
+        },
+        { stream, transport },
+      );
+      await waitFor(() => page.evaluate(() => window.got.length >= 2), "the catch-up");
+      // The live tail: appends arrive one by one and extend the folded message.
+      await server.append(stream, { type: "msg", key: "answer", append: true, data: { text: "!" } });
+      await server.append(stream, { type: "msg", key: "answer", append: true, data: { text: "?" } });
+      await waitFor(() => page.evaluate(() => window.got.at(-1)?.seq === 404), "the live tail");
+      const got = await page.evaluate(() => window.got);
+      assert.deepEqual(got.slice(0, 2), [
+        { seq: 401, folded: 401 },
+        { seq: 402, folded: undefined },
+      ]);
+      assert.deepEqual(got.slice(2), [
+        { seq: 403, folded: undefined },
+        { seq: 404, folded: undefined },
+      ]);
+      const messages = await page.evaluate(() => window.messages.list);
+      const full = await page.evaluate(async (events) => {
+        const m = new window.tc.Messages();
+        for (const ev of events) m.apply(ev);
+        return m.list;
+      }, await server.readAll(stream));
+      assert.deepEqual(messages, full);
+      assert.equal(messages[0].data.text, range(0, 399).map(word).join("") + "!?");
+      if (transport === "sse") assert.equal(await page.evaluate(() => window.client.stats().transport), "sse");
+      await page.evaluate(() => window.client.close());
+    });
+  }
+});

@@ -405,3 +405,31 @@ function jwt(secret, claims) {
   const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64(claims)}`;
   return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
 }
+
+describe("console: long streams", () => {
+  test("a long answer opens compacted: one row per message, the same text, then the live tail", async () => {
+    const stream = "long:answer";
+    const words = Array.from({ length: 600 }, (_, i) => ` w${i}`);
+    await server.append(stream, { type: "token", key: "answer", data: { text: "" } });
+    for (let b = 0; b < words.length; b += 200) {
+      await server.append(
+        stream,
+        words.slice(b, b + 200).map((w) => ({ type: "token", key: "answer", append: true, data: { text: w } })),
+      );
+    }
+    await server.append(stream, { type: "progress", key: "index", data: { pct: 40, label: "index" } });
+    const page = await openConsole(stream);
+    const text = words.join("");
+    await waitFor(async () => (await page.textContent("#output-text")) === text, "the whole answer's text");
+    await waitFor(async () => (await rowSeqs(page)).length === 2, "two rows");
+    assert.deepEqual(await rowSeqs(page), [601, 602]);
+    assert.equal(await page.textContent('#events li[data-seq="601"] .folded'), "×601");
+    // The live tail arrives event by event.
+    await server.append(stream, { type: "token", key: "answer", append: true, data: { text: "!" } });
+    await waitFor(async () => (await page.textContent("#output-text")) === text + "!", "the live token");
+    assert.deepEqual(await rowSeqs(page), [601, 602, 603]);
+    assert.equal(await page.locator('#events li[data-seq="603"] .folded').count(), 0);
+    await screenshot(page, "console-compacted.png");
+    assert.deepEqual(page.errors, []);
+  });
+});

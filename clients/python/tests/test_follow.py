@@ -249,3 +249,61 @@ def test_closing_a_watch_ends_its_thread_and_connection(tc, server, stream):
     watch._thread.join(5)
     assert not watch._thread.is_alive() and not watch.stopped
     wait_for(lambda: sse_connections() == before, 20, "the watch's connection to close")
+
+
+def test_compacted_follow_gives_whole_messages_then_the_live_tail(tc, stream):
+    tc.append(stream, "msg", {"role": "assistant", "text": ""}, key="answer")
+    words = [f" w{i}" for i in range(300)]
+    tc.append_many(
+        stream, [{"type": "msg", "key": "answer", "append": True, "data": {"text": w}} for w in words]
+    )
+    tc.append(stream, "progress", {"pct": 50})
+    got = []
+    f = tc.follow(stream, compact=True)
+
+    def consume():
+        for ev in f:
+            got.append(ev)
+
+    t = threading.Thread(target=consume)
+    t.start()
+    wait_for(lambda: len(got) >= 2)
+    # Live appends come one by one and extend the message held.
+    tc.append(stream, "msg", {"text": "!"}, key="answer", append=True)
+    tc.close(stream)
+    t.join(30)
+    assert not t.is_alive()
+    assert [(e.seq, e.folded, e.append) for e in got] == [
+        (301, 301, False),
+        (302, None, False),
+        (303, None, True),
+        (304, None, False),
+    ]
+    folded, full = tailcast.Messages(), tailcast.Messages()
+    for ev in got:
+        folded.apply(ev)
+    for ev in tc.read(stream):
+        full.apply(ev)
+    assert folded.list == full.list
+    assert folded.list[0].data == {"role": "assistant", "text": "".join(words) + "!"}
+    # Resuming from a folded event's seq is exact; a compacted read pages the same way.
+    assert [e.seq for e in tc.follow(stream, after=301, compact=True)] == [302, 303, 304]
+    assert [(e.seq, e.folded) for e in tc.read(stream, compact=True, page_size=2)] == [
+        (301, 301),
+        (302, None),
+        (303, None),
+        (304, None),
+    ]
+
+
+def test_async_compacted_follow(server, stream):
+    async def main():
+        async with AsyncTailcast(server.url) as c:
+            await c.append(stream, "msg", "Hel", key="k")
+            await c.append(stream, "msg", "lo", key="k", append=True)
+            await c.close(stream)
+            return [(e.seq, e.data, e.folded) async for e in c.follow(stream, compact=True)]
+
+    got = asyncio.run(main())
+    assert got[0] == (2, "Hello", 2)
+    assert got[1][0] == 3

@@ -157,6 +157,7 @@ fn body_events(
             key: None,
             body: Some(body.to_vec()),
             by: None,
+            append: false,
         }]);
     }
     let text = std::str::from_utf8(body)
@@ -195,6 +196,7 @@ fn body_events(
                 key: None,
                 body: None,
                 by: None,
+                append: false,
             })
         })
         .collect()
@@ -208,6 +210,7 @@ fn closed_event() -> NewEvent {
         key: None,
         body: None,
         by: None,
+        append: false,
     }
 }
 
@@ -596,6 +599,7 @@ async fn copy_fork(app: &AppState, name: &StreamName, plan: &ForkPlan) -> Result
                     body,
                     // A fork's copies keep who wrote the originals.
                     by: e.by,
+                    append: e.append,
                 }
             })
             .collect();

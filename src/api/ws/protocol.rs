@@ -36,6 +36,8 @@ pub enum Op<'a> {
         presence: bool,
         /// How this follower appears in the stream's presence (else the connection's label).
         label: Option<String>,
+        /// Whole messages for the catch-up, then the live tail (see `live::compact`).
+        compact: bool,
     },
     Unsubscribe {
         stream: StreamName,
@@ -94,18 +96,6 @@ impl<'a> Fields<'a> {
                 })
             })
             .transpose()
-    }
-
-    fn flag(&mut self, name: &'static str) -> Result<bool, Error> {
-        self.raw(name)
-            .map(|raw| {
-                serde_json::from_str::<bool>(raw.get()).map_err(|_| Error::InvalidField {
-                    field: name,
-                    detail: "must be true or false".into(),
-                })
-            })
-            .transpose()
-            .map(|f| f.unwrap_or(false))
     }
 
     fn label(&mut self) -> Result<Option<String>, Error> {
@@ -191,6 +181,19 @@ impl<'a> Fields<'a> {
                 "give at most one of `after`, `from` and `since`".into(),
             )),
         }
+    }
+
+    /// A boolean field, false when absent.
+    fn flag(&mut self, name: &'static str) -> Result<bool, Error> {
+        self.raw(name)
+            .map(|raw| {
+                serde_json::from_str::<bool>(raw.get()).map_err(|_| Error::InvalidField {
+                    field: name,
+                    detail: format!("must be true or false, not {}", shorten(raw.get())),
+                })
+            })
+            .transpose()
+            .map(Option::unwrap_or_default)
     }
 
     fn request_id(&mut self) -> Result<String, Error> {
@@ -294,6 +297,7 @@ fn parse_op<'a>(op: &str, f: &mut Fields<'a>) -> Result<Op<'a>, Error> {
             filter: f.types()?,
             presence: f.flag("presence")?,
             label: f.label()?,
+            compact: f.flag("compact")?,
         },
         "unsubscribe" => Op::Unsubscribe {
             stream: f.stream()?,
@@ -462,6 +466,10 @@ mod tests {
         assert_eq!(code(r#"{"op":"presence"}"#), "missing_field");
         assert_eq!(
             code(r#"{"op":"presence","stream":"s","limit":-1}"#),
+            "invalid_field"
+        );
+        assert_eq!(
+            code(r#"{"op":"subscribe","stream":"s","compact":1}"#),
             "invalid_field"
         );
         assert_eq!(

@@ -13,7 +13,7 @@ from ._core import CONTROL_STOP, CONTROL_STOP_REFUSED, CONTROL_STOPPED, STREAM_C
 from ._sync import Follow, StopWatch, Tailcast, Writer
 from .errors import *  # noqa: F401,F403 - the exception hierarchy is part of the API
 from .errors import __all__ as _errors_all
-from .models import AppendResult, Event, EventAck, StopOutcome
+from .models import AppendResult, Event, EventAck, Message, Messages, StopOutcome, merge_append
 from .sse import SSEMessage, SSEParser
 
 __version__ = "0.1.0"
@@ -32,6 +32,9 @@ __all__ = [
     "EventAck",
     "AppendResult",
     "StopOutcome",
+    "Message",
+    "Messages",
+    "merge_append",
     "SSEMessage",
     "SSEParser",
     "STREAM_CLOSED",

@@ -98,8 +98,9 @@ class AsyncTailcast:
         id: Optional[str] = None,
         key: Optional[str] = None,
         expected_seq: Optional[int] = None,
+        append: bool = False,
     ) -> AppendResult:
-        return await self._append(stream, [core.event_body(type, data, id, key)], expected_seq)
+        return await self._append(stream, [core.event_body(type, data, id, key, append)], expected_seq)
 
     async def append_many(
         self,
@@ -138,12 +139,23 @@ class AsyncTailcast:
     # -- consumer ---------------------------------------------------------------------------
 
     def follow(
-        self, stream: str, after: int = 0, types: Optional[Sequence[str]] = None
+        self,
+        stream: str,
+        after: int = 0,
+        types: Optional[Sequence[str]] = None,
+        *,
+        compact: bool = False,
     ) -> "AsyncFollow":
-        return AsyncFollow(self, stream, after, types)
+        return AsyncFollow(self, stream, after, types, compact)
 
     async def read(
-        self, stream: str, after: int = 0, limit: Optional[int] = None, *, page_size: int = 1000
+        self,
+        stream: str,
+        after: int = 0,
+        limit: Optional[int] = None,
+        *,
+        page_size: int = 1000,
+        compact: bool = False,
     ) -> AsyncIterator[Event]:
         left = limit
         while left is None or left > 0:
@@ -151,7 +163,7 @@ class AsyncTailcast:
             r = await self._request(
                 "GET",
                 core.path(stream, "events"),
-                params={"after": after, "limit": n},
+                params={"after": after, "limit": n, **({"compact": 1} if compact else {})},
                 idempotent=True,
             )
             page = r.json()
@@ -286,10 +298,15 @@ class AsyncFollow(AsyncIterator[Event]):
     """``async for event in tc.follow(stream, after=cursor)``: see :class:`tailcast.Follow`."""
 
     def __init__(
-        self, client: AsyncTailcast, stream: str, after: int, types: Optional[Sequence[str]]
+        self,
+        client: AsyncTailcast,
+        stream: str,
+        after: int,
+        types: Optional[Sequence[str]],
+        compact: bool = False,
     ) -> None:
         self._client = client
-        self.state = core.FollowState(stream, after, types)
+        self.state = core.FollowState(stream, after, types, compact)
         self._gen = self._run()
 
     @property

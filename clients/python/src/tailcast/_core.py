@@ -138,12 +138,17 @@ def dumps(value: Any) -> bytes:
 EventLike = Union[Mapping[str, Any], Tuple[str, Any]]
 
 
-def event_body(type: str, data: Any, id: Optional[str], key: Optional[str]) -> Dict[str, Any]:
+def event_body(
+    type: str, data: Any, id: Optional[str], key: Optional[str], append: bool = False
+) -> Dict[str, Any]:
     """An event as the server takes it, with an idempotency id (a new one if none is given) so
-    every retry of it is recognised as the same event."""
+    every retry of it is recognised as the same event. ``append``: it extends the message its
+    ``key`` names."""
     ev: Dict[str, Any] = {"type": type, "data": data, "id": id if id is not None else new_id()}
     if key is not None:
         ev["key"] = key
+    if append:
+        ev["append"] = True
     return ev
 
 
@@ -154,10 +159,18 @@ def normalise_events(events: Iterable[EventLike]) -> List[Dict[str, Any]]:
             type_, data = ev
             out.append(event_body(type_, data, None, None))
         else:
-            unknown = set(ev) - {"type", "data", "id", "key"}
+            unknown = set(ev) - {"type", "data", "id", "key", "append"}
             if unknown:
                 raise TypeError(f"unknown event fields: {sorted(unknown)}")
-            out.append(event_body(ev["type"], ev.get("data"), ev.get("id"), ev.get("key")))
+            out.append(
+                event_body(
+                    ev["type"],
+                    ev.get("data"),
+                    ev.get("id"),
+                    ev.get("key"),
+                    bool(ev.get("append", False)),
+                )
+            )
     return out
 
 
@@ -202,12 +215,16 @@ class FollowState:
     and the cursor then moves to it; a reconnect asks for what comes after the cursor.
     """
 
-    def __init__(self, stream: str, after: int, types: Optional[Sequence[str]]):
+    def __init__(
+        self, stream: str, after: int, types: Optional[Sequence[str]], compact: bool = False
+    ):
         if after < 0:
             raise ValueError("after must be >= 0")
         self.stream = stream
         self.cursor = after
         self.types = list(types) if types else None
+        #: Each (re)connection's catch-up comes compacted (whole messages), then live events.
+        self.compact = compact
         self.retry_ms = 1000
         self.failures = 0
         self.done = False
@@ -215,6 +232,8 @@ class FollowState:
 
     def request(self) -> Tuple[str, Dict[str, Any], Dict[str, str]]:
         params: Dict[str, Any] = {"after": self.cursor}
+        if self.compact:
+            params["compact"] = 1
         if self.types:
             types = list(self.types)
             # Without it, a filtered follow would never learn that the stream has ended.

@@ -108,10 +108,11 @@ class Tailcast:
         id: Optional[str] = None,
         key: Optional[str] = None,
         expected_seq: Optional[int] = None,
+        append: bool = False,
     ) -> AppendResult:
         """Appends one event. It gets an idempotency id (``id``, or a new one), so retries
         after a lost answer never append it twice."""
-        return self._append(stream, [core.event_body(type, data, id, key)], expected_seq)
+        return self._append(stream, [core.event_body(type, data, id, key, append)], expected_seq)
 
     def append_many(
         self,
@@ -154,24 +155,40 @@ class Tailcast:
     # -- consumer ---------------------------------------------------------------------------
 
     def follow(
-        self, stream: str, after: int = 0, types: Optional[Sequence[str]] = None
+        self,
+        stream: str,
+        after: int = 0,
+        types: Optional[Sequence[str]] = None,
+        *,
+        compact: bool = False,
     ) -> "Follow":
         """Every event after ``after``, live, exactly once and in order, across disconnects
-        and server restarts; ends after ``stream.closed``. See :class:`Follow`."""
-        return Follow(self, stream, after, types)
+        and server restarts; ends after ``stream.closed``. See :class:`Follow`.
+
+        ``compact=True``: each (re)connection's catch-up comes with every run of appends to a
+        message folded into one event (``Event.folded``), then the live tail event by event;
+        each seq stays an exact cursor. Feed the events to :class:`Messages` to hold whole
+        messages either way."""
+        return Follow(self, stream, after, types, compact)
 
     def read(
-        self, stream: str, after: int = 0, limit: Optional[int] = None, *, page_size: int = 1000
+        self,
+        stream: str,
+        after: int = 0,
+        limit: Optional[int] = None,
+        *,
+        page_size: int = 1000,
+        compact: bool = False,
     ) -> Iterator[Event]:
         """Replays the stream from ``after``, page by page, until a page comes back empty
-        (at most ``limit`` events if given)."""
+        (at most ``limit`` events if given; ``compact``: runs of appends folded)."""
         left = limit
         while left is None or left > 0:
             n = page_size if left is None else min(page_size, left)
             r = self._request(
                 "GET",
                 core.path(stream, "events"),
-                params={"after": after, "limit": n},
+                params={"after": after, "limit": n, **({"compact": 1} if compact else {})},
                 idempotent=True,
             )
             page = r.json()
@@ -326,10 +343,15 @@ class Follow(Iterator[Event]):
     """
 
     def __init__(
-        self, client: Tailcast, stream: str, after: int, types: Optional[Sequence[str]]
+        self,
+        client: Tailcast,
+        stream: str,
+        after: int,
+        types: Optional[Sequence[str]],
+        compact: bool = False,
     ) -> None:
         self._client = client
-        self.state = core.FollowState(stream, after, types)
+        self.state = core.FollowState(stream, after, types, compact)
         self._gen = self._run()
         self._response: Optional[httpx.Response] = None
         self._closed = False

@@ -7,7 +7,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Dict, List, Mapping, Optional
 
-__all__ = ["Event", "EventAck", "AppendResult", "StopOutcome", "parse_time"]
+__all__ = [
+    "Event",
+    "EventAck",
+    "AppendResult",
+    "StopOutcome",
+    "Message",
+    "Messages",
+    "merge_append",
+    "parse_time",
+]
 
 
 def parse_time(raw: str) -> datetime:
@@ -28,6 +37,11 @@ class Event:
     time: datetime
     id: Optional[str] = None
     key: Optional[str] = None
+    #: The event extends the message its key names (``append=True`` when appended).
+    append: bool = False
+    #: Compacted follows and reads: this event stands for that many events of one message's
+    #: run (the last one's seq, the merged data); None for an event of the log as it is.
+    folded: Optional[int] = None
 
     @classmethod
     def from_envelope(cls, env: Mapping[str, Any]) -> "Event":
@@ -39,6 +53,8 @@ class Event:
             time=parse_time(env["time"]),
             id=env.get("id"),
             key=env.get("key"),
+            append=bool(env.get("append", False)),
+            folded=env.get("folded"),
         )
 
     @classmethod
@@ -100,3 +116,51 @@ class StopOutcome:
     def took_effect(self) -> bool:
         """True when the run is over: stopped, or its stream closed."""
         return self.outcome in ("stopped", "closed")
+
+
+def merge_append(m: Any, w: Any) -> Any:
+    """Appends ``w`` to a message whose data is ``m``, by tailcast's rule: two objects merge
+    field by field over ``w``'s top-level fields (two strings concatenate, anything else
+    replaces); two strings concatenate; otherwise ``w`` replaces ``m``."""
+    if isinstance(m, dict) and isinstance(w, dict):
+        out = dict(m)
+        for k, v in w.items():
+            old = out.get(k)
+            out[k] = old + v if isinstance(old, str) and isinstance(v, str) else v
+        return out
+    if isinstance(m, str) and isinstance(w, str):
+        return m + w
+    return w
+
+
+@dataclass
+class Message:
+    """A message as its events build it: started by an event, extended by appends to its key."""
+
+    key: Optional[str]
+    type: str
+    data: Any
+    #: The seq of the last event applied to it.
+    seq: int
+
+
+class Messages:
+    """A stream's messages, whether its events come one by one or compacted
+    (``follow(..., compact=True)``): ``apply`` each event; ``list`` holds them in order."""
+
+    def __init__(self) -> None:
+        self.list: List[Message] = []
+        self._open: Dict[str, Message] = {}
+
+    def apply(self, ev: Event) -> Message:
+        """Applies one event; returns the message it started or extended."""
+        open_ = self._open.get(ev.key) if ev.key is not None else None
+        if ev.append and open_ is not None:
+            open_.data = merge_append(open_.data, ev.data)
+            open_.seq = ev.seq
+            return open_
+        msg = Message(key=ev.key, type=ev.type, data=ev.data, seq=ev.seq)
+        self.list.append(msg)
+        if ev.key is not None:
+            self._open[ev.key] = msg
+        return msg

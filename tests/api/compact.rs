@@ -1,0 +1,395 @@
+//! Compacted reads (`compact=1`, WebSocket `"compact":true`, the AI SDK view's `compact=1`):
+//! late joiners get whole messages, then the exact live tail. What a reader rebuilds from a
+//! full replay up to a cursor and a compacted read after it must be what a full replay
+//! rebuilds, from any cursor, on every surface, while the stream is being written.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use proptest::test_runner::TestRunner;
+use serde_json::{json, Value};
+
+use crate::backend::{backend_test, TestDb};
+use crate::helpers::TestApp;
+use crate::wire::{self, Next};
+
+/// A message as a reader holds it: its key (None: an event without one) and its data.
+type Message = (Option<String>, Value);
+
+/// The merge rule (openapi.yaml `NewEvent.append`), written here apart from the server's.
+fn merge(m: &Value, w: &Value) -> Value {
+    match (m, w) {
+        (Value::Object(m), Value::Object(w)) => {
+            let mut out = m.clone();
+            for (k, v) in w {
+                let merged = match (out.get(k), v) {
+                    (Some(Value::String(a)), Value::String(b)) => Value::String(a.clone() + b),
+                    _ => v.clone(),
+                };
+                out.insert(k.clone(), merged);
+            }
+            Value::Object(out)
+        }
+        (Value::String(a), Value::String(b)) => Value::String(a.clone() + b),
+        _ => w.clone(),
+    }
+}
+
+/// The messages after applying `events` (envelopes) one by one to `held`.
+fn apply(held: &[Message], events: &[Value]) -> Vec<Message> {
+    let mut msgs = held.to_vec();
+    let mut open: HashMap<String, usize> = HashMap::new();
+    for (i, (k, _)) in msgs.iter().enumerate() {
+        if let Some(k) = k {
+            open.insert(k.clone(), i);
+        }
+    }
+    for e in events {
+        let key = e["key"].as_str().map(str::to_owned);
+        match (&key, e["append"] == json!(true)) {
+            (Some(k), true) if open.contains_key(k) => {
+                let i = open[k];
+                msgs[i].1 = merge(&msgs[i].1, &e["data"]);
+            }
+            _ => {
+                if let Some(k) = &key {
+                    open.insert(k.clone(), msgs.len());
+                }
+                msgs.push((key, e["data"].clone()));
+            }
+        }
+    }
+    msgs
+}
+
+/// Every envelope of a compacted REST read after `after`, page by page (`limit` per page).
+async fn compacted_rest(app: &TestApp, stream: &str, after: i64, limit: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut after = after;
+    loop {
+        let page = app
+            .get_json(&format!(
+                "/v1/streams/{stream}/events?after={after}&limit={limit}&compact=1"
+            ))
+            .await;
+        let events = page["events"].as_array().unwrap().clone();
+        if events.is_empty() {
+            return out;
+        }
+        assert!(events.len() <= limit, "{page}");
+        assert_eq!(page["next_after"], events.last().unwrap()["seq"]);
+        after = page["next_after"].as_i64().unwrap();
+        out.extend(events);
+    }
+}
+
+/// A compacted SSE read after `after`, up to the envelope with seq `head`.
+async fn compacted_sse(app: &TestApp, stream: &str, after: i64, head: i64) -> Vec<Value> {
+    let mut sse = wire::open_sse(app, stream, "?compact=1", Some(&after.to_string()))
+        .await
+        .sse();
+    let mut out = Vec::new();
+    while out.last().map_or(after, wire::seq) < head {
+        out.push(sse.envelope().await);
+    }
+    out
+}
+
+/// A compacted WebSocket subscription after `after`, up to the event with seq `head`.
+async fn compacted_ws(app: &TestApp, stream: &str, after: i64, head: i64) -> Vec<Value> {
+    let mut ws = app.ws().await;
+    ws.subscribe(stream, json!({"after": after, "compact": true}))
+        .await;
+    let mut out = Vec::new();
+    while out.last().map_or(after, wire::seq) < head {
+        let mut ev = ws.next_event().await;
+        ev.as_object_mut().unwrap().remove("op");
+        out.push(ev);
+    }
+    ws.close().await;
+    out
+}
+
+/// Seqs strictly increasing after `after`; folded envelopes fold at least two events.
+fn check_cursors(events: &[Value], after: i64) {
+    let mut prev = after;
+    for e in events {
+        let seq = wire::seq(e);
+        assert!(seq > prev, "seq {seq} after {prev}: {e}");
+        prev = seq;
+        if let Some(n) = e.get("folded") {
+            assert!(n.as_i64().unwrap() >= 2, "{e}");
+        }
+    }
+}
+
+/// Events as a producer appends them: key (of three), append flag, data (objects of two
+/// fields, strings, or other values, so that every branch of the merge rule is taken).
+fn events_strategy() -> impl Strategy<Value = Vec<Value>> {
+    let scalar = prop_oneof![
+        4 => "[ab\"é]{0,3}".prop_map(Value::from),
+        1 => Just(Value::Null),
+        1 => (0i64..3).prop_map(Value::from),
+    ];
+    let data = prop_oneof![
+        3 => prop::collection::btree_map("[pq]", scalar.clone(), 0..3)
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
+        2 => scalar,
+    ];
+    let event = (prop::option::weighted(0.85, 0u8..3), any::<bool>(), data).prop_map(
+        |(key, append, data)| match key {
+            Some(k) => json!({"key": format!("k{k}"), "append": append, "data": data}),
+            None => json!({"type": "progress", "data": data}),
+        },
+    );
+    prop::collection::vec(event, 1..40)
+}
+
+/// For random interleavings of appends and plain events across keys, cut at random cursors:
+/// (a full replay up to the cursor, then a compacted read after it) rebuilds the messages of
+/// a full replay — over REST (in pages of random sizes), SSE and WebSocket — and so does
+/// resuming a compacted read from any seq it delivered.
+#[backend_test]
+async fn compact_then_resume_rebuilds_the_full_replay(db: TestDb) {
+    let app = TestApp::spawn(db).await;
+    let mut runner = TestRunner::default();
+    for case in 0..10 {
+        let stream = format!("prop-{case}");
+        let events = events_strategy().new_tree(&mut runner).unwrap().current();
+        let batch = (1usize..6).new_tree(&mut runner).unwrap().current();
+        for chunk in events.chunks(batch) {
+            app.append(&stream, Value::from(chunk.to_vec())).await;
+        }
+        let raw = app.read_all(&stream).await;
+        let head = raw.len() as i64;
+        let full = apply(&[], &raw);
+        let cut = (0..=head).new_tree(&mut runner).unwrap().current();
+        let held = apply(&[], &raw[..cut as usize]);
+        let limit = (1usize..5).new_tree(&mut runner).unwrap().current();
+        let what = format!("case {case}: cut {cut}, limit {limit}, events {events:?}");
+
+        let rest = compacted_rest(&app, &stream, cut, limit).await;
+        check_cursors(&rest, cut);
+        assert_eq!(apply(&held, &rest), full, "REST, {what}");
+        let sse = compacted_sse(&app, &stream, cut, head).await;
+        check_cursors(&sse, cut);
+        assert_eq!(apply(&held, &sse), full, "SSE, {what}");
+        let ws = compacted_ws(&app, &stream, cut, head).await;
+        check_cursors(&ws, cut);
+        assert_eq!(apply(&held, &ws), full, "WebSocket, {what}");
+        // The three surfaces fold alike (a page boundary may split a run over REST).
+        assert_eq!(sse, ws, "{what}");
+
+        // Resuming from any delivered seq is exact.
+        for i in 0..sse.len() {
+            let at = wire::seq(&sse[i]);
+            let held_then = apply(&held, &sse[..=i]);
+            let rest = compacted_rest(&app, &stream, at, 1000).await;
+            assert_eq!(apply(&held_then, &rest), full, "resume at {at}, {what}");
+        }
+    }
+}
+
+/// Envelopes exactly: a folded message carries the last event's seq, id and time, the key,
+/// the merged data and `folded`; a lone event is sent as stored; `append` is stored as sent.
+#[backend_test]
+async fn a_folded_envelope_is_exact(db: TestDb) {
+    let app = TestApp::spawn(db).await;
+    app.append(
+        "s",
+        json!([
+            {"type":"msg","key":"m","data":{"role":"assistant","text":""}},
+            {"type":"msg","key":"m","append":true,"data":{"text":"Hel"}},
+            {"type":"msg","key":"m","append":true,"data":{"text":"lo"},"id":"last"},
+            {"type":"tick","data":1},
+            {"type":"msg","key":"m","append":true,"data":{"text":"!"}},
+        ]),
+    )
+    .await;
+    let raw = wire::raw_envelopes(&app, "s").await;
+    assert!(
+        raw[1].contains(r#""key":"m","append":true,"time""#),
+        "{}",
+        raw[1]
+    );
+    let page = app.get_json("/v1/streams/s/events?compact=1").await;
+    let events = page["events"].as_array().unwrap();
+    assert_eq!(events.len(), 3);
+    let time = raw[2].split("\"time\":").nth(1).unwrap();
+    let want = format!(
+        r#"{{"stream":"s","seq":3,"type":"msg","data":{{"role":"assistant","text":"Hello"}},"id":"last","key":"m","folded":3,"time":{time}"#
+    );
+    let body = app
+        .get("/v1/streams/s/events?compact=1")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(body.contains(&want), "{body}\nwant {want}");
+    assert!(body.contains(&raw[3]), "a lone event is as stored");
+    assert!(body.contains(&raw[4]), "a lone append is as stored");
+    assert_eq!(page["next_after"], 5);
+
+    // The NDJSON export compacts alike.
+    let export = app
+        .client
+        .get(app.url("/v1/streams/s/events?compact=1"))
+        .header("accept", "application/x-ndjson")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<&str> = export.lines().collect();
+    assert_eq!(lines.len(), 3, "{export}");
+    assert_eq!(lines[0], want);
+
+    // An append names the message it extends: without a key it is refused.
+    let res = app
+        .append_raw("s", "", r#"{"append":true,"data":"x"}"#)
+        .await;
+    assert_eq!(res.status(), 400);
+    let problem: Value = res.json().await.unwrap();
+    assert_eq!(problem["code"], "invalid_event");
+    let res = app.get("/v1/streams/s/events?compact=yes").await;
+    assert_eq!(res.status(), 400);
+}
+
+/// A late joiner while the answer is still being written: the catch-up comes folded (appends
+/// made during it included), the live tail event by event, and together they rebuild the
+/// answer exactly.
+#[backend_test]
+async fn live_appends_during_a_compacted_catch_up(db: TestDb) {
+    let app = Arc::new(TestApp::spawn(db).await);
+    app.append("live", json!({"key":"answer","data":{"text":""}}))
+        .await;
+    let token = |i: usize| json!({"key":"answer","append":true,"data":{"text":format!("t{i} ")}});
+    for b in 0..20 {
+        let batch: Vec<Value> = (b * 50..(b + 1) * 50).map(token).collect();
+        app.append("live", Value::from(batch)).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (app, stop) = (app.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 1000;
+            // Writes while the reader catches up, and goes on for a while after it is live.
+            let mut after_stop = 0;
+            while after_stop < 10 {
+                if stop.load(Ordering::SeqCst) {
+                    after_stop += 1;
+                }
+                let batch: Vec<Value> = (i..i + 5).map(token).collect();
+                i += 5;
+                app.append("live", Value::from(batch)).await;
+            }
+            assert_eq!(app.close_stream("live", None).await.status(), 201);
+        })
+    };
+    let mut sse = wire::open_sse(&app, "live", "?compact=1", None).await.sse();
+    let first = sse.envelope().await;
+    stop.store(true, Ordering::SeqCst);
+    assert!(
+        first["folded"].as_i64().unwrap() > 1000,
+        "the catch-up comes folded: {first}"
+    );
+    let mut got = vec![first];
+    loop {
+        match sse.next_item().await {
+            Next::Event(ev) => {
+                let env: Value = serde_json::from_str(&ev.data).unwrap();
+                assert_eq!(ev.id, env["seq"].to_string());
+                // The catch-up was folded into the first event: the rest is the live tail.
+                assert_eq!(
+                    env.get("folded"),
+                    None,
+                    "live events come one by one: {env}"
+                );
+                got.push(env);
+            }
+            Next::End => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    writer.await.unwrap();
+    check_cursors(&got, 0);
+    let raw = app.read_all("live").await;
+    assert_eq!(wire::seq(got.last().unwrap()), raw.len() as i64);
+    assert_eq!(apply(&[], &got), apply(&[], &raw));
+    let text = apply(&[], &got)[0].1["text"].as_str().unwrap().to_owned();
+    assert!(
+        text.starts_with("t0 t1 t2 ") && text.contains(" t1049 "),
+        "{text}"
+    );
+}
+
+/// The AI SDK view: consecutive text deltas of one part come as one chunk (events of other
+/// types between them do not count); resuming from its id is exact.
+#[backend_test]
+async fn the_ui_view_joins_text_deltas(db: TestDb) {
+    let app = TestApp::spawn(db).await;
+    let ui = |c: Value| json!({"type":"ui","data":c});
+    app.append(
+        "chat",
+        json!([
+            ui(json!({"type":"start","messageId":"m1"})),
+            ui(json!({"type":"reasoning-start","id":"r"})),
+            ui(json!({"type":"reasoning-delta","id":"r","delta":"hm"})),
+            ui(json!({"type":"reasoning-delta","id":"r","delta":"m"})),
+            ui(json!({"type":"reasoning-end","id":"r"})),
+            ui(json!({"type":"text-start","id":"t"})),
+            ui(json!({"type":"text-delta","id":"t","delta":"Hel"})),
+            {"type":"progress","data":{"pct":50}},
+            ui(json!({"type":"text-delta","id":"t","delta":"lo"})),
+            ui(json!({"type":"text-delta","id":"t","delta":" wor"})),
+        ]),
+    )
+    .await;
+    let path = "/v1/streams/chat/ui-message-stream?compact=1";
+    let res = wire::get(app.addr, path, &[], None).await;
+    assert_eq!(res.status, 200);
+    let mut frames = res.frames();
+    let want = [
+        r#"id: 1\ndata: {"type":"start","messageId":"m1"}"#,
+        r#"id: 2\ndata: {"type":"reasoning-start","id":"r"}"#,
+        r#"id: 4\ndata: {"type":"reasoning-delta","id":"r","delta":"hmm"}"#,
+        r#"id: 5\ndata: {"type":"reasoning-end","id":"r"}"#,
+        r#"id: 6\ndata: {"type":"text-start","id":"t"}"#,
+        r#"id: 10\ndata: {"type":"text-delta","id":"t","delta":"Hello wor"}"#,
+    ];
+    for w in want {
+        assert_eq!(frames.next_content().await.unwrap(), w.replace("\\n", "\n"));
+    }
+    // The live tail, chunk by chunk.
+    app.append(
+        "chat",
+        json!([
+            ui(json!({"type":"text-delta","id":"t","delta":"ld"})),
+            ui(json!({"type":"text-delta","id":"t","delta":"!"})),
+            ui(json!({"type":"text-end","id":"t"})),
+        ]),
+    )
+    .await;
+    for w in [
+        r#"id: 11\ndata: {"type":"text-delta","id":"t","delta":"ld"}"#,
+        r#"id: 12\ndata: {"type":"text-delta","id":"t","delta":"!"}"#,
+        r#"id: 13\ndata: {"type":"text-end","id":"t"}"#,
+    ] {
+        assert_eq!(frames.next_content().await.unwrap(), w.replace("\\n", "\n"));
+    }
+    assert_eq!(app.close_stream("chat", None).await.status(), 201);
+    assert_eq!(frames.next_content().await.unwrap(), "data: [DONE]");
+    assert_eq!(frames.next().await, None);
+
+    // Resuming from the folded chunk's id goes on after it, again compacted.
+    let res = wire::get(app.addr, path, &[("last-event-id", "10")], None).await;
+    let mut frames = res.frames();
+    assert_eq!(
+        frames.next_content().await.unwrap(),
+        "id: 12\ndata: {\"type\":\"text-delta\",\"id\":\"t\",\"delta\":\"ld!\"}"
+    );
+}
