@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::live::notify::{self, ListenerConfig, ListenerStatus};
 use crate::live::{Hub, Source};
 use crate::log::health::DbHealth;
-use crate::log::{retention, Appender, AppenderSettings, Db};
+use crate::log::{retention, Appender, AppenderSettings, Db, LogReader, Replicas};
 use crate::metrics as m;
 use crate::net::TimeoutListener;
 
@@ -29,6 +29,9 @@ use crate::net::TimeoutListener;
 pub struct AppState {
     pub config: Arc<Config>,
     pub db: Db,
+    /// Where replay, export and catch-up pages are read: a read replica that has replayed
+    /// far enough, or `db`.
+    pub reader: LogReader,
     pub appender: Appender,
     pub hub: Arc<Hub>,
     /// Cancelled when the server begins shutting down; every SSE and WebSocket stream
@@ -124,6 +127,7 @@ impl AppState {
     pub fn source(&self) -> Source {
         Source {
             db: self.db.clone(),
+            reader: self.reader.clone(),
             hub: self.hub.clone(),
             page: self.config.read_page.max(1),
         }
@@ -172,6 +176,23 @@ impl App {
             ),
             (Db::Postgres(pool), None) => Some((*pool.connect_options()).clone()),
         };
+        let replicas = match (&db, config.database_read_url.is_empty()) {
+            (_, true) => Replicas::none(),
+            (Db::Sqlite(_), false) => anyhow::bail!(
+                "--database-read-url (TAILCAST_DATABASE_READ_URL) names PostgreSQL streaming \
+                 replicas of the primary; the embedded SQLite backend has none: unset it, or \
+                 set DATABASE_URL to a postgres:// URL"
+            ),
+            (Db::Postgres(pool), false) => {
+                Replicas::open(
+                    &config.database_read_url,
+                    pool,
+                    config.db_max_connections,
+                    config.database_read_timeout(),
+                )
+                .await?
+            }
+        };
         db.migrate().await?;
         let node_id: Arc<str> = config
             .node_id
@@ -195,6 +216,7 @@ impl App {
         let listener = Arc::new(ListenerStatus::default());
         let state = AppState {
             config: Arc::new(config),
+            reader: LogReader::new(db.clone(), replicas),
             db,
             appender,
             hub,

@@ -1,5 +1,6 @@
 //! The event log: the source of truth. `model` holds the vocabulary, `db` the database
-//! (PostgreSQL or embedded SQLite), `store` every SQL statement, `appender` the group-commit writer, `reader` catch-up and export reads.
+//! (PostgreSQL or embedded SQLite), `store` every SQL statement, `appender` the group-commit writer, `replicas` where replay, export and
+//! catch-up pages are read (a streaming replica that has replayed far enough, or the primary).
 
 pub mod appender;
 pub mod db;
@@ -7,6 +8,7 @@ pub mod durable;
 pub mod health;
 pub mod inputs;
 pub mod model;
+pub mod replicas;
 pub mod retention;
 pub mod stats;
 pub mod store;
@@ -14,3 +16,4 @@ pub mod store;
 pub use appender::{AppendResult, AppendSpec, Appender, AppenderSettings, CommitSink, Committed};
 pub use db::{Db, SqliteDb};
 pub use model::{NewEvent, StoredEvent, StreamName};
+pub use replicas::{LogReader, Replicas};

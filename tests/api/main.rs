@@ -28,6 +28,7 @@ mod pgcluster;
 mod props;
 mod readme;
 mod replay;
+mod replicas;
 mod retention;
 mod shutdown;
 mod sql_append;
