@@ -22,7 +22,7 @@ use crate::live::presence::Presence;
 use crate::live::presence_sync::{self, SyncConfig};
 use crate::live::{Hub, Source};
 use crate::log::health::DbHealth;
-use crate::log::{retention, Appender, AppenderSettings, Db};
+use crate::log::{retention, Appender, AppenderSettings, Db, LogReader, Replicas};
 use crate::metrics as m;
 use crate::net::TimeoutListener;
 
@@ -31,6 +31,9 @@ use crate::net::TimeoutListener;
 pub struct AppState {
     pub config: Arc<Config>,
     pub db: Db,
+    /// Where replay, export and catch-up pages are read: a read replica that has replayed
+    /// far enough, or `db`.
+    pub reader: LogReader,
     pub appender: Appender,
     pub hub: Arc<Hub>,
     /// Cancelled when the server begins shutting down; every SSE and WebSocket stream
@@ -128,6 +131,7 @@ impl AppState {
     pub fn source(&self) -> Source {
         Source {
             db: self.db.clone(),
+            reader: self.reader.clone(),
             hub: self.hub.clone(),
             page: self.config.read_page.max(1),
         }
@@ -176,6 +180,23 @@ impl App {
             ),
             (Db::Postgres(pool), None) => Some((*pool.connect_options()).clone()),
         };
+        let replicas = match (&db, config.database_read_url.is_empty()) {
+            (_, true) => Replicas::none(),
+            (Db::Sqlite(_), false) => anyhow::bail!(
+                "--database-read-url (TAILCAST_DATABASE_READ_URL) names PostgreSQL streaming \
+                 replicas of the primary; the embedded SQLite backend has none: unset it, or \
+                 set DATABASE_URL to a postgres:// URL"
+            ),
+            (Db::Postgres(pool), false) => {
+                Replicas::open(
+                    &config.database_read_url,
+                    pool,
+                    config.db_max_connections,
+                    config.database_read_timeout(),
+                )
+                .await?
+            }
+        };
         db.migrate().await?;
         let node_id: Arc<str> = config
             .node_id
@@ -200,6 +221,7 @@ impl App {
         let listener = Arc::new(ListenerStatus::default());
         let state = AppState {
             config: Arc::new(config),
+            reader: LogReader::new(db.clone(), replicas),
             db,
             appender,
             hub,

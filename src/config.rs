@@ -316,6 +316,30 @@ pub struct Config {
     )]
     pub listen_database_url: Option<String>,
 
+    /// A PostgreSQL streaming replica (hot standby) of the primary, for replay, NDJSON export
+    /// and subscription catch-up; repeat the flag or separate URLs with commas. A read goes
+    /// to a replica only if it has replayed every event the read needs; otherwise, or if the
+    /// replica does not answer, it reads the primary. Appends, locks, LISTEN and input
+    /// requests always use the primary.
+    #[arg(
+        long,
+        env = "TAILCAST_DATABASE_READ_URL",
+        value_delimiter = ',',
+        hide_env_values = true,
+        help_heading = "Storage"
+    )]
+    pub database_read_url: Vec<String>,
+
+    /// Milliseconds a read may spend on a replica (connecting included) before it reads the
+    /// primary instead; a replica that failed is left alone for a while (backoff to 30 s).
+    #[arg(
+        long,
+        env = "TAILCAST_DATABASE_READ_TIMEOUT_MS",
+        default_value_t = 1000,
+        help_heading = "Storage"
+    )]
+    pub database_read_timeout_ms: u64,
+
     /// Milliseconds an operation waits for a database connection before failing with 503
     /// `unavailable`.
     #[arg(
@@ -512,6 +536,10 @@ impl Config {
         Duration::from_millis(self.db_acquire_timeout_ms.max(1))
     }
 
+    pub fn database_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.database_read_timeout_ms.max(1))
+    }
+
     pub fn reconnect_delay(&self) -> Duration {
         Duration::from_millis(self.reconnect_delay_ms.max(1))
     }
@@ -588,6 +616,7 @@ impl fmt::Debug for Config {
         f.debug_struct("Config")
             .field("listen", &self.listen)
             .field("database", &db)
+            .field("read_replicas", &self.database_read_url.len())
             .field("max_event_bytes", &self.max_event_bytes)
             .field("max_batch_events", &self.max_batch_events)
             .field("max_batch_bytes", &self.max_batch_bytes)

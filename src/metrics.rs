@@ -24,6 +24,10 @@ pub const DELIVERED_EVENTS: &str = "tailcast_delivered_events_total";
 pub const DELIVERY_LATENCY: &str = "tailcast_delivery_latency_seconds";
 pub const CATCHUP_READS: &str = "tailcast_catchup_reads_total";
 pub const LAG_FALLBACKS: &str = "tailcast_lag_fallbacks_total";
+/// Log pages (replay, export, catch-up) a read replica served.
+pub const REPLICA_PAGES: &str = "tailcast_replica_pages_total";
+/// Log pages read from the primary although read replicas are configured, by reason.
+pub const REPLICA_FALLBACKS: &str = "tailcast_replica_fallbacks_total";
 pub const SLOW_CONSUMER_DISCONNECTS: &str = "tailcast_slow_consumer_disconnects_total";
 pub const INPUT_REQUESTS: &str = "tailcast_input_requests_total";
 pub const NOTIFY_WAKEUPS: &str = "tailcast_notify_wakeups_total";
@@ -89,6 +93,8 @@ const SPECS: &[Spec] = &[
     Spec { name: DELIVERED_EVENTS, kind: Kind::Counter, unit: Unit::Count, help: "Events sent to subscribers (ui: the AI SDK view).", series: DELIVERY },
     Spec { name: DELIVERY_LATENCY, kind: Kind::Histogram, unit: Unit::Seconds, help: "Seconds from an event's commit to its sending to a live subscriber (also across nodes).", series: DELIVERY },
     Spec { name: CATCHUP_READS, kind: Kind::Counter, unit: Unit::Count, help: "Pages read from the log by subscribers catching up.", series: ONE },
+    Spec { name: REPLICA_PAGES, kind: Kind::Counter, unit: Unit::Count, help: "Log pages (replay, NDJSON export, subscription catch-up) read from a read replica (--database-read-url).", series: ONE },
+    Spec { name: REPLICA_FALLBACKS, kind: Kind::Counter, unit: Unit::Count, help: "Log pages read from the primary although read replicas are configured: the replica had not replayed far enough (lagging), or failed, timed out or was being skipped after a failure (unavailable).", series: &[&[("reason", "lagging")], &[("reason", "unavailable")]] },
     Spec { name: LAG_FALLBACKS, kind: Kind::Counter, unit: Unit::Count, help: "Subscribers that overflowed their stream's live buffer and re-read the log.", series: ONE },
     Spec { name: SLOW_CONSUMER_DISCONNECTS, kind: Kind::Counter, unit: Unit::Count, help: "Clients disconnected for accepting no bytes for the write timeout (http: any HTTP response, e.g. SSE; ws: WebSocket).", series: &[&[("transport", "http")], &[("transport", "ws")]] },
     Spec { name: INPUT_REQUESTS, kind: Kind::Counter, unit: Unit::Count, help: "Input requests created (requested) and resolved (answered, expired).", series: &[&[("outcome", "requested")], &[("outcome", "answered")], &[("outcome", "expired")]] },

@@ -37,6 +37,12 @@ impl AppenderCounters {
         })
     }
 
+    /// Group commits (each sends one NOTIFY) made since `before`.
+    pub async fn commits_since(addr: SocketAddr, before: Option<AppenderCounters>) -> Option<f64> {
+        let (b, a) = (before?, AppenderCounters::read(addr).await?);
+        Some(a.batches - b.batches)
+    }
+
     /// Records what the server did since `before` under `key`: append requests per commit
     /// and the mean time of one commit (lock, insert, fsync), diagnostics for the report.
     pub async fn record_since(

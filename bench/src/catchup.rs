@@ -37,7 +37,8 @@ pub async fn catch_up(
     Ok(())
 }
 
-async fn read(addr: SocketAddr, stream: &str, head: u64, via: &str) -> Result<u64> {
+/// Reads the stream from cursor 0 until `head` over `via`, checking order; returns the last seq.
+pub async fn read(addr: SocketAddr, stream: &str, head: u64, via: &str) -> Result<u64> {
     let mut order = Order { last: 0, via };
     match via {
         "sse" => {

@@ -9,12 +9,14 @@
 mod append;
 mod baseline;
 mod catchup;
+mod ceiling;
 mod durability;
 mod fanout;
 mod http;
 mod idle;
 mod joiner;
 mod lite;
+mod pgpair;
 mod report;
 mod server;
 mod sse;
@@ -122,6 +124,14 @@ struct Sizes {
     durability_subscribers: usize,
     /// Tokens of the answer a late joiner opens (`joiner`).
     joiner_tokens: u64,
+    /// Listening nodes in the NOTIFY ceiling scenarios (`ceiling.notify.N`).
+    notify_nodes: Vec<usize>,
+    /// Sessions committing bare NOTIFYs there.
+    notify_sessions: usize,
+    /// The stream, readers and concurrent appenders of `ceiling.replica`.
+    replica_events: u64,
+    replica_readers: usize,
+    replica_appenders: usize,
 }
 
 impl Sizes {
@@ -141,6 +151,11 @@ impl Sizes {
             durability_producers: 8,
             durability_subscribers: 8,
             joiner_tokens: 10_000,
+            notify_nodes: vec![1, 4, 16],
+            notify_sessions: 16,
+            replica_events: 200_000,
+            replica_readers: 4,
+            replica_appenders: 16,
         }
     }
 
@@ -160,6 +175,11 @@ impl Sizes {
             durability_producers: 2,
             durability_subscribers: 2,
             joiner_tokens: 500,
+            notify_nodes: vec![1, 2],
+            notify_sessions: 2,
+            replica_events: 2000,
+            replica_readers: 2,
+            replica_appenders: 2,
         }
     }
 }
@@ -242,6 +262,70 @@ impl Bench {
             eprintln!("run {run}: {name} FAILED: {e:#}");
             errors.push(format!("run {run}: {name}: {e:#}"));
         }
+    }
+
+    /// A scenario that starts its own PostgreSQL clusters and nodes (the ceilings).
+    async fn own_clusters<F, Fut>(
+        &self,
+        run: usize,
+        name: &str,
+        m: &mut Metrics,
+        errors: &mut Vec<String>,
+        f: F,
+    ) where
+        F: FnOnce(Metrics) -> Fut,
+        Fut: std::future::Future<Output = (Metrics, Result<()>)>,
+    {
+        if !self.wants(name) {
+            return;
+        }
+        eprintln!("run {run}: {name}");
+        let limit = self.dur() * 6 + Duration::from_secs(600);
+        let res = match tokio::time::timeout(limit, f(std::mem::take(m))).await {
+            Ok((back, res)) => {
+                *m = back;
+                res
+            }
+            Err(_) => Err(anyhow::anyhow!("did not finish within {limit:?}")),
+        };
+        if let Err(e) = res {
+            eprintln!("run {run}: {name} FAILED: {e:#}");
+            errors.push(format!("run {run}: {name}: {e:#}"));
+        }
+    }
+
+    /// The ceilings of one primary, on private clusters (PostgreSQL runs only).
+    async fn ceilings(&self, run: usize, m: &mut Metrics, errors: &mut Vec<String>) {
+        let s = self.sizes.clone();
+        let d = self.dur();
+        let nodes = ceiling::Nodes {
+            bin: &self.args.server_bin,
+            args: &self.args.server_args,
+            log: &self.log,
+        };
+        let nodes = &nodes;
+        for &n in &s.notify_nodes {
+            let name = format!("ceiling.notify.{n}");
+            let (sessions, clients) = (s.notify_sessions, s.clients);
+            self.own_clusters(run, &name, m, errors, |mut m| async move {
+                let res = ceiling::notify(nodes, n, sessions, clients, d, &mut m).await;
+                (m, res)
+            })
+            .await;
+        }
+        self.own_clusters(run, "ceiling.replica", m, errors, |mut m| async move {
+            let res = ceiling::replica(
+                nodes,
+                s.replica_events,
+                s.replica_readers,
+                s.replica_appenders,
+                d,
+                &mut m,
+            )
+            .await;
+            (m, res)
+        })
+        .await;
     }
 
     async fn run_once(&self, run: usize, errors: &mut Vec<String>) -> Metrics {
@@ -458,6 +542,9 @@ impl Bench {
             },
         )
         .await;
+        if matches!(self.db, StoreDb::Postgres { .. }) {
+            self.ceilings(run, &mut m, errors).await;
+        }
         m
     }
 }
@@ -709,17 +796,42 @@ async fn main() -> Result<()> {
                         .collect()
                 })
                 .unwrap_or_default();
-            let doc = std::fs::read_to_string(&markdown)?;
-            let new = report::splice(report.store, &doc, &report.markdown(&fanout)).with_context(
-                || {
+            let mut doc = std::fs::read_to_string(&markdown)?;
+            // A run of only the ceilings (`--only ceiling`) leaves the store's tables alone,
+            // and a run without them leaves the ceilings' alone.
+            if report.has(|k| !k.starts_with("ceiling.")) {
+                doc = report::splice(report.store, &doc, &report.markdown(&fanout))
+                    .with_context(|| {
+                        format!(
+                            "{} has no {} results markers",
+                            markdown.display(),
+                            report::markers(report.store).0
+                        )
+                    })?;
+            }
+            if report.has(|k| k.starts_with("ceiling.")) {
+                let nodes: Vec<usize> = report.sizes["notify_nodes"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_u64().map(|n| n as usize))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                doc = report::splice_between(
+                    report::CEILING_MARKERS,
+                    &doc,
+                    &report.markdown_ceiling(&nodes),
+                )
+                .with_context(|| {
                     format!(
-                        "{} has no {} results markers",
+                        "{} has no {} markers",
                         markdown.display(),
-                        report::markers(report.store).0
+                        report::CEILING_MARKERS.0
                     )
-                },
-            )?;
-            std::fs::write(&markdown, new)?;
+                })?;
+            }
+            std::fs::write(&markdown, doc)?;
         }
     }
     Ok(())

@@ -471,6 +471,82 @@ impl Report {
         out
     }
 
+    /// True if any run measured a figure whose name `pred` accepts.
+    pub fn has(&self, pred: impl Fn(&str) -> bool) -> bool {
+        self.runs.iter().any(|r| r.0.keys().any(|k| pred(k)))
+    }
+
+    /// The ceilings of one primary (private clusters; `ceiling.*` scenarios), for the
+    /// section between the ceiling markers.
+    pub fn markdown_ceiling(&self, nodes: &[usize]) -> String {
+        let mut out = self.preamble(&self.machine.postgres);
+        out.push_str(
+            "### NOTIFY and appends with N tailcast nodes LISTENing (one private primary)\n\n",
+        );
+        let mut rows = Vec::new();
+        for n in nodes {
+            let key = format!("ceiling.notify.{n}");
+            rows.push(row(
+                &format!("{n} node(s): bare pg_notify commits, 16 sessions"),
+                &format!("{key}.raw_notify_s"),
+                "notifications/s",
+                None,
+                None,
+            ));
+            rows.push(row(
+                &format!("{n} node(s): single-event appends, 64 REST clients on one node"),
+                &format!("{key}.append.events_s"),
+                "events/s",
+                None,
+                None,
+            ));
+            rows.push(row(
+                &format!("{n} node(s): their group commits (one NOTIFY each)"),
+                &format!("{key}.commits_s"),
+                "notifications/s",
+                None,
+                None,
+            ));
+            rows.push(row(
+                &format!("{n} node(s): append p99"),
+                &format!("{key}.append.p99_ms"),
+                "ms",
+                None,
+                None,
+            ));
+        }
+        out.push_str(&self.table(rows));
+        out.push_str("### Catch-up reads: on the primary vs moved to one streaming replica\n\n");
+        let mut rows = Vec::new();
+        for label in ["primary", "replica"] {
+            let key = format!("ceiling.replica.{label}");
+            rows.push(row(
+                &format!("reads on the {label}: NDJSON export from cursor 0, 4 readers"),
+                &format!("{key}.catchup_events_s"),
+                "events/s",
+                None,
+                None,
+            ));
+            rows.push(row(
+                &format!("reads on the {label}: meanwhile, 16 single-event appenders"),
+                &format!("{key}.append.events_s"),
+                "events/s",
+                None,
+                None,
+            ));
+        }
+        rows.push(row(
+            "pages the replica served",
+            "ceiling.replica.replica.pages_on_replica",
+            "",
+            None,
+            None,
+        ));
+        out.push_str(&self.table(rows));
+        out.push_str(&self.failures());
+        out
+    }
+
     fn failures(&self) -> String {
         let mut out = String::new();
         if !self.errors.is_empty() {
@@ -630,6 +706,20 @@ fn idle_rows() -> Vec<Row> {
             None,
             Some(Target::AtMost(24.0)),
         ),
+        row(
+            "idle SSE subscribers per GiB of server memory",
+            "idle.sse.subs_per_gib",
+            "",
+            None,
+            None,
+        ),
+        row(
+            "idle WebSocket subscribers per GiB of server memory",
+            "idle.ws.subs_per_gib",
+            "",
+            None,
+            None,
+        ),
     ]
 }
 
@@ -700,9 +790,17 @@ pub fn markers(store: Store) -> (&'static str, &'static str) {
     }
 }
 
+/// The markers between which the ceilings go (PostgreSQL runs with `ceiling.*`).
+pub const CEILING_MARKERS: (&str, &str) =
+    ("<!-- ceiling-results:start -->", "<!-- ceiling-results:end -->");
+
 /// Replaces what lies between `store`'s result markers in `doc` with `table`.
 pub fn splice(store: Store, doc: &str, table: &str) -> Option<String> {
-    let (start, end) = markers(store);
+    splice_between(markers(store), doc, table)
+}
+
+/// Replaces what lies between the `(start, end)` markers in `doc` with `table`.
+pub fn splice_between((start, end): (&str, &str), doc: &str, table: &str) -> Option<String> {
     let s = doc.find(start)? + start.len();
     let e = doc.find(end)?;
     (s <= e).then(|| format!("{}\n{}{}", &doc[..s], table, &doc[e..]))

@@ -133,6 +133,8 @@ async fn stats(State(app): State<AppState>, who: Principal) -> Result<Response> 
         },
         "database": if app.health.is_down() { "unavailable" } else { "ok" },
         "backend": app.db.backend(),
+        // --database-read-url: what each replica served, and what went to the primary.
+        "read_replicas": app.reader.replicas().stats(),
         // The cross-node LISTEN session; none on SQLite (one node).
         "listener": (!app.db.is_sqlite()).then(|| json!({
             "connected": app.listener.connected(),

@@ -251,9 +251,12 @@ async fn read_events(
     // A page also ends at REPLAY_PAGE_BYTES of data (never before its first event): the page is
     // built in memory, and `limit` big events could otherwise take gigabytes. Clients page by
     // `next_after` until a page comes back empty, so a shorter page loses nothing.
-    let events =
-        store::read_events_bounded(&app.db, row.id, after, row.head, limit, REPLAY_PAGE_BYTES)
-            .await?;
+    let need = page_need(&row, after, limit);
+    let events = app
+        .reader
+        .page(row.id, after, row.head, need, limit, REPLAY_PAGE_BYTES)
+        .await?
+        .events;
     let next_after = events.last().map_or(after, |e| e.seq);
     let envelopes = events.iter().map(|ev| encode_envelope(stream.as_str(), ev));
     Ok(events_page(&stream, envelopes, next_after, &row))
@@ -304,6 +307,16 @@ fn events_page(
     ([(header::CONTENT_TYPE, "application/json")], body.freeze()).into_response()
 }
 
+/// The seq a page of up to `limit` events after `after` must be able to reach, of a stream
+/// whose row the primary returned: its head, or `limit` seqs past the first retained event
+/// after `after` if that comes first. A replica whose head has reached it holds at least one
+/// event of the page if the primary does (so its page is never empty where the primary's
+/// is not), and may serve the old part of a stream that is being appended to right now.
+pub fn page_need(row: &StreamRow, after: i64, limit: i64) -> i64 {
+    row.head
+        .min(after.max(row.trimmed_to).saturating_add(limit.max(1)))
+}
+
 fn wants_ndjson(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::ACCEPT)
@@ -326,6 +339,7 @@ fn export(
     let state = Some((app, after));
     let body = futures::stream::unfold(state, move |state| {
         let stream = stream.clone();
+        let row = row.clone();
         async move {
             let (app, cursor) = state?;
             if cursor >= row.head {
@@ -341,10 +355,12 @@ fn export(
                         page.events.iter().map(|f| f.envelope.clone()).collect();
                     Ok::<_, sqlx::Error>((envelopes, page.next_after))
                 } else {
-                    let events = store::read_events_bounded(
-                        &app.db, row.id, cursor, row.head, page, PAGE_BYTES,
-                    )
-                    .await?;
+                    let need = page_need(&row, cursor, page);
+                    let events = app
+                        .reader
+                        .page(row.id, cursor, row.head, need, page, PAGE_BYTES)
+                        .await?
+                        .events;
                     let next = events.last().map_or(cursor, |e| e.seq);
                     let envelopes = events
                         .iter()

@@ -12,11 +12,19 @@
 //! cursor to the end of the log as it reads it — run by run (see `compact`), and then follows
 //! the live tail event by event: a run is sent when it ends, when it reaches its byte bound,
 //! and at the latest when the catch-up reaches the end of the log.
+//!
+//! Catch-up pages may come from a read replica (see `log::replicas`). A replica is a moment
+//! behind the primary, so the subscription tracks `known`: the highest seq it knows was
+//! committed (the head the primary showed at open, the heads live messages carry). A page
+//! is read on a replica only if the replica's head has reached what the page needs; and the
+//! subscription only goes live once it has read through `known` — every event committed
+//! before it registered with the hub is at or below the head it saw at open, and every event
+//! after reaches it live (or as a gap that sends it back to the log).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
-use crate::log::Db;
+use crate::log::{Db, LogReader};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
@@ -92,7 +100,10 @@ pub enum Item {
 /// The database and hub a subscription reads from.
 #[derive(Clone)]
 pub struct Source {
+    /// The primary: stream rows, snapshots, cursors by time.
     pub db: Db,
+    /// Catch-up pages: a replica that has replayed far enough, or the primary.
+    pub reader: LogReader,
     pub hub: Arc<Hub>,
     pub page: i64,
 }
@@ -112,6 +123,12 @@ pub struct Subscription {
     upto: i64,
     /// Highest seq handed to the client (or filtered out).
     delivered: i64,
+    /// Highest seq known to be committed (see the module comment): catch-up reads through
+    /// it before going live.
+    known: i64,
+    /// The log holds no retained event in `(upto, scanned]` (a replica page read past the
+    /// last event it found); the next read starts after `max(upto, scanned)`.
+    scanned: i64,
     pending: VecDeque<Item>,
     filter: Filter,
     end_on_close: bool,
@@ -153,6 +170,8 @@ impl Subscription {
             mode: Mode::CatchUp,
             upto: 0,
             delivered: 0,
+            known: 0,
+            scanned: 0,
             pending: VecDeque::new(),
             filter,
             end_on_close,
@@ -164,6 +183,9 @@ impl Subscription {
         let cursor = sub.position(row.as_ref(), start).await?;
         sub.upto = cursor;
         sub.delivered = cursor;
+        // Read on the primary after registering with the hub: every event committed before
+        // that is at or below it.
+        sub.known = head;
         let opened = Opened {
             exists: row.is_some(),
             head,
@@ -322,7 +344,10 @@ impl Subscription {
         if self.stream_id.is_none() {
             let (db, name) = (self.src.db.clone(), self.stream.clone());
             match detached(async move { store::stream(&db, name.as_str()).await }).await? {
-                Some(row) => self.stream_id = Some(row.id),
+                Some(row) => {
+                    self.stream_id = Some(row.id);
+                    self.known = self.known.max(row.head);
+                }
                 None => {
                     // Not created yet: wait for its first events live.
                     self.mode = Mode::Live;
@@ -333,15 +358,23 @@ impl Subscription {
         }
         let id = self.stream_id.expect("set above");
         let (page, bytes) = (self.src.page, PAGE_BYTES);
-        let (db, upto) = (self.src.db.clone(), self.upto);
-        let rows = detached(async move {
-            store::read_events_bounded(&db, id, upto, i64::MAX, page, bytes).await
-        })
-        .await?;
+        let (reader, after) = (self.src.reader.clone(), self.upto.max(self.scanned));
+        // This page needs the events up to `known`, or a page's worth of seqs past `after`
+        // (a long catch-up need not wait for a replica to reach the newest head).
+        let need = self.known.min(after.saturating_add(page));
+        let read =
+            detached(async move { reader.page(id, after, i64::MAX, need, page, bytes).await })
+                .await?;
+        let rows = read.events;
         metrics::counter!(m::CATCHUP_READS).increment(1);
-        let at_end = !store::page_is_full(&rows, page, bytes);
+        let page_full = store::page_is_full(&rows, page, bytes);
+        // The catch-up is over when a short page reached every event known to be committed.
+        let at_end = !page_full && read.through >= self.known;
         if at_end {
             self.mode = Mode::Live;
+        } else if !page_full {
+            // A replica's page ended at its head, short of `known`: read on from there.
+            self.scanned = read.through;
         }
         if let Some(first) = rows.first() {
             if first.seq > self.upto + 1 {
@@ -371,6 +404,7 @@ impl Subscription {
         }
         for ev in &rows {
             self.upto = ev.seq;
+            self.known = self.known.max(ev.seq);
             let frame = Frame::new(self.stream.as_str(), ev, None);
             self.push_event(frame);
         }
@@ -383,6 +417,7 @@ impl Subscription {
         let mut out = Vec::new();
         for ev in rows {
             self.upto = ev.seq;
+            self.known = self.known.max(ev.seq);
             let Some(folder) = self.folder.as_mut() else {
                 return;
             };
@@ -422,7 +457,8 @@ impl Subscription {
     async fn recv_live(&mut self) -> Result<(), Error> {
         match self.live.rx.recv().await {
             Ok(msg) => match &*msg {
-                LiveMsg::Events { events, .. } => {
+                LiveMsg::Events { events, head } => {
+                    self.known = self.known.max(*head);
                     if self.stream_id.is_none() {
                         // The stream did not exist when this subscription looked: these may
                         // be the last events of an incarnation deleted just before it opened
@@ -444,6 +480,7 @@ impl Subscription {
                     }
                 }
                 LiveMsg::Advanced { head } => {
+                    self.known = self.known.max(*head);
                     if *head > self.upto {
                         self.mode = Mode::CatchUp;
                     }
@@ -457,6 +494,10 @@ impl Subscription {
                 // Never skip: re-read what the channel dropped from the log.
                 tracing::debug!(stream = %self.stream, missed, "live buffer overflow; reading the log");
                 self.src.hub.note_lag_fallback();
+                // The dropped messages carried heads up to what the hub has published.
+                if let Some(published) = self.src.hub.published(&self.stream) {
+                    self.known = self.known.max(published);
+                }
                 self.mode = Mode::CatchUp;
             }
             Err(RecvError::Closed) => self.finished = true,

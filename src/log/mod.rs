@@ -1,5 +1,6 @@
 //! The event log: the source of truth. `model` holds the vocabulary, `db` the database
-//! (PostgreSQL or embedded SQLite), `store` every SQL statement, `appender` the group-commit writer, `reader` catch-up and export reads.
+//! (PostgreSQL or embedded SQLite), `store` every SQL statement, `appender` the group-commit writer, `replicas` where replay, export and
+//! catch-up pages are read (a streaming replica that has replayed far enough, or the primary).
 
 pub mod appender;
 pub mod db;
@@ -9,6 +10,7 @@ pub mod inputs;
 pub mod leases;
 pub mod model;
 pub mod presence;
+pub mod replicas;
 pub mod retention;
 pub mod stats;
 pub mod store;
@@ -17,3 +19,4 @@ pub mod webhooks;
 pub use appender::{AppendResult, AppendSpec, Appender, AppenderSettings, CommitSink, Committed};
 pub use db::{Db, SqliteDb};
 pub use model::{NewEvent, StoredEvent, StreamName};
+pub use replicas::{LogReader, Replicas};

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use serde::Serialize;
-use sqlx::{PgPool, QueryBuilder, Row, Sqlite};
+use sqlx::{FromRow, PgPool, QueryBuilder, Row, Sqlite};
 
 use super::db::{on_db, on_tx, Db, List, SqliteDb, Ts, Tx};
 use super::model::{ceil_millis, format_time, StoredEvent, StreamName};
@@ -177,6 +177,64 @@ pub async fn read_events_bounded(
         .bind(max_bytes)
         .fetch_all(pool)
         .await
+}
+
+/// [`read_events_bounded`] on a read replica, if it has replayed far enough: `None` if the
+/// replica has no row for the stream yet or its head there is below `need`; otherwise the
+/// replica's head and the page (which then holds every event the primary would return up to
+/// `need`). Head and page come from one statement, hence one snapshot, and an append moves a
+/// stream's head in the transaction that inserts its events: a replica whose head is at
+/// `need` holds every event up to it. A lagging replica costs one index probe (the page's
+/// scan is gated on the head).
+pub async fn read_replica_page(
+    pool: &PgPool,
+    stream_id: i64,
+    after: i64,
+    upto: i64,
+    need: i64,
+    limit: i64,
+    max_bytes: i64,
+) -> Result<Option<(i64, Vec<StoredEvent>)>, sqlx::Error> {
+    let sql = format!(
+        r#"select r.head as replica_head, page.*
+           from (select head from streams where id = $1) r
+           left join lateral (
+             select {EVENT_COLUMNS} from (
+               select seq, type, data, event_id, key, time, body,
+                      sum(octet_length(data) + coalesce(octet_length(body), 0)) over (order by seq)
+                        - octet_length(data) - coalesce(octet_length(body), 0) as before
+               from events
+               where stream_id = $1 and seq > $2 and seq <= $3 and r.head >= $6
+               order by seq limit $4
+             ) bounded
+             where before < $5
+           ) page on true
+           order by page.seq"#
+    );
+    let rows = sqlx::query(&sql)
+        .bind(stream_id)
+        .bind(after)
+        .bind(upto)
+        .bind(limit)
+        .bind(max_bytes)
+        .bind(need)
+        .fetch_all(pool)
+        .await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let head: i64 = first.try_get("replica_head")?;
+    if head < need {
+        return Ok(None);
+    }
+    let mut page = Vec::with_capacity(rows.len());
+    for row in &rows {
+        // The left join's one all-null row when the range holds no event.
+        if row.try_get::<Option<i64>, _>("seq")?.is_some() {
+            page.push(StoredEvent::from_row(row)?);
+        }
+    }
+    Ok(Some((head, page)))
 }
 
 /// [`read_events_bounded`] on SQLite.

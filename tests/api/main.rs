@@ -32,6 +32,7 @@ mod presence;
 mod props;
 mod readme;
 mod replay;
+mod replicas;
 mod retention;
 mod shutdown;
 mod sql_append;

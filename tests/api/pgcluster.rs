@@ -3,6 +3,8 @@
 //! server (never the shared one on 5432, which other tests use): `initdb` into a temporary
 //! directory, `pg_ctl start` on a free port with its socket in that directory, as the
 //! `postgres` OS user when the test runs as root. Stopped (immediately) and removed on drop.
+//! [`PrivateCluster::standby`] makes a streaming replica of one (`pg_basebackup -R`, a hot
+//! standby on a port of its own), for the read-replica tests.
 //!
 //! Needs Debian's PostgreSQL server binaries (/usr/lib/postgresql/*/bin); scripts/test
 //! installs them. Without them a test is skipped *loudly* — and fails instead when
@@ -57,6 +59,47 @@ impl PrivateCluster {
     /// Starts a fresh cluster, or returns None (after saying so on stderr) if this machine
     /// has no PostgreSQL server binaries.
     pub async fn start(test: &str) -> Option<PrivateCluster> {
+        let mut cluster = Self::empty(test)?;
+        let data = cluster.data();
+        cluster
+            .run("initdb", |c| {
+                c.arg("-D").arg(&data).args([
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                ]);
+            })
+            .await;
+        cluster.start_on_a_free_port().await;
+        Some(cluster)
+    }
+
+    /// A hot standby of this cluster: a base backup (`pg_basebackup -R`: it follows this
+    /// cluster by streaming replication) started on a port of its own, accepting read-only
+    /// connections. initdb's `pg_hba.conf` already trusts replication connections from
+    /// 127.0.0.1, and the defaults (`wal_level = replica`, WAL senders) allow streaming.
+    pub async fn standby(&self) -> PrivateCluster {
+        let mut standby = Self::empty("standby").expect("the primary's binaries");
+        let data = standby.data();
+        let port = self.port.to_string();
+        standby
+            .run("pg_basebackup", |c| {
+                c.args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-D"])
+                    .arg(&data)
+                    .args(["-R", "-X", "stream", "--checkpoint=fast", "--no-sync"]);
+            })
+            .await;
+        standby.start_on_a_free_port().await;
+        standby
+    }
+
+    /// A cluster directory (not yet initialised) and the binaries, or None (loudly) if this
+    /// machine has no PostgreSQL server binaries.
+    fn empty(test: &str) -> Option<PrivateCluster> {
         let Some(bin) = bin_dir() else {
             let msg = format!(
                 "{test}: SKIPPED — no PostgreSQL server binaries under /usr/lib/postgresql/*/bin \
@@ -83,39 +126,45 @@ impl PrivateCluster {
                 .success();
             assert!(ok, "chown the cluster directory to postgres");
         }
-        let mut cluster = PrivateCluster {
+        Some(PrivateCluster {
             bin,
             dir,
             port: 0,
             as_postgres,
-        };
-        let data = cluster.data();
-        cluster
-            .run("initdb", |c| {
-                c.arg("-D").arg(&data).args([
-                    "-U",
-                    "postgres",
-                    "-A",
-                    "trust",
-                    "-E",
-                    "UTF8",
-                    "--no-sync",
-                ]);
-            })
-            .await;
+        })
+    }
+
+    async fn start_on_a_free_port(&mut self) {
         // A port found free may be taken before the server binds it: try a few.
         for attempt in 0.. {
-            cluster.port = free_port();
-            if cluster.pg_ctl_ok("start").await {
+            self.port = free_port();
+            if self.pg_ctl_ok("start").await {
                 break;
             }
             assert!(
                 attempt < 3,
                 "could not start the private PostgreSQL cluster: {}",
-                cluster.log()
+                self.log()
             );
         }
-        Some(cluster)
+    }
+
+    /// `pg_ctl stop -m immediate`: the server is gone (connections refused) until [`Self::restart`].
+    pub async fn stop(&self) {
+        assert!(
+            self.pg_ctl_ok("stop").await,
+            "pg_ctl stop failed: {}",
+            self.log()
+        );
+    }
+
+    /// Starts a stopped cluster again, on the same port.
+    pub async fn restart(&self) {
+        assert!(
+            self.pg_ctl_ok("start").await,
+            "pg_ctl start failed: {}",
+            self.log()
+        );
     }
 
     fn data(&self) -> PathBuf {

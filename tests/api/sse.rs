@@ -366,6 +366,7 @@ async fn live_events_of_a_deleted_incarnation_do_not_reach_a_new_subscriber(db: 
     let hub = Hub::new(16, usize::MAX);
     let source = Source {
         db: db.db.clone(),
+        reader: tailcast::log::LogReader::new(db.db.clone(), tailcast::log::Replicas::none()),
         hub: hub.clone(),
         page: 100,
     };

@@ -29,7 +29,6 @@ use crate::error::{Error, Result};
 use crate::live::subscription::PAGE_BYTES;
 use crate::live::{Filter, Item, Start, Subscription};
 use crate::log::model::TYPE_STREAM_CLOSED;
-use crate::log::store;
 use crate::log::StreamName;
 
 /// How long one SSE response lasts before the server ends it (the client reconnects from
@@ -155,8 +154,12 @@ async fn read_chunk(app: &AppState, found: &Found, after: i64, as_array: bool) -
     };
     if let Some(row) = found.row.as_ref().filter(|_| after < tail) {
         let limit = app.config.read_page.max(1);
-        let events =
-            store::read_events_bounded(&app.db, row.id, after, tail, limit, PAGE_BYTES).await?;
+        let need = tail.min(after.max(row.trimmed_to).saturating_add(limit));
+        let events = app
+            .reader
+            .page(row.id, after, tail, need, limit, PAGE_BYTES)
+            .await?
+            .events;
         for ev in events.iter().filter(|e| e.ty != TYPE_STREAM_CLOSED) {
             if json {
                 if chunk.count > 0 {
