@@ -200,7 +200,7 @@ pub async fn read_replica_page(
            from (select head from streams where id = $1) r
            left join lateral (
              select {EVENT_COLUMNS} from (
-               select seq, type, data, event_id, key, time, body,
+               select seq, type, data, event_id, key, time, body, "by", append,
                       sum(octet_length(data) + coalesce(octet_length(body), 0)) over (order by seq)
                         - octet_length(data) - coalesce(octet_length(body), 0) as before
                from events
