@@ -251,13 +251,14 @@ async fn webhooks_deliver_matching_events_in_order_signed_through_failures(db: T
         closed_inbox.lock().unwrap().received.len() >= 3
     })
     .await;
-    let closed = closed_inbox.lock().unwrap();
-    assert!(closed.received.iter().all(|r| r.ty == "stream.closed"));
-    let mut streams: Vec<&str> = closed.received.iter().map(|r| r.stream.as_str()).collect();
-    streams.sort();
-    streams.dedup();
-    assert_eq!(streams, ["other:x", "run:a", "run:b"]);
-    drop(closed);
+    {
+        let closed = closed_inbox.lock().unwrap();
+        assert!(closed.received.iter().all(|r| r.ty == "stream.closed"));
+        let mut streams: Vec<&str> = closed.received.iter().map(|r| r.stream.as_str()).collect();
+        streams.sort();
+        streams.dedup();
+        assert_eq!(streams, ["other:x", "run:a", "run:b"]);
+    }
 
     // The admin view: nothing pending, nothing failing; the metrics name the webhook.
     let id = hook["id"].as_str().unwrap().to_owned();
