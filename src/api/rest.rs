@@ -68,8 +68,14 @@ async fn append(
     };
     let res = app.appender.append(spec).await?;
     if let Some(lease) = lease {
-        // After the append: it may be what created the stream.
-        crate::log::leases::set_if_changed(&app.db, res.stream.as_str(), lease).await?;
+        // After the append: it may be what created the stream. The events are committed
+        // whatever happens here, so a failure is logged, never answered as a failed append
+        // (a client would append them again); the next append's `lease_s` sets it.
+        if let Err(e) =
+            crate::log::leases::set_if_changed(&app.db, res.stream.as_str(), lease).await
+        {
+            tracing::warn!(stream = %res.stream, error = %e, "appended, but could not set the lease");
+        }
     }
     Ok((StatusCode::CREATED, Json(res)).into_response())
 }

@@ -14,8 +14,8 @@ use super::extract::Body;
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{Error, Result};
-use crate::log::model::{parse_label, wire_time, MAX_STREAM_NAME, MAX_TYPE_CHARS};
-use crate::log::webhooks::{self as store, Webhook};
+use crate::log::model::{format_time, parse_label, wire_time, MAX_STREAM_NAME, MAX_TYPE_CHARS};
+use crate::log::webhooks::{self as store, Webhook, WebhookInfo};
 
 /// Longest webhook URL, in bytes.
 const MAX_URL_BYTES: usize = 2048;
@@ -132,7 +132,18 @@ async fn create(State(app): State<AppState>, who: Principal, Body(body): Body) -
         created_at: wire_time(Utc::now()),
     };
     store::insert(&app.db, &w).await?;
-    let info = store::info(&app.db, &w).await?;
+    // New: nothing delivered or pending yet.
+    let info = WebhookInfo {
+        id: w.id.clone(),
+        url: w.url.clone(),
+        prefix: w.prefix.clone(),
+        types: w.type_list(),
+        created_at: format_time(&w.created_at),
+        streams: 0,
+        pending_events: 0,
+        failing_streams: 0,
+        last_error: None,
+    };
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 

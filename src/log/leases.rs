@@ -6,6 +6,8 @@
 //! `expected_seq` = the head it saw lapse, so an append that renewed the lease meanwhile
 //! wins, and a second sweeper (another node, or this one after a restart) finds the stream
 //! closed: closing is idempotent, so the log holds one `stream.closed` whatever happens.
+//! A heartbeat that lands between a sweep's look and its close does not save the stream (its
+//! lease had already lapsed; the producer's next heartbeat or append gets `stream_closed`).
 
 use chrono::{DateTime, Utc};
 

@@ -227,6 +227,45 @@ fn endpoints() -> Vec<Endpoint> {
             StatusCode::OK,
         ),
         ep(Method::GET, "/v1/stats", None, Needs::Admin, StatusCode::OK),
+        // The agent's answer to a stop is its own event: `write`, where `control.stop` itself
+        // is the server's (reserved) and needs `answer` through `/stop`.
+        ep(
+            Method::POST,
+            "/v1/streams/{s}/events",
+            Some(json!({"type":"control.stopped","data":{"stop_seq":1}})),
+            Needs::Write,
+            StatusCode::CREATED,
+        ),
+        ep(
+            Method::PATCH,
+            "/v1/streams/{s}",
+            Some(json!({"lease_s":60})),
+            Needs::Write,
+            StatusCode::OK,
+        ),
+        ep(
+            Method::POST,
+            "/v1/streams/{s}/heartbeat",
+            None,
+            Needs::Write,
+            StatusCode::OK,
+        ),
+        ep(
+            Method::POST,
+            "/v1/webhooks",
+            Some(
+                json!({"url":"http://127.0.0.1:9/hook","prefix":"none:","secret":"0123456789abcdef"}),
+            ),
+            Needs::Admin,
+            StatusCode::CREATED,
+        ),
+        ep(
+            Method::GET,
+            "/v1/webhooks",
+            None,
+            Needs::Admin,
+            StatusCode::OK,
+        ),
         ep(
             Method::DELETE,
             "/v1/streams/{s}",

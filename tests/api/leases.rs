@@ -56,7 +56,7 @@ async fn heartbeats_and_appends_keep_a_lease_and_silence_closes_the_stream_once(
         patch(&app, "run:1", json!({"lease_s": 1})).await.status(),
         StatusCode::NOT_FOUND
     );
-    let res = app.append_raw("run:1", "?lease_s=1", r#"{"data":1}"#).await;
+    let res = app.append_raw("run:1", "?lease_s=2", r#"{"data":1}"#).await;
     assert_eq!(res.status(), StatusCode::CREATED);
     for bad in [
         json!({"lease_s": -1}),
@@ -71,7 +71,7 @@ async fn heartbeats_and_appends_keep_a_lease_and_silence_closes_the_stream_once(
         .await;
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
     let meta = info(&app, "run:1").await;
-    assert_eq!(meta["lease_s"], 1);
+    assert_eq!(meta["lease_s"], 2);
     assert!(meta["last_activity_at"].is_string(), "{meta}");
     assert!(meta["lease_expires_at"].is_string(), "{meta}");
     assert_eq!(
@@ -80,9 +80,9 @@ async fn heartbeats_and_appends_keep_a_lease_and_silence_closes_the_stream_once(
         "stats count the open leased stream"
     );
 
-    // Three lease periods of heartbeats (every 250 ms, a lease of 1 s), then three of
-    // appends: the stream stays open throughout.
-    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    // Two lease periods of heartbeats (every 250 ms, a lease of 2 s), then two of appends:
+    // the stream stays open throughout.
+    let until = tokio::time::Instant::now() + Duration::from_secs(4);
     while tokio::time::Instant::now() < until {
         let res = heartbeat(&app, "run:1").await;
         assert_eq!(res.status(), StatusCode::OK);
@@ -90,7 +90,7 @@ async fn heartbeats_and_appends_keep_a_lease_and_silence_closes_the_stream_once(
         assert_eq!(body["closed"], false, "closed despite heartbeats: {body}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    let until = tokio::time::Instant::now() + Duration::from_secs(4);
     while tokio::time::Instant::now() < until {
         app.append("run:1", json!({"data":"tick"})).await;
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -106,7 +106,7 @@ async fn heartbeats_and_appends_keep_a_lease_and_silence_closes_the_stream_once(
     let closed = closes(&log);
     assert_eq!(closed.len(), 1, "{log:?}");
     assert_eq!(closed[0]["data"]["reason"], "abandoned");
-    assert_eq!(closed[0]["data"]["lease_s"], 1);
+    assert_eq!(closed[0]["data"]["lease_s"], 2);
     assert_eq!(closed[0], log.last().unwrap());
     let meta = info(&app, "run:1").await;
     assert!(meta["lease_expires_at"].is_null(), "{meta}");
@@ -120,11 +120,11 @@ async fn heartbeats_and_appends_keep_a_lease_and_silence_closes_the_stream_once(
         StatusCode::CONFLICT
     );
 
-    // A lease removed (null) never lapses; one set with PATCH counts from the PATCH.
+    // PATCH sets a lease on an existing stream, and null removes it.
     app.append("run:2", json!({"data":1})).await;
-    let res = patch(&app, "run:2", json!({"lease_s": 1})).await;
+    let res = patch(&app, "run:2", json!({"lease_s": 60})).await;
     assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!(res.json::<Value>().await.unwrap()["lease_s"], 1);
+    assert_eq!(res.json::<Value>().await.unwrap()["lease_s"], 60);
     let res = patch(&app, "run:2", json!({"lease_s": null})).await;
     assert!(res.json::<Value>().await.unwrap()["lease_s"].is_null());
     assert_eq!(app.get_json("/v1/stats").await["leased_streams"], 0);
@@ -153,13 +153,13 @@ async fn a_killed_producers_streams_are_closed_as_abandoned_exactly_once_by_two_
     for (i, s) in streams.iter().enumerate() {
         let node = if i % 2 == 0 { &a } else { &b };
         let res = node
-            .append_raw(s, "?lease_s=1", r#"{"data":"start"}"#)
+            .append_raw(s, "?lease_s=2", r#"{"data":"start"}"#)
             .await;
         assert_eq!(res.status(), StatusCode::CREATED);
         producers.push(start_producer(&node.base, s));
     }
     // Alive for two lease periods while heartbeating.
-    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    let until = tokio::time::Instant::now() + Duration::from_secs(4);
     while tokio::time::Instant::now() < until {
         for s in &streams {
             assert_eq!(info(&a, s).await["closed"], false, "{s} closed while alive");

@@ -251,13 +251,14 @@ async fn webhooks_deliver_matching_events_in_order_signed_through_failures(db: T
         closed_inbox.lock().unwrap().received.len() >= 3
     })
     .await;
-    let closed = closed_inbox.lock().unwrap();
-    assert!(closed.received.iter().all(|r| r.ty == "stream.closed"));
-    let mut streams: Vec<&str> = closed.received.iter().map(|r| r.stream.as_str()).collect();
-    streams.sort();
-    streams.dedup();
-    assert_eq!(streams, ["other:x", "run:a", "run:b"]);
-    drop(closed);
+    {
+        let closed = closed_inbox.lock().unwrap();
+        assert!(closed.received.iter().all(|r| r.ty == "stream.closed"));
+        let mut streams: Vec<&str> = closed.received.iter().map(|r| r.stream.as_str()).collect();
+        streams.sort();
+        streams.dedup();
+        assert_eq!(streams, ["other:x", "run:a", "run:b"]);
+    }
 
     // The admin view: nothing pending, nothing failing; the metrics name the webhook.
     let id = hook["id"].as_str().unwrap().to_owned();
@@ -308,18 +309,26 @@ const NODE_ENV: &[(&str, &str)] = &[
     ("TAILCAST_WEBHOOK_RETRY_MS", "20"),
     ("TAILCAST_WEBHOOK_TIMEOUT_MS", "500"),
     ("TAILCAST_WEBHOOK_LEASE_MS", "1000"),
+    // Two streams at a time per node: with six streams, both nodes must deliver some.
+    ("TAILCAST_WEBHOOK_CONCURRENCY", "2"),
 ];
 
 #[backend_test]
 async fn webhook_delivery_survives_a_sigkill_with_nothing_lost_or_skipped(db: TestDb) {
     let pg = !db.is_sqlite();
     let db = db.close().await;
-    let (url, inbox) = start_receiver(5, Duration::ZERO).await;
+    // 20 ms per request: deliveries are still under way when the node is killed.
+    let (url, inbox) = start_receiver(5, Duration::from_millis(20)).await;
     // PostgreSQL: two nodes, one of them killed; SQLite (one process per file): the node is
     // killed and started again on the same file.
-    let first = NodeProcess::start(db.url(), NODE_ENV).await;
+    let with_id = |id: &'static str| {
+        let mut env = NODE_ENV.to_vec();
+        env.push(("TAILCAST_NODE_ID", id));
+        env
+    };
+    let first = NodeProcess::start(db.url(), &with_id("first")).await;
     let other = match pg {
-        true => Some(NodeProcess::start(db.url(), NODE_ENV).await),
+        true => Some(NodeProcess::start(db.url(), &with_id("other")).await),
         false => None,
     };
     let client = reqwest::Client::builder().timeout(WAIT).build().unwrap();
@@ -331,42 +340,65 @@ async fn webhook_delivery_survives_a_sigkill_with_nothing_lost_or_skipped(db: Te
     .await;
     let streams: Vec<String> = (0..6).map(|i| format!("job:{i}")).collect();
     let mut expected: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-    let append = |base: String, stream: String, i: usize| {
+    // One batch of 30 per stream: the backlog builds at once, and is still being delivered
+    // when the node is killed.
+    let append = |base: String, stream: String, from: usize| {
         let client = client.clone();
         async move {
+            let batch: Vec<Value> = (from..from + 30)
+                .map(|i| json!({"data": i, "id": format!("e{i}")}))
+                .collect();
             let res = client
                 .post(format!("{base}/v1/streams/{stream}/events"))
-                .json(&json!({"data": i, "id": format!("e{i}")}))
+                .json(&batch)
                 .send()
                 .await
                 .unwrap();
             assert_eq!(res.status(), Status::CREATED);
-            res.json::<Value>().await.unwrap()["first_seq"]
-                .as_i64()
+            let body = res.json::<Value>().await.unwrap();
+            let seqs: Vec<i64> = body["events"]
+                .as_array()
                 .unwrap()
+                .iter()
+                .map(|e| e["seq"].as_i64().unwrap())
+                .collect();
+            seqs
         }
     };
-    for i in 0..30 {
-        for s in &streams {
-            let seq = append(first.base.clone(), s.clone(), i).await;
-            expected.entry(s.clone()).or_default().push(seq);
-        }
+    for s in &streams {
+        let seqs = append(first.base.clone(), s.clone(), 0).await;
+        expected.entry(s.clone()).or_default().extend(seqs);
     }
     wait_until("deliveries under way", || async {
         inbox.lock().unwrap().received.len() >= 40
     })
     .await;
-    // kill -9 mid-delivery (its claims stay in the database until they run out).
+    // kill -9 mid-delivery: while it holds claims on streams with events still to deliver
+    // (they stay in the database until they run out, then the survivor takes them over).
+    if pg {
+        let pool = sqlx::PgPool::connect(db.url()).await.unwrap();
+        wait_until("the first node delivering", || async {
+            let owned: i64 = sqlx::query_scalar(
+                "select count(*) from webhook_positions p join streams s on s.id = p.stream_id
+                 where p.owner = 'first' and p.delivered < s.head",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            owned > 0
+        })
+        .await;
+        pool.close().await;
+    }
     first.kill().await;
     let survivor = match other {
         Some(node) => node,
-        None => NodeProcess::start(db.url(), NODE_ENV).await,
+        // Another id: the dead node's claims must run out first.
+        None => NodeProcess::start(db.url(), &with_id("restarted")).await,
     };
-    for i in 30..60 {
-        for s in &streams {
-            let seq = append(survivor.base.clone(), s.clone(), i).await;
-            expected.entry(s.clone()).or_default().push(seq);
-        }
+    for s in &streams {
+        let seqs = append(survivor.base.clone(), s.clone(), 30).await;
+        expected.entry(s.clone()).or_default().extend(seqs);
     }
     wait_until("every event delivered after the kill", || async {
         streams.iter().all(|s| delivered_count(&inbox, s) == 60)

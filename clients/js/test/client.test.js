@@ -294,8 +294,8 @@ describe("leases and stop acknowledgement", () => {
       out.unanswered = await sender.waitForStopOutcome("agent:1", stop3.first_seq, { timeoutMs: 300 });
       // A lease, renewed by heartbeats, then left to lapse: the stream closes as abandoned and
       // the pending stop's outcome is that close.
-      out.leased = await agent.setLease("agent:1", 1);
-      for (let i = 0; i < 6; i++) {
+      out.leased = await agent.setLease("agent:1", 2);
+      for (let i = 0; i < 10; i++) {
         await new Promise((r) => setTimeout(r, 250));
         out.beat = await agent.heartbeat("agent:1");
       }
@@ -314,7 +314,7 @@ describe("leases and stop acknowledgement", () => {
     assert.equal(result.refused.outcome, "refused");
     assert.equal(result.refused.event.data.reason, "deploy half done");
     assert.deepEqual(result.unanswered, { outcome: "timeout", event: null });
-    assert.equal(result.leased.lease_s, 1);
+    assert.equal(result.leased.lease_s, 2);
     assert.equal(result.beat.closed, false);
     assert.ok(result.beat.lease_expires_at > result.beat.last_activity_at);
     assert.equal(result.abandoned.outcome, "closed");

@@ -49,10 +49,10 @@ def test_the_agent_acknowledges_or_refuses_a_stop_and_the_sender_sees_it(tc, str
 
 def test_heartbeats_keep_a_lease_and_silence_closes_the_stream_as_abandoned(tc, stream):
     tc.append(stream, "token", {"text": "start"})
-    info = tc.set_lease(stream, 1)
-    assert info["lease_s"] == 1 and info["lease_expires_at"] is not None
-    # Three lease periods of heartbeats: still open.
-    until = time.monotonic() + 3
+    info = tc.set_lease(stream, 2)
+    assert info["lease_s"] == 2 and info["lease_expires_at"] is not None
+    # Two lease periods of heartbeats: still open.
+    until = time.monotonic() + 4
     while time.monotonic() < until:
         assert tc.heartbeat(stream)["closed"] is False
         time.sleep(0.2)
