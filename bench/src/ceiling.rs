@@ -49,7 +49,10 @@ pub async fn notify(
     let key = format!("ceiling.notify.{nodes}");
     let mut servers = vec![n.start(&url, &["--node-id=writer".into()]).await?];
     for i in 1..nodes {
-        let extra = [format!("--node-id=listen-{i}"), "--db-max-connections=2".into()];
+        let extra = [
+            format!("--node-id=listen-{i}"),
+            "--db-max-connections=2".into(),
+        ];
         servers.push(n.start(&url, &extra).await?);
     }
     let res = async {
@@ -203,8 +206,16 @@ async fn catch_up_under_appends(
     let mut am = Metrics::default();
     let key = format!("ceiling.replica.{label}.append");
     if appenders > 0 {
-        append::concurrent_rest(addr, &format!("load-{label}"), appenders, 1, d, &mut am, &key)
-            .await?;
+        append::concurrent_rest(
+            addr,
+            &format!("load-{label}"),
+            appenders,
+            1,
+            d,
+            &mut am,
+            &key,
+        )
+        .await?;
     }
     for t in tasks {
         t.await??;

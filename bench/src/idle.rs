@@ -119,7 +119,10 @@ pub async fn idle(
     let kib = after.saturating_sub(before) as f64 / n as f64;
     if kib > 0.0 {
         // Subscribers one node holds per GiB of memory, at this cost each.
-        m.set(&format!("idle.{via}.subs_per_gib"), (1u64 << 20) as f64 / kib);
+        m.set(
+            &format!("idle.{via}.subs_per_gib"),
+            (1u64 << 20) as f64 / kib,
+        );
     }
     m.set(
         &format!("idle.{via}.rss_before_mib"),

@@ -800,14 +800,15 @@ async fn main() -> Result<()> {
             // A run of only the ceilings (`--only ceiling`) leaves the store's tables alone,
             // and a run without them leaves the ceilings' alone.
             if report.has(|k| !k.starts_with("ceiling.")) {
-                doc = report::splice(report.store, &doc, &report.markdown(&fanout))
-                    .with_context(|| {
+                doc = report::splice(report.store, &doc, &report.markdown(&fanout)).with_context(
+                    || {
                         format!(
                             "{} has no {} results markers",
                             markdown.display(),
                             report::markers(report.store).0
                         )
-                    })?;
+                    },
+                )?;
             }
             if report.has(|k| k.starts_with("ceiling.")) {
                 let nodes: Vec<usize> = report.sizes["notify_nodes"]

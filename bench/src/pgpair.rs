@@ -52,9 +52,15 @@ impl Cluster {
         let mut c = Cluster::empty("primary")?;
         let data = c.data();
         c.run("initdb", |cmd| {
-            cmd.arg("-D")
-                .arg(&data)
-                .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"]);
+            cmd.arg("-D").arg(&data).args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]);
         })
         .await?;
         c.start().await?;
@@ -139,7 +145,10 @@ impl Cluster {
     async fn run(&self, tool: &str, args: impl FnOnce(&mut Command)) -> Result<()> {
         let mut c = self.command(tool);
         args(&mut c);
-        let out = c.output().await.with_context(|| format!("running {tool}"))?;
+        let out = c
+            .output()
+            .await
+            .with_context(|| format!("running {tool}"))?;
         if !out.status.success() {
             bail!("{tool} failed: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -179,7 +188,8 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         let mut c = if self.as_postgres {
             let mut c = std::process::Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(self.bin.join("pg_ctl"));
+            c.args(["-u", "postgres", "--"])
+                .arg(self.bin.join("pg_ctl"));
             c
         } else {
             std::process::Command::new(self.bin.join("pg_ctl"))
@@ -205,12 +215,11 @@ pub async fn caught_up(primary: &str, standby: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if let Ok(mut s) = sqlx::PgConnection::connect(standby).await {
-            let done: bool =
-                sqlx::query_scalar("select pg_last_wal_replay_lsn() >= $1::pg_lsn")
-                    .bind(&lsn)
-                    .fetch_one(&mut s)
-                    .await
-                    .unwrap_or(false);
+            let done: bool = sqlx::query_scalar("select pg_last_wal_replay_lsn() >= $1::pg_lsn")
+                .bind(&lsn)
+                .fetch_one(&mut s)
+                .await
+                .unwrap_or(false);
             if done {
                 return Ok(());
             }

@@ -791,8 +791,10 @@ pub fn markers(store: Store) -> (&'static str, &'static str) {
 }
 
 /// The markers between which the ceilings go (PostgreSQL runs with `ceiling.*`).
-pub const CEILING_MARKERS: (&str, &str) =
-    ("<!-- ceiling-results:start -->", "<!-- ceiling-results:end -->");
+pub const CEILING_MARKERS: (&str, &str) = (
+    "<!-- ceiling-results:start -->",
+    "<!-- ceiling-results:end -->",
+);
 
 /// Replaces what lies between `store`'s result markers in `doc` with `table`.
 pub fn splice(store: Store, doc: &str, table: &str) -> Option<String> {
