@@ -28,6 +28,9 @@ class Event:
     time: datetime
     id: Optional[str] = None
     key: Optional[str] = None
+    #: Who appended it: the ``sub`` of their token (``admin`` for the admin token); None when
+    #: anonymous.
+    by: Optional[str] = None
 
     @classmethod
     def from_envelope(cls, env: Mapping[str, Any]) -> "Event":
@@ -39,6 +42,7 @@ class Event:
             time=parse_time(env["time"]),
             id=env.get("id"),
             key=env.get("key"),
+            by=env.get("by"),
         )
 
     @classmethod
