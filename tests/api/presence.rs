@@ -461,3 +461,38 @@ async fn a_storm_of_followers_costs_a_few_writes(db: TestDb) {
         "{total} presence writes for {FOLLOWERS} joins and as many leaves"
     );
 }
+
+#[backend_test]
+async fn the_ai_sdk_view_and_durable_streams_sse_are_followers_too(db: TestDb) {
+    let app = TestApp::spawn(db).await;
+    app.append("chat", json!({"type":"ui","data":{"type":"start"}}))
+        .await;
+    let ui = app
+        .get("/v1/streams/chat/ui-message-stream?label=assistant-ui")
+        .await;
+    assert_eq!(ui.status(), StatusCode::OK);
+    let created = app
+        .client
+        .put(app.url("/v1/stream/chat-ds"))
+        .header("content-type", "application/json")
+        .body("[1]")
+        .send()
+        .await
+        .unwrap();
+    assert!(created.status().is_success(), "{}", created.status());
+    let ds = app.get("/v1/stream/chat-ds?offset=-1&live=sse").await;
+    assert_eq!(ds.status(), StatusCode::OK);
+    assert_eq!(
+        followers(&app.presence("chat").await),
+        vec![("ui".into(), "assistant-ui".into())]
+    );
+    assert_eq!(
+        followers(&app.presence("chat-ds").await),
+        vec![("durable".into(), "-".into())]
+    );
+    drop((ui, ds));
+    wait_until("both followers gone", || async {
+        count(&app, "chat").await == 0 && count(&app, "chat-ds").await == 0
+    })
+    .await;
+}
