@@ -38,23 +38,27 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tailcast::auth::check_listen(&config, addr)?;
     let app = App::connect(config).await?;
+    // Handlers installed before "listening" is logged: a SIGTERM sent as soon as it is seen
+    // must stop the server gracefully, not kill it with the default action.
+    let shutdown = shutdown_signal();
     tracing::info!(addr = %addr, "listening");
     tracing::info!("web console: http://{addr}/console/");
-    app.serve(listener, shutdown_signal()).await
+    app.serve(listener, shutdown).await
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Installs the SIGTERM handler now; the future resolves on SIGINT or SIGTERM.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
         }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -130,6 +130,7 @@ async fn stats(State(app): State<AppState>, who: Principal) -> Result<Response> 
         "presence": {
             "followers": followers,
             "local_followers": app.presence.local_total(),
+            "writes": app.presence.writes(),
         },
         "database": if app.health.is_down() { "unavailable" } else { "ok" },
         "backend": app.db.backend(),

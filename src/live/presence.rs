@@ -14,6 +14,7 @@
 //! whole presence again", never silence.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
@@ -82,6 +83,8 @@ pub struct Presence {
     inner: Mutex<Inner>,
     /// Woken when `pending` gains a change.
     pub(crate) dirty: Notify,
+    /// Transactions the writer committed (PostgreSQL).
+    writes: AtomicU64,
 }
 
 impl Presence {
@@ -96,11 +99,22 @@ impl Presence {
             node,
             inner: Mutex::new(inner),
             dirty: Notify::new(),
+            writes: AtomicU64::new(0),
         })
     }
 
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// Transactions this node's presence writer committed (0 on SQLite): however many
+    /// followers come and go, a few per second at most.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn note_write(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

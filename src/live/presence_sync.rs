@@ -34,6 +34,10 @@ pub use crate::log::presence::PRESENCE_CHANNEL;
 pub const MAX_NOTIFIED: usize = 500;
 /// pg_notify payloads must stay under 8000 bytes.
 const PAYLOAD_BYTES: usize = 7000;
+/// How long the writer lets joins and leaves gather after the first one before it writes: at
+/// most one write per window however many followers come and go (other nodes hear of them
+/// this much later).
+const BATCH_WINDOW: Duration = Duration::from_millis(50);
 
 pub struct SyncConfig {
     pub pool: PgPool,
@@ -56,7 +60,14 @@ async fn run(cfg: SyncConfig) {
     loop {
         let tick = tokio::select! {
             _ = cfg.shutdown.cancelled() => break,
-            _ = cfg.presence.dirty.notified() => false,
+            _ = cfg.presence.dirty.notified() => {
+                // A batching window, not a synchronisation: whatever else arrives meanwhile
+                // shares this write.
+                tokio::select! {
+                    _ = cfg.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(BATCH_WINDOW) => false,
+                }
+            }
             _ = ticks.tick() => true,
         };
         match write(&cfg, rewrite).await {
@@ -134,7 +145,9 @@ async fn write_changes(
         announce(node, changes)
     };
     store::notify(&mut tx, &payloads).await?;
-    tx.commit().await
+    tx.commit().await?;
+    cfg.presence.note_write();
+    Ok(())
 }
 
 /// Removes lapsed nodes and their followers, and tells everyone (here too) they left.

@@ -121,7 +121,8 @@ async fn followers_of_every_transport_are_present_until_they_go(db: TestDb) {
         (Some(2), 1)
     );
     let s = stats(&app).await;
-    assert_eq!(s["presence"], json!({"followers":3,"local_followers":3}));
+    assert_eq!(s["presence"]["followers"], 3);
+    assert_eq!(s["presence"]["local_followers"], 3);
     app.append("run:1", json!({"data":1})).await;
     app.append("quiet", json!({"data":1})).await;
     let list = app.get_json("/v1/streams").await;
@@ -407,4 +408,91 @@ async fn a_killed_node_takes_its_followers_with_it_within_its_lease(db: TestDb) 
     assert_eq!(rows, 0, "the dead node's rows were reaped");
     drop(followers);
     survivor.shutdown().await;
+}
+
+/// A reconnect storm: a thousand followers join (and then leave) at once; they cost the
+/// database a few batched writes, not one per follower.
+#[backend_test(postgres)]
+async fn a_storm_of_followers_costs_a_few_writes(db: TestDb) {
+    const SOCKETS: usize = 4;
+    const PER_SOCKET: usize = 250;
+    const FOLLOWERS: usize = SOCKETS * PER_SOCKET;
+    let a = spawn_node_with(&db, "a", |_| {}).await;
+    let b = spawn_node_with(&db, "b", |_| {}).await;
+    let writes = |s: &Value| s["presence"]["writes"].as_u64().unwrap();
+    let before = writes(&stats(&a).await);
+    let mut sockets = Vec::new();
+    for s in 0..SOCKETS {
+        sockets.push(a.ws_path(&format!("/v1/ws?label=socket-{s}")).await);
+    }
+    let started = Instant::now();
+    // Every subscribe sent at once (pipelined), then every reply read.
+    for (s, ws) in sockets.iter_mut().enumerate() {
+        for i in 0..PER_SOCKET {
+            ws.send(json!({"op":"subscribe","stream":format!("storm:{s}:{i}"),"from":"now"}))
+                .await;
+        }
+    }
+    for ws in &mut sockets {
+        for _ in 0..PER_SOCKET {
+            assert_eq!(ws.recv().await["op"], "subscribed");
+        }
+    }
+    wait_until("node b to see every follower of node a", || async {
+        stats(&b).await["presence"]["followers"] == json!(FOLLOWERS)
+    })
+    .await;
+    let joined = started.elapsed();
+    let join_writes = writes(&stats(&a).await) - before;
+    for ws in sockets {
+        ws.close().await;
+    }
+    wait_until("node b to see them all gone", || async {
+        stats(&b).await["presence"]["followers"] == json!(0)
+    })
+    .await;
+    let total = writes(&stats(&a).await) - before;
+    eprintln!(
+        "{FOLLOWERS} followers joined in {joined:?} with {join_writes} presence writes; \
+         joining and leaving took {total}"
+    );
+    assert!(
+        total <= (FOLLOWERS / 20) as u64,
+        "{total} presence writes for {FOLLOWERS} joins and as many leaves"
+    );
+}
+
+#[backend_test]
+async fn the_ai_sdk_view_and_durable_streams_sse_are_followers_too(db: TestDb) {
+    let app = TestApp::spawn(db).await;
+    app.append("chat", json!({"type":"ui","data":{"type":"start"}}))
+        .await;
+    let ui = app
+        .get("/v1/streams/chat/ui-message-stream?label=assistant-ui")
+        .await;
+    assert_eq!(ui.status(), StatusCode::OK);
+    let created = app
+        .client
+        .put(app.url("/v1/stream/chat-ds"))
+        .header("content-type", "application/json")
+        .body("[1]")
+        .send()
+        .await
+        .unwrap();
+    assert!(created.status().is_success(), "{}", created.status());
+    let ds = app.get("/v1/stream/chat-ds?offset=-1&live=sse").await;
+    assert_eq!(ds.status(), StatusCode::OK);
+    assert_eq!(
+        followers(&app.presence("chat").await),
+        vec![("ui".into(), "assistant-ui".into())]
+    );
+    assert_eq!(
+        followers(&app.presence("chat-ds").await),
+        vec![("durable".into(), "-".into())]
+    );
+    drop((ui, ds));
+    wait_until("both followers gone", || async {
+        count(&app, "chat").await == 0 && count(&app, "chat-ds").await == 0
+    })
+    .await;
 }

@@ -42,6 +42,9 @@ class Event:
     #: Compacted follows and reads: this event stands for that many events of one message's
     #: run (the last one's seq, the merged data); None for an event of the log as it is.
     folded: Optional[int] = None
+    #: Who appended it: the ``sub`` of their token (``admin`` for the admin token); None when
+    #: anonymous.
+    by: Optional[str] = None
 
     @classmethod
     def from_envelope(cls, env: Mapping[str, Any]) -> "Event":
@@ -55,6 +58,7 @@ class Event:
             key=env.get("key"),
             append=bool(env.get("append", False)),
             folded=env.get("folded"),
+            by=env.get("by"),
         )
 
     @classmethod
