@@ -229,43 +229,45 @@ struct Run {
 }
 
 impl Run {
-    /// A run starting with `ev`, if `ev` can start one under `rule`.
-    fn start(rule: Compaction, ev: StoredEvent) -> Result<Run, StoredEvent> {
+    /// What a run starting with `ev` begins from, if `ev` can start one under `rule`.
+    fn opening(rule: Compaction, ev: &StoredEvent) -> Option<Data> {
         if ev.body.is_some() {
-            return Err(ev);
+            return None;
         }
-        let acc = match rule {
+        match rule {
             Compaction::Messages if ev.key.is_some() => Data::parse(&ev.data),
             Compaction::Messages => None,
             Compaction::UiDeltas => Data::parse(&ev.data).filter(is_ui_delta),
-        };
-        let Some(acc) = acc else { return Err(ev) };
-        Ok(Run {
+        }
+    }
+
+    fn new(ev: StoredEvent, acc: Data) -> Run {
+        Run {
             last: (ev.seq, ev.id.clone(), ev.time),
             bytes: ev.data.len(),
             first: ev,
             acc,
             n: 1,
-        })
+        }
     }
 
-    /// Folds `ev` in if it continues the run; otherwise hands it back.
-    fn absorb(&mut self, rule: Compaction, ev: StoredEvent) -> Result<(), StoredEvent> {
+    /// Folds `ev` in if it continues the run; false if it does not.
+    fn absorb(&mut self, rule: Compaction, ev: &StoredEvent) -> bool {
         if ev.body.is_some()
             || ev.ty != self.first.ty
             || self.bytes + ev.data.len() > FOLD_MAX_BYTES
         {
-            return Err(ev);
+            return false;
         }
         let continues = match rule {
             Compaction::Messages => ev.append && ev.key == self.first.key,
             Compaction::UiDeltas => true,
         };
         if !continues {
-            return Err(ev);
+            return false;
         }
         let Some(w) = Data::parse(&ev.data) else {
-            return Err(ev);
+            return false;
         };
         let fits = match rule {
             // A run that starts the message holds all of it: anything merges exactly.
@@ -273,7 +275,7 @@ impl Run {
             Compaction::UiDeltas => same_part(&self.acc, &w),
         };
         if !fits {
-            return Err(ev);
+            return false;
         }
         match rule {
             Compaction::Messages => self.acc.merge(w),
@@ -281,8 +283,8 @@ impl Run {
         }
         self.bytes += ev.data.len();
         self.n += 1;
-        self.last = (ev.seq, ev.id, ev.time);
-        Ok(())
+        self.last = (ev.seq, ev.id.clone(), ev.time);
+        true
     }
 
     fn finish(self, stream: &StreamName) -> Arc<Frame> {
@@ -364,11 +366,11 @@ impl Folder {
         self.run.as_ref().map_or(0, |r| r.bytes)
     }
 
-    /// Folds `ev` into the open run if it continues it; otherwise hands it back.
-    pub fn absorb(&mut self, ev: StoredEvent) -> Result<(), StoredEvent> {
+    /// Folds `ev` into the open run if it continues it; false if it does not (or none is open).
+    pub fn absorb(&mut self, ev: &StoredEvent) -> bool {
         match &mut self.run {
             Some(run) => run.absorb(self.rule, ev),
-            None => Err(ev),
+            None => false,
         }
     }
 
@@ -376,15 +378,15 @@ impl Folder {
     /// cannot start one).
     pub fn start(&mut self, ev: StoredEvent, out: &mut Vec<Arc<Frame>>) {
         self.flush(out);
-        match Run::start(self.rule, ev) {
-            Ok(run) => self.run = Some(run),
-            Err(ev) => out.push(Frame::new(self.stream.as_str(), &ev, None)),
+        match Run::opening(self.rule, &ev) {
+            Some(acc) => self.run = Some(Run::new(ev, acc)),
+            None => out.push(Frame::new(self.stream.as_str(), &ev, None)),
         }
     }
 
     /// Takes the next event of the read.
     pub fn feed(&mut self, ev: StoredEvent, out: &mut Vec<Arc<Frame>>) {
-        if let Err(ev) = self.absorb(ev) {
+        if !self.absorb(&ev) {
             self.start(ev, out);
         }
     }
@@ -437,10 +439,10 @@ pub async fn read_page(
         let full = store::page_is_full(&rows, limits.read, limits.read_bytes);
         for ev in rows {
             let seq = ev.seq;
-            let Err(ev) = folder.absorb(ev) else {
+            if folder.absorb(&ev) {
                 cursor = seq;
                 continue;
-            };
+            }
             // `ev` needs a place of its own: stop here if the page has none left.
             let held = usize::from(folder.is_open());
             if out.len() + held >= limits.events || out_bytes + folder.held_bytes() >= limits.bytes
