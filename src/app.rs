@@ -151,6 +151,7 @@ impl App {
     pub async fn connect(config: Config) -> anyhow::Result<App> {
         // Before opening the database: a refused configuration fails fast.
         auth::check_credentials(&config)?;
+        crate::webhooks::client::build(&config)?;
         let db = Db::connect(
             config.database_url(),
             config.db_max_connections,
@@ -167,6 +168,7 @@ impl App {
 
     /// Starts on an open database (tests use a fresh one per test).
     pub async fn with_db(config: Config, db: Db) -> anyhow::Result<App> {
+        let webhook_client = crate::webhooks::client::build(&config)?;
         let listen = match (&db, &config.listen_database_url) {
             (Db::Sqlite(_), Some(_)) => anyhow::bail!(
                 "--listen-database-url (TAILCAST_LISTEN_DATABASE_URL) is for several nodes \
@@ -240,7 +242,7 @@ impl App {
         // These end when `state.shutdown` is cancelled, dropping their handles to the appender.
         tokio::spawn(crate::live::expiry::run(state.clone()));
         tokio::spawn(crate::live::leases::run(state.clone()));
-        tokio::spawn(crate::webhooks::run(state.clone()));
+        tokio::spawn(crate::webhooks::run(state.clone(), webhook_client));
         Ok(App {
             state,
             appender_task,

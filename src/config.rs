@@ -280,6 +280,17 @@ pub struct Config {
     )]
     pub webhook_concurrency: usize,
 
+    /// A PEM file of CA certificates trusted for `https://` webhook endpoints besides the
+    /// system's (for endpoints behind a private CA). Read at start-up: a missing or invalid
+    /// file stops it.
+    #[arg(
+        long,
+        env = "TAILCAST_WEBHOOK_CA_FILE",
+        value_name = "PEM",
+        help_heading = "Webhooks"
+    )]
+    pub webhook_ca_file: Option<std::path::PathBuf>,
+
     /// How long a Durable Streams long-poll read (`/v1/stream/{name}?live=long-poll`) waits
     /// for new data before answering 204.
     #[arg(

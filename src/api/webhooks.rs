@@ -47,24 +47,20 @@ fn invalid(field: &'static str, detail: impl Into<String>) -> Error {
     }
 }
 
-/// Checks a webhook URL: absolute `http://` with a host. (This build has no TLS client: an
-/// `https://` endpoint is reached through a local relay or egress proxy.)
+/// Checks a webhook URL: absolute `http://` or `https://` with a host. An https endpoint's
+/// certificate is checked at each delivery against the system's roots and
+/// `--webhook-ca-file`, not here: it may be renewed or not be up yet.
 fn check_url(raw: &str) -> Result<String> {
     if raw.len() > MAX_URL_BYTES {
         return Err(invalid("url", format!("at most {MAX_URL_BYTES} bytes")));
     }
     let url = reqwest::Url::parse(raw)
         .map_err(|e| invalid("url", format!("not an absolute URL: {e}")))?;
-    match url.scheme() {
-        "http" => {}
-        "https" => {
-            return Err(invalid(
-                "url",
-                "https:// is not supported by this build (no TLS client): point the webhook \
-                 at an http:// relay that forwards it",
-            ))
-        }
-        other => return Err(invalid("url", format!("scheme {other:?}: use http://"))),
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid(
+            "url",
+            format!("scheme {:?}: use https:// or http://", url.scheme()),
+        ));
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err(invalid("url", "the URL names no host"));

@@ -231,7 +231,7 @@ impl Delivery {
                 }
                 Ok(res) => format!("HTTP {}", res.status().as_u16()),
                 Err(e) if e.is_timeout() => format!("timed out after {timeout:?}"),
-                Err(e) => format!("request failed: {e}"),
+                Err(e) => format!("request failed: {}", super::client::chain(&e)),
             };
             metrics::counter!(m::WEBHOOK_DELIVERIES, "webhook" => w.id.clone(), "outcome" => "failed")
                 .increment(1);

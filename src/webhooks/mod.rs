@@ -10,6 +10,7 @@
 //! for a webhook: deliveries only read the log, on their own tasks, and a failing endpoint's
 //! retries sleep on its own tasks, at most `webhook_concurrency` per webhook and node.
 
+pub mod client;
 pub mod delivery;
 
 use std::collections::{HashMap, HashSet};
@@ -75,20 +76,8 @@ impl Drop for BusyGuard {
     }
 }
 
-/// The node's webhook dispatcher; ends (with its deliveries) when the server shuts down.
-pub async fn run(app: AppState) {
-    let client = match reqwest::Client::builder()
-        .timeout(app.config.webhook_timeout())
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("tailcast/", env!("CARGO_PKG_VERSION")))
-        .build()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot build the webhook HTTP client; webhooks are off");
-            return;
-        }
-    };
+/// The node's webhook dispatcher, delivering with `client` (see [`client::build`]); ends (with its deliveries) when the server shuts down.
+pub async fn run(app: AppState, client: reqwest::Client) {
     let ctx = Arc::new(Ctx {
         app: app.clone(),
         client,

@@ -42,6 +42,7 @@ mod stalled;
 mod startup;
 mod ui_stream;
 mod webhooks;
+mod webhooks_tls;
 mod wire;
 mod ws;
 mod ws_auth;

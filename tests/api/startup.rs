@@ -17,6 +17,7 @@ fn tailcast() -> Command {
         .env_remove("TAILCAST_LISTEN_DATABASE_URL")
         .env_remove("TAILCAST_JWT_SECRET")
         .env_remove("TAILCAST_ADMIN_TOKEN")
+        .env_remove("TAILCAST_WEBHOOK_CA_FILE")
         .env("RUST_LOG", "info")
         .kill_on_drop(true);
     cmd
@@ -190,6 +191,38 @@ async fn an_empty_jwt_secret_is_refused_before_the_database_is_opened() {
         "{err}"
     );
     assert!(!dir.path().join("t.db").exists(), "the database was opened");
+}
+
+#[tokio::test]
+async fn an_unusable_webhook_ca_file_is_refused_with_its_path_before_the_database_is_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.pem");
+    let not_pem = dir.path().join("not-pem.pem");
+    std::fs::write(&not_pem, "this is no certificate\n").unwrap();
+    // A PEM block whose content is not an X.509 certificate.
+    let bad_der = dir.path().join("bad-der.pem");
+    std::fs::write(
+        &bad_der,
+        "-----BEGIN CERTIFICATE-----\nAAECAwQFBgcICQ==\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    for (file, why) in [
+        (&missing, "No such file"),
+        (&not_pem, "no PEM certificate"),
+        (&bad_der, "not usable as trusted roots"),
+    ] {
+        let err = refused(
+            tailcast()
+                .args(["--listen", "127.0.0.1:0"])
+                .args(["--database-url", &sqlite_url(&dir)])
+                .env("TAILCAST_WEBHOOK_CA_FILE", file),
+        )
+        .await;
+        assert!(err.contains("--webhook-ca-file"), "{err}");
+        assert!(err.contains(&file.display().to_string()), "{err}");
+        assert!(err.contains(why), "{err}");
+        assert!(!dir.path().join("t.db").exists(), "the database was opened");
+    }
 }
 
 /// Starts the binary with its log on a pipe this test reads; returns it and its address.

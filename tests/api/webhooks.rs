@@ -22,24 +22,24 @@ use crate::helpers::{TestApp, WAIT};
 use crate::node_process::NodeProcess;
 use crate::nodes::wait_until;
 
-const SECRET: &str = "a-webhook-secret-of-32-bytes-ok!";
+pub(crate) const SECRET: &str = "a-webhook-secret-of-32-bytes-ok!";
 
 /// One delivery as received.
 #[derive(Debug, Clone)]
-struct Received {
-    id: String,
-    stream: String,
-    seq: i64,
-    ty: String,
-    body: Bytes,
+pub(crate) struct Received {
+    pub id: String,
+    pub stream: String,
+    pub seq: i64,
+    pub ty: String,
+    pub body: Bytes,
 }
 
 #[derive(Default)]
-struct Inbox {
-    received: Vec<Received>,
+pub(crate) struct Inbox {
+    pub received: Vec<Received>,
     /// Requests answered so far (failures included).
-    requests: usize,
-    bad_signatures: usize,
+    pub requests: usize,
+    pub bad_signatures: usize,
 }
 
 #[derive(Clone)]
@@ -87,8 +87,8 @@ async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> 
     StatusCode::NO_CONTENT
 }
 
-/// Starts a receiver; its URL and inbox.
-async fn start_receiver(fail_first: usize, delay: Duration) -> (String, Arc<Mutex<Inbox>>) {
+/// A receiver's routes (`POST /hook`) and its inbox.
+pub(crate) fn receiver(fail_first: usize, delay: Duration) -> (Router, Arc<Mutex<Inbox>>) {
     let inbox = Arc::new(Mutex::new(Inbox::default()));
     let state = Receiver {
         inbox: inbox.clone(),
@@ -98,13 +98,19 @@ async fn start_receiver(fail_first: usize, delay: Duration) -> (String, Arc<Mute
     let app = Router::new()
         .route("/hook", post(receive))
         .with_state(state);
+    (app, inbox)
+}
+
+/// Starts a receiver; its URL and inbox.
+async fn start_receiver(fail_first: usize, delay: Duration) -> (String, Arc<Mutex<Inbox>>) {
+    let (app, inbox) = receiver(fail_first, delay);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
     (url, inbox)
 }
 
-async fn register(client: &reqwest::Client, base: &str, body: Value) -> Value {
+pub(crate) async fn register(client: &reqwest::Client, base: &str, body: Value) -> Value {
     let res = client
         .post(format!("{base}/v1/webhooks"))
         .json(&body)
@@ -121,7 +127,7 @@ async fn register(client: &reqwest::Client, base: &str, body: Value) -> Value {
 /// every signature good, per stream every delivery in seq order with none skipped (a
 /// redelivery may repeat earlier ones, never jump ahead), the same id and body for every copy
 /// of an event, and all of `expected` delivered. Returns how many were redeliveries.
-fn check_inbox(inbox: &Inbox, expected: &BTreeMap<String, Vec<i64>>) -> usize {
+pub(crate) fn check_inbox(inbox: &Inbox, expected: &BTreeMap<String, Vec<i64>>) -> usize {
     assert_eq!(inbox.bad_signatures, 0);
     let mut next: HashMap<&str, usize> = HashMap::new();
     let mut copies: HashMap<String, &Received> = HashMap::new();
@@ -203,7 +209,7 @@ async fn webhooks_deliver_matching_events_in_order_signed_through_failures(db: T
     // Refused registrations.
     for bad in [
         json!({"url": "ftp://x/", "prefix": "", "secret": SECRET}),
-        json!({"url": "https://example.com/", "prefix": "", "secret": SECRET}),
+        json!({"url": "ws://example.com/", "prefix": "", "secret": SECRET}),
         json!({"url": url, "prefix": "", "secret": "short"}),
         json!({"url": url, "secret": SECRET}),
         json!({"url": url, "prefix": "", "secret": SECRET, "types": []}),
