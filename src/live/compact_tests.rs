@@ -293,9 +293,19 @@ fn a_run_never_spans_two_authors() {
     };
     let out = fold(
         Compaction::Messages,
-        vec![by(1, "alice", false), by(2, "alice", true), by(3, "bob", true)],
+        vec![
+            by(1, "alice", false),
+            by(2, "alice", true),
+            by(3, "bob", true),
+        ],
     );
     assert_eq!(out.len(), 2);
-    assert_eq!((out[0]["by"].as_str(), out[0]["folded"].as_u64()), (Some("alice"), Some(2)));
-    assert_eq!((out[1]["by"].as_str(), out[1]["seq"].as_i64()), (Some("bob"), Some(3)));
+    assert_eq!(
+        (out[0]["by"].as_str(), out[0]["folded"].as_u64()),
+        (Some("alice"), Some(2))
+    );
+    assert_eq!(
+        (out[1]["by"].as_str(), out[1]["seq"].as_i64()),
+        (Some("bob"), Some(3))
+    );
 }
