@@ -354,12 +354,20 @@ pub async fn mark_announced(
 /// Repairs requests whose creation was interrupted: fills in the seq of those whose
 /// `input.requested` event made it into the log, and removes those that never got one
 /// within `grace_s` seconds (nobody can have seen them).
+///
+/// Both statements run every second on every node, so both start from the
+/// `input_requests_unsequenced` partial index (a handful of rows), never from a scan of every
+/// request or of every event. The update is written as correlated subqueries rather than
+/// `update … from events` because SQLite, without statistics, drives that join from `events`.
 pub async fn repair_unsequenced(db: &Db, grace_s: f64) -> Result<u64, sqlx::Error> {
     on_db!(db, write, |ex| {
         sqlx::query(
-            "update input_requests as r set seq = e.seq from events e
-             where r.seq is null and e.stream_id = r.stream_id and e.type = $1
-               and e.event_id = 'input.requested:' || r.request_id || ':' || r.token",
+            "update input_requests as r set seq = (
+                 select e.seq from events e where e.stream_id = r.stream_id
+                   and e.event_id = 'input.requested:' || r.request_id || ':' || r.token)
+             where r.seq is null and exists (
+                 select 1 from events e where e.stream_id = r.stream_id and e.type = $1
+                   and e.event_id = 'input.requested:' || r.request_id || ':' || r.token)",
         )
         .bind(TYPE_INPUT_REQUESTED)
         .execute(ex)
