@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -63,6 +64,9 @@ pub struct Conn {
     peer: SocketAddr,
     /// Counted once: the first timed-out write is what disconnects the client.
     timed_out: bool,
+    /// Set once a response switched this connection to WebSocket (see [`serve`]), so its
+    /// disconnect is counted under `transport="ws"`: this is the only place that counts it.
+    upgraded: Arc<AtomicBool>,
 }
 
 impl Conn {
@@ -74,8 +78,13 @@ impl Conn {
         if let Poll::Ready(Err(e)) = &res {
             if e.kind() == io::ErrorKind::TimedOut && !self.timed_out {
                 self.timed_out = true;
-                tracing::warn!(peer = %self.peer, "disconnecting a client that accepted no bytes for the write timeout (slow consumer)");
-                metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS, "transport" => "http").increment(1);
+                let transport = match self.upgraded.load(Ordering::Relaxed) {
+                    true => "ws",
+                    false => "http",
+                };
+                tracing::warn!(peer = %self.peer, transport, "disconnecting a client that accepted no bytes for the write timeout (slow consumer)");
+                metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS, "transport" => transport)
+                    .increment(1);
             }
         }
         res
@@ -235,6 +244,7 @@ impl axum::serve::Listener for TimeoutListener {
                         _slot: slot,
                         peer: addr,
                         timed_out: false,
+                        upgraded: Arc::default(),
                     };
                     return (conn, addr);
                 }
@@ -291,11 +301,19 @@ pub async fn serve(
             conn = listener.accept() => conn,
             _ = stop.cancelled() => break,
         };
+        let upgraded = io.upgraded.clone();
         let service = router
             .clone()
             .map_request(move |mut req: Request<Incoming>| {
                 req.extensions_mut().insert(ConnectInfo(PeerAddr(addr)));
                 req.map(axum::body::Body::new)
+            })
+            .map_response(move |res: axum::response::Response| {
+                // 101 is only ever the WebSocket handshake's answer here.
+                if res.status() == axum::http::StatusCode::SWITCHING_PROTOCOLS {
+                    upgraded.store(true, Ordering::Relaxed);
+                }
+                res
             });
         let conn = builder
             .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))

@@ -602,11 +602,9 @@ async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut queue: queue::I
                 break;
             }
         }
-        if let Err(e) = sink.flush().await {
-            if is_timeout(&e) {
-                metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS, "transport" => "ws").increment(1);
-                tracing::info!("WebSocket client stopped reading; disconnecting");
-            }
+        // A write timeout (the client stopped reading) is counted and logged by the
+        // connection itself (net::Conn), under transport="ws".
+        if sink.flush().await.is_err() {
             return;
         }
         // Only now off the connection's books: until flushed, it is memory held for it.
@@ -616,15 +614,4 @@ async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut queue: queue::I
         }
     }
     let _ = sink.close().await;
-}
-
-fn is_timeout(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return io.kind() == std::io::ErrorKind::TimedOut;
-        }
-        source = s.source();
-    }
-    false
 }

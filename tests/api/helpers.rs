@@ -56,6 +56,20 @@ impl TestApp {
         }
     }
 
+    /// Drives a server running elsewhere (a `NodeProcess`) with the same helpers; `db` is its
+    /// database, shared with it (PostgreSQL: a SQLite file is locked by the process).
+    /// `shutdown` leaves that server running.
+    pub fn attach(addr: SocketAddr, db: TestDb) -> TestApp {
+        TestApp {
+            addr,
+            base: format!("http://{addr}"),
+            client: reqwest::Client::builder().timeout(WAIT).build().unwrap(),
+            db,
+            stop: None,
+            task: None,
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }

@@ -619,13 +619,7 @@ async fn a_client_that_never_reads_is_disconnected_by_the_write_timeout(db: Test
         .await
         .expect("disconnected in time");
     assert!(ws.dropped_without_close().await);
-    let metrics = app.get("/metrics").await.text().await.unwrap();
-    // Registered at 0 from the start: the disconnect must have counted.
-    let disconnects = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("tailcast_slow_consumer_disconnects_total{transport=\"ws\"} "))
-        .and_then(|v| v.trim().parse::<f64>().ok());
-    assert!(disconnects >= Some(1.0), "{metrics}");
+    // How it is counted: ops::a_slow_consumer_is_counted_once_under_its_own_transport.
 }
 
 /// Many subscriptions catching up on one socket while the client keeps sending ops, on a
