@@ -127,7 +127,7 @@ pub enum Error {
     #[error("the request URL is over the limit of {limit} bytes")]
     UriTooLong { limit: usize },
     /// 431: the request headers are over the limit.
-    #[error("the request headers are over the limit of {limit} bytes")]
+    #[error("the request headers are over the limit of {limit} bytes or 100 fields")]
     HeadersTooLarge { limit: usize },
     /// 408: the request body did not arrive in time.
     #[error("the request body did not arrive within {timeout_s} s")]
