@@ -6,8 +6,9 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 use sqlx::sqlite::SqliteError;
+use std::sync::Arc;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// 400: the stream name breaks the naming rule.
     #[error("invalid stream name {0:?}: use 1-200 characters from A-Z a-z 0-9 _ . : @ -")]
@@ -142,9 +143,10 @@ pub enum Error {
     /// 503: the server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
-    /// 500: anything else. The cause is logged once and never echoed to the client.
+    /// 500: anything else. The cause stays attached as the source, is logged once where the
+    /// error is answered, and is never echoed to the client.
     #[error("internal error")]
-    Internal(String),
+    Internal(#[source] Cause),
     /// 409 (Durable Streams): the stream exists with another configuration, or its name is
     /// held by a deleted stream that forks still read from.
     #[error("{0}")]
@@ -339,10 +341,48 @@ impl Error {
         Value::Object(body)
     }
 
-    fn log(&self) {
+    /// A 500 caused by `source` (a driver error, a failed task, or a message).
+    pub fn internal(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
+        Error::Internal(Cause(Arc::from(source.into())))
+    }
+
+    /// Logs the cause of an internal error, with its whole chain of sources: called once,
+    /// where the error is answered (a response, a WebSocket `error` op).
+    pub fn log(&self) {
         if let Error::Internal(cause) = self {
-            tracing::error!(%cause, "internal error");
+            tracing::error!(cause = %cause.chain(), "internal error");
         }
+    }
+}
+
+/// What caused an internal error. Shared (an `Arc`), so that every append of a failed batch
+/// carries the same cause instead of a copy flattened to text.
+#[derive(Debug, Clone)]
+pub struct Cause(Arc<dyn std::error::Error + Send + Sync>);
+
+impl Cause {
+    /// "outer: inner: innermost", for the log.
+    pub fn chain(&self) -> String {
+        let mut text = self.0.to_string();
+        let mut next = self.0.source();
+        while let Some(e) = next {
+            text.push_str(": ");
+            text.push_str(&e.to_string());
+            next = e.source();
+        }
+        text
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
     }
 }
 
@@ -352,7 +392,7 @@ impl From<sqlx::Error> for Error {
             tracing::warn!(error = %e, "database unavailable");
             Error::Unavailable
         } else {
-            Error::Internal(format!("database: {e}"))
+            Error::internal(e)
         }
     }
 }

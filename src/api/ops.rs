@@ -60,11 +60,16 @@ async fn readyz(State(app): State<AppState>) -> Response {
             Json(json!({ "status": "migrating", "applied": v, "expected": latest })),
         )
             .into_response(),
-        Ok(Err(e)) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "database_unavailable", "detail": e.to_string() })),
-        )
-            .into_response(),
+        Ok(Err(e)) => {
+            // The driver's text (hosts, table names, SQL) is for the operator's log, not for
+            // whoever can reach an unauthenticated probe.
+            tracing::warn!(error = %e, "readiness check: the database did not answer");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "status": "database_unavailable", "detail": "query failed" })),
+            )
+                .into_response()
+        }
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({ "status": "database_unavailable", "detail": "timed out" })),

@@ -517,6 +517,6 @@ where
 {
     match tokio::spawn(read).await {
         Ok(res) => res.map_err(Error::from),
-        Err(e) => Err(Error::Internal(format!("log read task: {e}"))),
+        Err(e) => Err(Error::internal(e)),
     }
 }

@@ -8,7 +8,7 @@ use tailcast::{App, Config};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{backend_test, TestDb};
+use crate::backend::{backend_test, on_db, TestDb};
 use crate::helpers::{TestApp, WAIT};
 use crate::node_process::NodeProcess;
 use crate::nodes::{spawn_node, spawn_node_with, stats, wait_until};
@@ -74,6 +74,30 @@ async fn health_readiness_and_stats(db: TestDb) {
         stats(&app).await["connections"]["sse"] == 2
     })
     .await;
+    app.shutdown().await;
+}
+
+/// /readyz answers anyone: when the database's answer is an error, it says so without the
+/// driver's text (which names tables, hosts, SQL).
+#[backend_test]
+async fn readyz_does_not_echo_database_errors(db: TestDb) {
+    let app = TestApp::spawn(db.clone()).await;
+    assert_eq!(app.get_json("/readyz").await["status"], "ready");
+    // The readiness query now fails with the driver's "no such table"/"does not exist".
+    on_db!(db, |ex| sqlx::query(
+        "alter table _sqlx_migrations rename to hidden_migrations"
+    )
+    .execute(ex)
+    .await
+    .unwrap()
+    .rows_affected());
+    let res = app.get("/readyz").await;
+    assert_eq!(res.status(), 503);
+    let text = res.text().await.unwrap();
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["status"], "database_unavailable", "{text}");
+    assert_eq!(body["detail"], "query failed", "{text}");
+    assert!(!text.contains("_sqlx_migrations"), "{text}");
     app.shutdown().await;
 }
 
