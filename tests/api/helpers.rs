@@ -235,6 +235,41 @@ impl SseClient {
     }
 }
 
+/// Waits (bounded by [`WAIT`]) until `cond` holds, re-checking it every few milliseconds: a
+/// polling interval, not a synchronisation (the loop exits on the condition).
+pub async fn wait_until<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `GET /v1/stats`.
+pub async fn stats(app: &TestApp) -> Value {
+    app.get_json("/v1/stats").await
+}
+
+/// A stream's head as `GET /v1/streams/{stream}` reports it (0 if it does not exist).
+pub async fn head(app: &TestApp, stream: &str) -> i64 {
+    let res = app.get(&format!("/v1/streams/{stream}")).await;
+    if res.status() == 404 {
+        return 0;
+    }
+    let v: Value = res.json().await.unwrap();
+    v["head"].as_i64().unwrap()
+}
+
 /// Reads one HTTP/1.1 response with a `content-length` body from a raw socket: (status, body).
 pub async fn read_response<R: tokio::io::AsyncRead + Unpin>(conn: &mut R) -> (u16, String) {
     let mut buf = Vec::new();

@@ -9,9 +9,9 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{backend_test, on_db, TestDb};
-use crate::helpers::{TestApp, WAIT};
+use crate::helpers::{stats, wait_until, TestApp, WAIT};
 use crate::node_process::NodeProcess;
-use crate::nodes::{spawn_node, spawn_node_with, stats, wait_until};
+use crate::nodes::{spawn_node, spawn_node_with};
 
 #[backend_test]
 async fn health_readiness_and_stats(db: TestDb) {

@@ -14,8 +14,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use crate::backend::{backend_test, TestDb};
-use crate::helpers::{TestApp, WAIT};
-use crate::wire::{self, open_sse, raw_envelopes, stats, wait_until, Next, Sse};
+use crate::helpers::{self, stats, wait_until, TestApp, WAIT};
+use crate::wire::{self, open_sse, raw_envelopes, Next, Sse};
 
 /// Appends `events` events to `stream` from `producers` concurrent producers, in batches of
 /// random size up to `max_batch`, each event's data `{"p":producer,"i":index,"pad":…}`.
@@ -454,7 +454,7 @@ async fn handover_between_log_and_live_at_random_moments(db: TestDb) {
     }
     let lagged = stats(&app).await["lag_fallbacks"].clone();
     println!("page {page}, live buffer {buffer}, {reconnects} reconnects, {lagged} lag fallbacks");
-    assert_eq!(wire::head(&app, "s").await, TOTAL + 1);
+    assert_eq!(helpers::head(&app, "s").await, TOTAL + 1);
 }
 
 /// Idle connections cost little: 500 SSE subscribers, each idle on a stream of its own (the
