@@ -134,6 +134,7 @@ impl AppState {
             reader: self.reader.clone(),
             hub: self.hub.clone(),
             page: self.config.read_page.max(1),
+            snapshot_bytes: self.config.max_snapshot_bytes,
         }
     }
 }

@@ -40,6 +40,9 @@ pub enum Error {
     /// 413: the request body is over the limit.
     #[error("the request body is over the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// 413: the stream's snapshot (newest event per key) is over the configured size.
+    #[error("the snapshot is over the limit of {limit} bytes; read the stream's events instead")]
+    SnapshotTooLarge { limit: usize },
     /// 409: `expected_seq` did not match the stream's head.
     #[error("expected head {expected}, but the stream's head is {head}")]
     SeqConflict { expected: i64, head: i64 },
@@ -189,9 +192,10 @@ impl Error {
             AlreadySubscribed(_) => StatusCode::CONFLICT,
             NotSubscribed(_) => StatusCode::NOT_FOUND,
             TooManySubscriptions { .. } => StatusCode::TOO_MANY_REQUESTS,
-            EventTooLarge { .. } | BatchTooLarge { .. } | PayloadTooLarge { .. } => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
+            EventTooLarge { .. }
+            | BatchTooLarge { .. }
+            | PayloadTooLarge { .. }
+            | SnapshotTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             SeqConflict { .. } | StreamClosed { .. } | InputAlreadyAnswered(_) | InputExists(_) => {
                 StatusCode::CONFLICT
             }
@@ -233,6 +237,7 @@ impl Error {
             EventTooLarge { .. } => "event_too_large",
             BatchTooLarge { .. } => "batch_too_large",
             PayloadTooLarge { .. } => "payload_too_large",
+            SnapshotTooLarge { .. } => "snapshot_too_large",
             SeqConflict { .. } => "seq_conflict",
             StreamClosed { .. } => "stream_closed",
             StreamNotFound(_) => "stream_not_found",
@@ -292,6 +297,7 @@ impl Error {
             Error::EventTooLarge { limit, .. }
             | Error::BatchTooLarge { limit, .. }
             | Error::PayloadTooLarge { limit }
+            | Error::SnapshotTooLarge { limit }
             | Error::TooManyConnections { limit }
             | Error::UriTooLong { limit }
             | Error::HeadersTooLarge { limit } => {

@@ -300,7 +300,15 @@ pub async fn cursor_at_time(
 }
 
 /// The latest event of every key with `seq <= at`, ordered by key.
-pub async fn snapshot(db: &Db, stream_id: i64, at: i64) -> Result<Vec<StoredEvent>, sqlx::Error> {
+/// The newest event of every key at or below `at`, or `None` if their data and bodies add up
+/// to more than `max_bytes` (rows are streamed and counted, so an oversized snapshot costs
+/// at most `max_bytes` of memory before it is refused).
+pub async fn snapshot(
+    db: &Db,
+    stream_id: i64,
+    at: i64,
+    max_bytes: usize,
+) -> Result<Option<Vec<StoredEvent>>, sqlx::Error> {
     let sql = match db {
         Db::Postgres(_) => format!(
             r#"select distinct on (key) {EVENT_COLUMNS} from events
@@ -319,11 +327,19 @@ pub async fn snapshot(db: &Db, stream_id: i64, at: i64) -> Result<Vec<StoredEven
         ),
     };
     on_db!(db, read, |ex| {
-        sqlx::query_as(&sql)
+        let mut rows = sqlx::query_as::<_, StoredEvent>(&sql)
             .bind(stream_id)
             .bind(at)
-            .fetch_all(ex)
-            .await
+            .fetch(ex);
+        let (mut events, mut bytes) = (Vec::new(), 0usize);
+        while let Some(ev) = rows.try_next().await? {
+            bytes += ev.data.len() + ev.body.as_ref().map_or(0, Vec::len);
+            if bytes > max_bytes {
+                return Ok(None);
+            }
+            events.push(ev);
+        }
+        Ok(Some(events))
     })
 }
 

@@ -359,3 +359,33 @@ async fn heads_the_http_library_refuses_get_problem_json(db: TestDb) {
         assert!(problem["limit"].is_u64(), "{problem}");
     }
 }
+
+/// A snapshot is built in memory for whoever asks (the REST snapshot, every `from=snapshot`
+/// subscriber): over `--max-snapshot-bytes` of event data it is refused with
+/// `snapshot_too_large` instead, on every surface that builds one.
+#[backend_test]
+async fn a_snapshot_over_the_byte_limit_is_refused(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| c.max_snapshot_bytes = 4000).await;
+    let small: Vec<Value> = (0..3)
+        .map(|k| json!({"key": format!("k{k}"), "data": "x".repeat(1000)}))
+        .collect();
+    app.append("snap", Value::Array(small)).await;
+    let res = app.get("/v1/streams/snap/snapshot").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    // A fourth key puts the newest events over 4000 bytes.
+    app.append("snap", json!({"key":"k3","data":"x".repeat(1000)}))
+        .await;
+    let res = app.get("/v1/streams/snap/snapshot").await;
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body = problem(res).await;
+    assert_eq!(body["code"], "snapshot_too_large", "{body}");
+    assert_eq!(body["limit"], 4000);
+    let res = app.sse("snap", "?from=snapshot", None).await;
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(problem(res).await["code"], "snapshot_too_large");
+    let mut ws = app.ws().await;
+    let reply = ws
+        .request(json!({"op":"subscribe","stream":"snap","from":"snapshot"}))
+        .await;
+    assert_eq!(reply["code"], "snapshot_too_large", "{reply}");
+}

@@ -369,6 +369,7 @@ async fn live_events_of_a_deleted_incarnation_do_not_reach_a_new_subscriber(db: 
         reader: tailcast::log::LogReader::new(db.db.clone(), tailcast::log::Replicas::none()),
         hub: hub.clone(),
         page: 100,
+        snapshot_bytes: usize::MAX,
     };
     let name = StreamName::parse("reborn").unwrap();
     let (mut sub, opened) = Subscription::open(
