@@ -13,7 +13,6 @@ use crate::app::AppState;
 use crate::auth::Principal;
 use crate::build;
 use crate::error::Result;
-use crate::log::db::on_db;
 use crate::log::stats;
 use crate::metrics as m;
 
@@ -46,12 +45,7 @@ async fn readyz(State(app): State<AppState>) -> Response {
         .map(|m| m.version)
         .max()
         .unwrap_or(0);
-    let sql = "select coalesce(max(version), 0) from _sqlx_migrations where success";
-    let applied = async {
-        on_db!(&app.db, read, |ex| sqlx::query_scalar::<_, i64>(sql)
-            .fetch_one(ex)
-            .await)
-    };
+    let applied = app.db.applied_migration();
     let check = tokio::time::timeout(std::time::Duration::from_secs(2), applied).await;
     match check {
         Ok(Ok(v)) if v >= latest => Json(json!({ "status": "ready" })).into_response(),

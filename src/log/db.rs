@@ -173,6 +173,13 @@ impl Db {
         }
     }
 
+    /// The newest migration version applied successfully (0: none), as the readiness probe
+    /// compares it with the newest embedded one.
+    pub async fn applied_migration(&self) -> Result<i64, sqlx::Error> {
+        let sql = "select coalesce(max(version), 0) from _sqlx_migrations where success";
+        on_db!(self, read, |ex| sqlx::query_scalar(sql).fetch_one(ex).await)
+    }
+
     /// Applies this backend's migrations that are not applied yet.
     pub async fn migrate(&self) -> anyhow::Result<()> {
         match self {
@@ -399,6 +406,27 @@ macro_rules! on_tx {
     };
 }
 pub(crate) use on_tx;
+
+/// Runs one statement that returns no rows on `db`'s write side (`execute!(db, …)`) or in a
+/// write transaction (`execute!(tx &mut tx, …)`), binding the values in order; evaluates to
+/// the number of rows it changed. A macro because each backend's result type differs.
+macro_rules! execute {
+    (tx $tx:expr, $sql:expr $(, $bind:expr)* $(,)?) => {
+        $crate::log::db::on_tx!($tx, |ex| sqlx::query($sql)
+            $(.bind($bind))*
+            .execute(ex)
+            .await
+            .map(|d| d.rows_affected()))
+    };
+    ($db:expr, $sql:expr $(, $bind:expr)* $(,)?) => {
+        $crate::log::db::on_db!($db, write, |ex| sqlx::query($sql)
+            $(.bind($bind))*
+            .execute(ex)
+            .await
+            .map(|d| d.rows_affected()))
+    };
+}
+pub(crate) use execute;
 
 /// A time column: `timestamptz` on PostgreSQL, INTEGER milliseconds since the Unix epoch on
 /// SQLite. Binding and reading times through it keeps one statement text for both.
