@@ -343,6 +343,10 @@ pub enum Tx {
 }
 
 impl Tx {
+    pub fn is_sqlite(&self) -> bool {
+        matches!(self, Tx::Sqlite(_))
+    }
+
     pub async fn commit(self) -> Result<(), sqlx::Error> {
         match self {
             Tx::Postgres(tx) => tx.commit().await,
@@ -490,6 +494,15 @@ impl<'r> Decode<'r, Sqlite> for Ts {
 /// on SQLite (`in (select value from json_each($1))`). Like [`Ts`], it keeps one bind for both.
 #[derive(Debug, Clone, Copy)]
 pub struct List<'a, T>(pub &'a [T]);
+
+/// The condition "`column` is one of the [`List`] bound as `$param`", in the dialect of the
+/// backend (`sqlite`: whether it is SQLite), so statements differ only by this fragment.
+pub fn in_list(sqlite: bool, column: &str, param: u8) -> String {
+    match sqlite {
+        false => format!("{column} = any(${param})"),
+        true => format!("{column} in (select value from json_each(${param}))"),
+    }
+}
 
 impl<T> Type<Postgres> for List<'_, T>
 where
