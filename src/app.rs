@@ -134,6 +134,7 @@ impl AppState {
             reader: self.reader.clone(),
             hub: self.hub.clone(),
             page: self.config.read_page.max(1),
+            snapshot_bytes: self.config.max_snapshot_bytes,
         }
     }
 }
@@ -267,7 +268,8 @@ impl App {
         let header_timeout = state.config.header_timeout();
         let flush_grace = state.config.db_acquire_timeout() + Duration::from_secs(1);
         let listener = TimeoutListener::new(listener, state.config.write_timeout())
-            .with_client_limit(state.config.max_connections_per_client);
+            .with_client_limit(state.config.max_connections_per_client)
+            .with_head_limits(state.config.max_url_bytes, state.config.max_header_bytes);
         let router = api::router(state.clone());
         let appender = state.appender.clone();
         drop(state);

@@ -498,6 +498,11 @@ pub struct Config {
     #[arg(long, env = "TAILCAST_MAX_HEADER_BYTES", default_value_t = 16 << 10, help_heading = "Limits")]
     pub max_header_bytes: usize,
 
+    /// Largest snapshot (the newest event of every key) built for one request or subscriber,
+    /// in bytes of event data: larger gets 413 `snapshot_too_large` (read the log instead).
+    #[arg(long, env = "TAILCAST_MAX_SNAPSHOT_BYTES", default_value_t = 64 << 20, help_heading = "Limits")]
+    pub max_snapshot_bytes: usize,
+
     /// Seconds a client has to send a request's headers; slower connections are closed.
     /// It also bounds how long an idle keep-alive connection stays open.
     #[arg(

@@ -6,8 +6,9 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 use sqlx::sqlite::SqliteError;
+use std::sync::Arc;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// 400: the stream name breaks the naming rule.
     #[error("invalid stream name {0:?}: use 1-200 characters from A-Z a-z 0-9 _ . : @ -")]
@@ -39,6 +40,9 @@ pub enum Error {
     /// 413: the request body is over the limit.
     #[error("the request body is over the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// 413: the stream's snapshot (newest event per key) is over the configured size.
+    #[error("the snapshot is over the limit of {limit} bytes; read the stream's events instead")]
+    SnapshotTooLarge { limit: usize },
     /// 409: `expected_seq` did not match the stream's head.
     #[error("expected head {expected}, but the stream's head is {head}")]
     SeqConflict { expected: i64, head: i64 },
@@ -127,7 +131,7 @@ pub enum Error {
     #[error("the request URL is over the limit of {limit} bytes")]
     UriTooLong { limit: usize },
     /// 431: the request headers are over the limit.
-    #[error("the request headers are over the limit of {limit} bytes")]
+    #[error("the request headers are over the limit of {limit} bytes or 100 fields")]
     HeadersTooLarge { limit: usize },
     /// 408: the request body did not arrive in time.
     #[error("the request body did not arrive within {timeout_s} s")]
@@ -142,9 +146,10 @@ pub enum Error {
     /// 503: the server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
-    /// 500: anything else. The cause is logged once and never echoed to the client.
+    /// 500: anything else. The cause stays attached as the source, is logged once where the
+    /// error is answered, and is never echoed to the client.
     #[error("internal error")]
-    Internal(String),
+    Internal(#[source] Cause),
     /// 409 (Durable Streams): the stream exists with another configuration, or its name is
     /// held by a deleted stream that forks still read from.
     #[error("{0}")]
@@ -187,9 +192,10 @@ impl Error {
             AlreadySubscribed(_) => StatusCode::CONFLICT,
             NotSubscribed(_) => StatusCode::NOT_FOUND,
             TooManySubscriptions { .. } => StatusCode::TOO_MANY_REQUESTS,
-            EventTooLarge { .. } | BatchTooLarge { .. } | PayloadTooLarge { .. } => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
+            EventTooLarge { .. }
+            | BatchTooLarge { .. }
+            | PayloadTooLarge { .. }
+            | SnapshotTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             SeqConflict { .. } | StreamClosed { .. } | InputAlreadyAnswered(_) | InputExists(_) => {
                 StatusCode::CONFLICT
             }
@@ -231,6 +237,7 @@ impl Error {
             EventTooLarge { .. } => "event_too_large",
             BatchTooLarge { .. } => "batch_too_large",
             PayloadTooLarge { .. } => "payload_too_large",
+            SnapshotTooLarge { .. } => "snapshot_too_large",
             SeqConflict { .. } => "seq_conflict",
             StreamClosed { .. } => "stream_closed",
             StreamNotFound(_) => "stream_not_found",
@@ -290,6 +297,7 @@ impl Error {
             Error::EventTooLarge { limit, .. }
             | Error::BatchTooLarge { limit, .. }
             | Error::PayloadTooLarge { limit }
+            | Error::SnapshotTooLarge { limit }
             | Error::TooManyConnections { limit }
             | Error::UriTooLong { limit }
             | Error::HeadersTooLarge { limit } => {
@@ -339,10 +347,48 @@ impl Error {
         Value::Object(body)
     }
 
-    fn log(&self) {
+    /// A 500 caused by `source` (a driver error, a failed task, or a message).
+    pub fn internal(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
+        Error::Internal(Cause(Arc::from(source.into())))
+    }
+
+    /// Logs the cause of an internal error, with its whole chain of sources: called once,
+    /// where the error is answered (a response, a WebSocket `error` op).
+    pub fn log(&self) {
         if let Error::Internal(cause) = self {
-            tracing::error!(%cause, "internal error");
+            tracing::error!(cause = %cause.chain(), "internal error");
         }
+    }
+}
+
+/// What caused an internal error. Shared (an `Arc`), so that every append of a failed batch
+/// carries the same cause instead of a copy flattened to text.
+#[derive(Debug, Clone)]
+pub struct Cause(Arc<dyn std::error::Error + Send + Sync>);
+
+impl Cause {
+    /// "outer: inner: innermost", for the log.
+    pub fn chain(&self) -> String {
+        let mut text = self.0.to_string();
+        let mut next = self.0.source();
+        while let Some(e) = next {
+            text.push_str(": ");
+            text.push_str(&e.to_string());
+            next = e.source();
+        }
+        text
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
     }
 }
 
@@ -352,7 +398,7 @@ impl From<sqlx::Error> for Error {
             tracing::warn!(error = %e, "database unavailable");
             Error::Unavailable
         } else {
-            Error::Internal(format!("database: {e}"))
+            Error::internal(e)
         }
     }
 }

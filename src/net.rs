@@ -8,11 +8,18 @@
 //! holding many sockets (a flood, a slowloris) cannot starve the others. [`serve`] runs
 //! hyper directly so that request headers must arrive within a deadline too (axum::serve
 //! configures no timer, which leaves hyper's header-read timeout inert).
+//!
+//! A request head hyper itself refuses (more than [`MAX_HEADER_FIELDS`] header fields, a head
+//! over its buffer, a URL of 64 KiB or more) never reaches the router: hyper answers it with
+//! a bare 431 or 414 and closes. [`Conn`] replaces that answer with the documented
+//! problem+json (`headers_too_large`, `uri_too_long`); it recognises it as a response written
+//! while no request is with the router, which only hyper's own parse-error answer can be.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -33,10 +40,14 @@ use tower::ServiceExt;
 use crate::error::Error;
 use crate::metrics as m;
 
+/// Header fields a request may carry (hyper's buffer for them; more get 431).
+pub const MAX_HEADER_FIELDS: usize = 100;
+
 pub struct TimeoutListener {
     inner: TcpListener,
     write_timeout: Duration,
     clients: Option<Arc<ClientLimit>>,
+    rejections: Arc<HeadRejections>,
 }
 
 impl TimeoutListener {
@@ -45,7 +56,15 @@ impl TimeoutListener {
             inner,
             write_timeout,
             clients: None,
+            rejections: Arc::new(HeadRejections::new(8 << 10, 16 << 10)),
         }
+    }
+
+    /// The limits the problem+json answers to heads hyper refuses name (the configured
+    /// `max_url_bytes` and `max_header_bytes`).
+    pub fn with_head_limits(mut self, max_url_bytes: usize, max_header_bytes: usize) -> Self {
+        self.rejections = Arc::new(HeadRejections::new(max_url_bytes, max_header_bytes));
+        self
     }
 
     /// Caps the connections open at once from one IP address (0 = no cap).
@@ -63,6 +82,72 @@ pub struct Conn {
     peer: SocketAddr,
     /// Counted once: the first timed-out write is what disconnects the client.
     timed_out: bool,
+    /// What [`serve`] tells the connection about its requests.
+    state: Arc<ConnState>,
+    rejections: Arc<HeadRejections>,
+    /// A problem+json answer standing in for hyper's bare one, still to be written.
+    replacement: Option<(&'static [u8], usize)>,
+}
+
+/// Shared between a connection and the service [`serve`] runs on it.
+#[derive(Default)]
+struct ConnState {
+    /// Set once a response switched the connection to WebSocket, so its slow-consumer
+    /// disconnect is counted under `transport="ws"`: [`Conn`] is the only place counting it.
+    upgraded: AtomicBool,
+    /// Requests handed to the router whose response body has not been dropped yet.
+    in_flight: AtomicUsize,
+}
+
+/// Decrements `in_flight` when a response body is dropped (written out, or abandoned).
+struct InFlight(Arc<ConnState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The answers written in place of hyper's bare 431 and 414.
+struct HeadRejections {
+    headers_too_large: &'static [u8],
+    uri_too_long: &'static [u8],
+}
+
+impl HeadRejections {
+    fn new(max_url_bytes: usize, max_header_bytes: usize) -> Self {
+        // Leaked once per listener (a process has one or two): the answers live as long.
+        let leak = |s: String| -> &'static [u8] { Box::leak(s.into_bytes().into_boxed_slice()) };
+        HeadRejections {
+            headers_too_large: leak(problem_response(
+                "431 Request Header Fields Too Large",
+                Error::HeadersTooLarge {
+                    limit: max_header_bytes,
+                },
+            )),
+            uri_too_long: leak(problem_response(
+                "414 URI Too Long",
+                Error::UriTooLong {
+                    limit: max_url_bytes,
+                },
+            )),
+        }
+    }
+}
+
+/// A whole HTTP/1.1 response carrying `error` as problem+json, after which the connection
+/// closes.
+fn problem_response(status_line: &str, error: Error) -> String {
+    let problem = error.problem().to_string();
+    let retry = match error {
+        Error::TooManyConnections { .. } => "retry-after: 1\r\n",
+        _ => "",
+    };
+    format!(
+        "HTTP/1.1 {status_line}\r\ncontent-type: application/problem+json\r\n\
+         {retry}connection: close\r\ncontent-length: {}\r\n\r\n{problem}",
+        problem.len()
+    )
 }
 
 impl Conn {
@@ -74,11 +159,69 @@ impl Conn {
         if let Poll::Ready(Err(e)) = &res {
             if e.kind() == io::ErrorKind::TimedOut && !self.timed_out {
                 self.timed_out = true;
-                tracing::warn!(peer = %self.peer, "disconnecting a client that accepted no bytes for the write timeout (slow consumer)");
-                metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS, "transport" => "http").increment(1);
+                let transport = match self.state.upgraded.load(Ordering::Relaxed) {
+                    true => "ws",
+                    false => "http",
+                };
+                tracing::warn!(peer = %self.peer, transport, "disconnecting a client that accepted no bytes for the write timeout (slow consumer)");
+                metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS, "transport" => transport)
+                    .increment(1);
             }
         }
         res
+    }
+
+    /// Whether `head` is hyper's own answer to a request head it could not parse: a response
+    /// written while no request is with the router (and the connection is still HTTP).
+    /// Returns what to write instead.
+    fn replacement_for(&self, head: &[u8]) -> Option<&'static [u8]> {
+        if self.state.in_flight.load(Ordering::Relaxed) > 0
+            || self.state.upgraded.load(Ordering::Relaxed)
+        {
+            return None;
+        }
+        if head.starts_with(b"HTTP/1.1 431 ") {
+            Some(self.rejections.headers_too_large)
+        } else if head.starts_with(b"HTTP/1.1 414 ") {
+            Some(self.rejections.uri_too_long)
+        } else {
+            None
+        }
+    }
+
+    /// Writes what is left of a replacement answer; Ready(Ok) once it is all out.
+    fn poll_replacement(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some((bytes, done)) = self.replacement {
+            if done == bytes.len() {
+                break;
+            }
+            let n = match self.io.as_mut().poll_write(cx, &bytes[done..]) {
+                Poll::Ready(Ok(n)) => n,
+                other => return self.observe(other).map_ok(|_| ()),
+            };
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.replacement = Some((bytes, done + n));
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Takes over a write of hyper's bare parse-error answer: reports it written, and writes
+    /// the replacement instead. hyper writes nothing after it but closes the connection.
+    fn replace(
+        &mut self,
+        cx: &mut Context<'_>,
+        head: &[u8],
+        len: usize,
+    ) -> Option<Poll<io::Result<usize>>> {
+        if self.replacement.is_some() {
+            // Whatever else hyper writes of its answer (it has none after the head) is dropped.
+            return Some(self.poll_replacement(cx).map_ok(|()| len));
+        }
+        let bytes = self.replacement_for(head)?;
+        self.replacement = Some((bytes, 0));
+        Some(self.poll_replacement(cx).map_ok(|()| len))
     }
 }
 
@@ -98,16 +241,21 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if let Some(res) = self.replace(cx, buf, buf.len()) {
+            return res;
+        }
         let res = self.io.as_mut().poll_write(cx, buf);
         self.observe(res)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_replacement(cx))?;
         let res = self.io.as_mut().poll_flush(cx);
         self.observe(res)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_replacement(cx))?;
         self.io.as_mut().poll_shutdown(cx)
     }
 
@@ -116,6 +264,14 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        let head = bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[][..], |b| &b[..]);
+        let len = bufs.iter().map(|b| b.len()).sum();
+        if let Some(res) = self.replace(cx, head, len) {
+            return res;
+        }
         let res = self.io.as_mut().poll_write_vectored(cx, bufs);
         self.observe(res)
     }
@@ -174,12 +330,7 @@ impl Drop for ClientSlot {
 /// Answers a connection over its client's limit with a 429 and closes it, without parsing
 /// the request: the client is told why instead of seeing a bare reset.
 async fn refuse(mut stream: TcpStream, limit: usize) {
-    let problem = Error::TooManyConnections { limit }.problem().to_string();
-    let response = format!(
-        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/problem+json\r\n\
-         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{problem}",
-        problem.len()
-    );
+    let response = problem_response("429 Too Many Requests", Error::TooManyConnections { limit });
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         // Wait for the request head (or a little of it): an HTTP client that gets a response
         // before it has sent its request treats it as a protocol error, not as the answer.
@@ -235,6 +386,9 @@ impl axum::serve::Listener for TimeoutListener {
                         _slot: slot,
                         peer: addr,
                         timed_out: false,
+                        state: Arc::default(),
+                        rejections: self.rejections.clone(),
+                        replacement: None,
                     };
                     return (conn, addr);
                 }
@@ -284,18 +438,35 @@ pub async fn serve(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(header_timeout)
+        .max_headers(MAX_HEADER_FIELDS);
     let connections = TaskTracker::new();
     loop {
         let (io, addr) = tokio::select! {
             conn = listener.accept() => conn,
             _ = stop.cancelled() => break,
         };
+        let (requests, responses) = (io.state.clone(), io.state.clone());
         let service = router
             .clone()
             .map_request(move |mut req: Request<Incoming>| {
+                requests.in_flight.fetch_add(1, Ordering::Relaxed);
                 req.extensions_mut().insert(ConnectInfo(PeerAddr(addr)));
                 req.map(axum::body::Body::new)
+            })
+            .map_response(move |res: axum::response::Response| {
+                // 101 is only ever the WebSocket handshake's answer here.
+                if res.status() == axum::http::StatusCode::SWITCHING_PROTOCOLS {
+                    responses.upgraded.store(true, Ordering::Relaxed);
+                }
+                // In flight until hyper drops the body, i.e. has written all of it.
+                let guard = InFlight(responses.clone());
+                res.map(|body| {
+                    axum::body::Body::new(http_body_util::BodyExt::map_frame(body, move |f| {
+                        let _ = &guard;
+                        f
+                    }))
+                })
             });
         let conn = builder
             .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))

@@ -13,7 +13,6 @@ use crate::app::AppState;
 use crate::auth::Principal;
 use crate::build;
 use crate::error::Result;
-use crate::log::db::on_db;
 use crate::log::stats;
 use crate::metrics as m;
 
@@ -46,12 +45,7 @@ async fn readyz(State(app): State<AppState>) -> Response {
         .map(|m| m.version)
         .max()
         .unwrap_or(0);
-    let sql = "select coalesce(max(version), 0) from _sqlx_migrations where success";
-    let applied = async {
-        on_db!(&app.db, read, |ex| sqlx::query_scalar::<_, i64>(sql)
-            .fetch_one(ex)
-            .await)
-    };
+    let applied = app.db.applied_migration();
     let check = tokio::time::timeout(std::time::Duration::from_secs(2), applied).await;
     match check {
         Ok(Ok(v)) if v >= latest => Json(json!({ "status": "ready" })).into_response(),
@@ -60,11 +54,16 @@ async fn readyz(State(app): State<AppState>) -> Response {
             Json(json!({ "status": "migrating", "applied": v, "expected": latest })),
         )
             .into_response(),
-        Ok(Err(e)) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "database_unavailable", "detail": e.to_string() })),
-        )
-            .into_response(),
+        Ok(Err(e)) => {
+            // The driver's text (hosts, table names, SQL) is for the operator's log, not for
+            // whoever can reach an unauthenticated probe.
+            tracing::warn!(error = %e, "readiness check: the database did not answer");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "status": "database_unavailable", "detail": "query failed" })),
+            )
+                .into_response()
+        }
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({ "status": "database_unavailable", "detail": "timed out" })),

@@ -408,7 +408,10 @@ async fn snapshot(
 ) -> Result<Response> {
     who.check(Grant::Read, &stream)?;
     let row = existing_stream(&app, &stream).await?;
-    let events = store::snapshot(&app.db, row.id, row.head).await?;
+    let limit = app.config.max_snapshot_bytes;
+    let events = store::snapshot(&app.db, row.id, row.head, limit)
+        .await?
+        .ok_or(Error::SnapshotTooLarge { limit })?;
     let mut body = BytesMut::new();
     body.put_slice(b"{\"stream\":");
     body.put_slice(

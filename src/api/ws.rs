@@ -52,6 +52,8 @@ pub const PROTOCOL: u32 = 1;
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_POLICY: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
+/// A text frame that is not UTF-8 (RFC 6455 §7.4.1).
+const CLOSE_INVALID_DATA: u16 = 1007;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/v1/ws", get(upgrade))
@@ -574,15 +576,17 @@ fn op_stream<'a>(op: &'a Op<'_>) -> Option<&'a StreamName> {
 
 fn read_failure(e: axum::Error) -> End {
     use std::error::Error as _;
-    let too_big = e
+    match e
         .source()
         .and_then(|s| s.downcast_ref::<tungstenite::Error>())
-        .is_some_and(|t| matches!(t, tungstenite::Error::Capacity(_)));
-    if too_big {
-        End::Close(CLOSE_TOO_BIG, "message too big")
-    } else {
-        tracing::debug!(error = %e, "WebSocket read failed");
-        End::Gone
+    {
+        Some(tungstenite::Error::Capacity(_)) => End::Close(CLOSE_TOO_BIG, "message too big"),
+        // RFC 6455 §8.1: a text message that is not UTF-8 fails the connection with 1007.
+        Some(tungstenite::Error::Utf8(_)) => End::Close(CLOSE_INVALID_DATA, "invalid UTF-8"),
+        _ => {
+            tracing::debug!(error = %e, "WebSocket read failed");
+            End::Gone
+        }
     }
 }
 
@@ -602,11 +606,9 @@ async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut queue: queue::I
                 break;
             }
         }
-        if let Err(e) = sink.flush().await {
-            if is_timeout(&e) {
-                metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS, "transport" => "ws").increment(1);
-                tracing::info!("WebSocket client stopped reading; disconnecting");
-            }
+        // A write timeout (the client stopped reading) is counted and logged by the
+        // connection itself (net::Conn), under transport="ws".
+        if sink.flush().await.is_err() {
             return;
         }
         // Only now off the connection's books: until flushed, it is memory held for it.
@@ -616,15 +618,4 @@ async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut queue: queue::I
         }
     }
     let _ = sink.close().await;
-}
-
-fn is_timeout(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return io.kind() == std::io::ErrorKind::TimedOut;
-        }
-        source = s.source();
-    }
-    false
 }

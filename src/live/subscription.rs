@@ -106,6 +106,8 @@ pub struct Source {
     pub reader: LogReader,
     pub hub: Arc<Hub>,
     pub page: i64,
+    /// Most bytes of event data a `from=snapshot` start may load (`--max-snapshot-bytes`).
+    pub snapshot_bytes: usize,
 }
 
 enum Mode {
@@ -239,7 +241,10 @@ impl Subscription {
                 // snapshot is the same either side of it). Starting just before it delivers
                 // it: the subscriber learns the stream is over instead of waiting forever.
                 let at = if r.closed { r.head - 1 } else { r.head };
-                let mut events = store::snapshot(&self.src.db, r.id, at).await?;
+                let limit = self.src.snapshot_bytes;
+                let mut events = store::snapshot(&self.src.db, r.id, at, limit)
+                    .await?
+                    .ok_or(Error::SnapshotTooLarge { limit })?;
                 // In seq order, so a client's cursor only ever moves forward.
                 events.sort_by_key(|e| e.seq);
                 for ev in &events {
@@ -517,6 +522,6 @@ where
 {
     match tokio::spawn(read).await {
         Ok(res) => res.map_err(Error::from),
-        Err(e) => Err(Error::Internal(format!("log read task: {e}"))),
+        Err(e) => Err(Error::internal(e)),
     }
 }

@@ -321,14 +321,16 @@ async fn commit_jobs(
                 match commit_with_retry(db, node, limits, &[&job.spec], health).await {
                     Ok(plan) => deliver(sink, vec![job], plan, started),
                     Err(e) => {
-                        let _ = job.reply.send(Err(e.to_error()));
+                        let _ = job.reply.send(Err(e.into_error()));
                     }
                 }
             }
         }
         Err(e) => {
+            // One error, its cause shared by every append of the batch.
+            let error = e.into_error();
             for job in jobs {
-                let _ = job.reply.send(Err(e.to_error()));
+                let _ = job.reply.send(Err(error.clone()));
             }
         }
     }
@@ -350,14 +352,14 @@ impl From<sqlx::Error> for Failure {
 }
 
 impl Failure {
-    fn to_error(&self) -> Error {
+    fn into_error(self) -> Error {
         match self {
             Failure::Unknown => Error::OutcomeUnknown,
-            Failure::Db(e) if is_unavailable(e) => Error::Unavailable,
+            Failure::Db(e) if is_unavailable(&e) => Error::Unavailable,
             // Another session held a stream's lock past `lock_timeout` (a frozen node whose
             // session the server has not ended yet): nothing was stored, retry shortly.
-            Failure::Db(e) if is_lock_timeout(e) || is_idle_timeout(e) => Error::Unavailable,
-            Failure::Db(e) => Error::Internal(format!("database: {e}")),
+            Failure::Db(e) if is_lock_timeout(&e) || is_idle_timeout(&e) => Error::Unavailable,
+            Failure::Db(e) => Error::internal(e),
         }
     }
 }
@@ -530,7 +532,7 @@ async fn commit(
     for spec in specs {
         let outcome = match states.get_mut(spec.stream.as_str()) {
             Some(st) => plan_job(spec, st, &existing, &mut out),
-            None => Err(Error::Internal(format!(
+            None => Err(Error::internal(format!(
                 "stream {} could not be locked for an append",
                 spec.stream
             ))),
@@ -653,7 +655,7 @@ fn job_outcomes(specs: &[&AppendSpec], res: &store::JobsOutcome) -> Result<Vec<O
                 expected: spec.expected_seq.unwrap_or_default(),
                 head,
             }),
-            Some(other) => Err(Error::Internal(format!("append refused: {other}"))),
+            Some(other) => Err(Error::internal(format!("append refused: {other}"))),
             None => {
                 let mut acks = Vec::with_capacity(spec.events.len());
                 let mut assigned = Vec::with_capacity(spec.events.len());

@@ -173,6 +173,13 @@ impl Db {
         }
     }
 
+    /// The newest migration version applied successfully (0: none), as the readiness probe
+    /// compares it with the newest embedded one.
+    pub async fn applied_migration(&self) -> Result<i64, sqlx::Error> {
+        let sql = "select coalesce(max(version), 0) from _sqlx_migrations where success";
+        on_db!(self, read, |ex| sqlx::query_scalar(sql).fetch_one(ex).await)
+    }
+
     /// Applies this backend's migrations that are not applied yet.
     pub async fn migrate(&self) -> anyhow::Result<()> {
         match self {
@@ -336,6 +343,10 @@ pub enum Tx {
 }
 
 impl Tx {
+    pub fn is_sqlite(&self) -> bool {
+        matches!(self, Tx::Sqlite(_))
+    }
+
     pub async fn commit(self) -> Result<(), sqlx::Error> {
         match self {
             Tx::Postgres(tx) => tx.commit().await,
@@ -400,6 +411,27 @@ macro_rules! on_tx {
 }
 pub(crate) use on_tx;
 
+/// Runs one statement that returns no rows on `db`'s write side (`execute!(db, …)`) or in a
+/// write transaction (`execute!(tx &mut tx, …)`), binding the values in order; evaluates to
+/// the number of rows it changed. A macro because each backend's result type differs.
+macro_rules! execute {
+    (tx $tx:expr, $sql:expr $(, $bind:expr)* $(,)?) => {
+        $crate::log::db::on_tx!($tx, |ex| sqlx::query($sql)
+            $(.bind($bind))*
+            .execute(ex)
+            .await
+            .map(|d| d.rows_affected()))
+    };
+    ($db:expr, $sql:expr $(, $bind:expr)* $(,)?) => {
+        $crate::log::db::on_db!($db, write, |ex| sqlx::query($sql)
+            $(.bind($bind))*
+            .execute(ex)
+            .await
+            .map(|d| d.rows_affected()))
+    };
+}
+pub(crate) use execute;
+
 /// A time column: `timestamptz` on PostgreSQL, INTEGER milliseconds since the Unix epoch on
 /// SQLite. Binding and reading times through it keeps one statement text for both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -462,6 +494,15 @@ impl<'r> Decode<'r, Sqlite> for Ts {
 /// on SQLite (`in (select value from json_each($1))`). Like [`Ts`], it keeps one bind for both.
 #[derive(Debug, Clone, Copy)]
 pub struct List<'a, T>(pub &'a [T]);
+
+/// The condition "`column` is one of the [`List`] bound as `$param`", in the dialect of the
+/// backend (`sqlite`: whether it is SQLite), so statements differ only by this fragment.
+pub fn in_list(sqlite: bool, column: &str, param: u8) -> String {
+    match sqlite {
+        false => format!("{column} = any(${param})"),
+        true => format!("{column} in (select value from json_each(${param}))"),
+    }
+}
 
 impl<T> Type<Postgres> for List<'_, T>
 where

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::db::{on_db, on_tx, Db, Ts};
+use super::db::{execute, on_db, on_tx, Db, Ts};
 use super::model::{wire_time, TYPE_INPUT_ANSWERED, TYPE_INPUT_EXPIRED, TYPE_INPUT_REQUESTED};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,17 +91,13 @@ const VISIBLE: &str = "(r.seq is not null or exists (
 /// The id of a stream, creating its row if missing (a request may be a stream's first act).
 pub async fn stream_id(db: &Db, name: &str) -> Result<(i64, bool), sqlx::Error> {
     let now = Ts(wire_time(Utc::now()));
-    on_db!(db, write, |ex| {
-        sqlx::query(
-            "insert into streams (name, created_at, updated_at) values ($1, $2, $2)
+    execute!(
+        db,
+        "insert into streams (name, created_at, updated_at) values ($1, $2, $2)
              on conflict (name) do nothing",
-        )
-        .bind(name)
-        .bind(now)
-        .execute(ex)
-        .await
-        .map(|d| d.rows_affected())
-    })?;
+        name,
+        now
+    )?;
     on_db!(db, write, |ex| {
         sqlx::query_as("select id, closed from streams where name = $1")
             .bind(name)
@@ -123,25 +119,21 @@ pub struct NewInput<'a> {
 
 /// Inserts a new open request; false if one with this id exists in the stream.
 pub async fn insert(db: &Db, n: &NewInput<'_>) -> Result<bool, sqlx::Error> {
-    let done = on_db!(db, write, |ex| {
-        sqlx::query(
-            r#"insert into input_requests
+    let done = execute!(
+        db,
+        r#"insert into input_requests
                  (stream_id, request_id, token, prompt, schema, data, expires_at, created_at)
                values ($1, $2, $3, $4, $5, $6, $7, $8)
                on conflict (stream_id, request_id) do nothing"#,
-        )
-        .bind(n.stream_id)
-        .bind(n.request_id)
-        .bind(n.token)
-        .bind(n.prompt)
-        .bind(n.schema)
-        .bind(n.data)
-        .bind(Ts(n.expires_at))
-        .bind(Ts(Utc::now()))
-        .execute(ex)
-        .await
-        .map(|d| d.rows_affected())
-    })?;
+        n.stream_id,
+        n.request_id,
+        n.token,
+        n.prompt,
+        n.schema,
+        n.data,
+        Ts(n.expires_at),
+        Ts(Utc::now())
+    )?;
     Ok(done == 1)
 }
 
@@ -151,28 +143,24 @@ pub async fn set_seq(
     request_id: &str,
     seq: i64,
 ) -> Result<(), sqlx::Error> {
-    on_db!(db, write, |ex| {
-        sqlx::query("update input_requests set seq = $3 where stream_id = $1 and request_id = $2")
-            .bind(stream_id)
-            .bind(request_id)
-            .bind(seq)
-            .execute(ex)
-            .await
-            .map(|d| d.rows_affected())
-    })?;
+    execute!(
+        db,
+        "update input_requests set seq = $3 where stream_id = $1 and request_id = $2",
+        stream_id,
+        request_id,
+        seq
+    )?;
     Ok(())
 }
 
 /// Removes a request whose `input.requested` append failed (so nobody can have seen it).
 pub async fn delete(db: &Db, stream_id: i64, request_id: &str) -> Result<(), sqlx::Error> {
-    on_db!(db, write, |ex| {
-        sqlx::query("delete from input_requests where stream_id = $1 and request_id = $2")
-            .bind(stream_id)
-            .bind(request_id)
-            .execute(ex)
-            .await
-            .map(|d| d.rows_affected())
-    })?;
+    execute!(
+        db,
+        "delete from input_requests where stream_id = $1 and request_id = $2",
+        stream_id,
+        request_id
+    )?;
     Ok(())
 }
 
@@ -231,17 +219,7 @@ pub async fn claim_answer(
            and r.expires_at > $4 and {VISIBLE}"
     );
     let now = Ts(Utc::now());
-    let done = on_db!(db, write, |ex| {
-        sqlx::query(&sql)
-            .bind(stream_id)
-            .bind(request_id)
-            .bind(answer)
-            .bind(now)
-            .bind(by)
-            .execute(ex)
-            .await
-            .map(|d| d.rows_affected())
-    })?;
+    let done = execute!(db, &sql, stream_id, request_id, answer, now, by)?;
     Ok(done == 1)
 }
 
@@ -286,18 +264,14 @@ pub async fn claim_due(db: &Db, limit: i64) -> Result<Vec<InputRow>, sqlx::Error
                     .await
             })?;
             for row in &mut rows {
-                on_tx!(&mut tx, |ex| {
-                    sqlx::query(
-                        "update input_requests set status = 'expired', resolved_at = $3
-                         where stream_id = $1 and request_id = $2",
-                    )
-                    .bind(row.stream_id)
-                    .bind(&row.request_id)
-                    .bind(now)
-                    .execute(ex)
-                    .await
-                    .map(|d| d.rows_affected())
-                })?;
+                execute!(
+                    tx &mut tx,
+                    "update input_requests set status = 'expired', resolved_at = $3
+                     where stream_id = $1 and request_id = $2",
+                    row.stream_id,
+                    &row.request_id,
+                    now
+                )?;
                 row.status = Status::Expired;
             }
             tx.commit().await?;
@@ -336,44 +310,42 @@ pub async fn mark_announced(
     request_id: &str,
     seq: Option<i64>,
 ) -> Result<(), sqlx::Error> {
-    on_db!(db, write, |ex| {
-        sqlx::query(
-            "update input_requests set announced = true, resolution_seq = $3
+    execute!(
+        db,
+        "update input_requests set announced = true, resolution_seq = $3
              where stream_id = $1 and request_id = $2",
-        )
-        .bind(stream_id)
-        .bind(request_id)
-        .bind(seq)
-        .execute(ex)
-        .await
-        .map(|d| d.rows_affected())
-    })?;
+        stream_id,
+        request_id,
+        seq
+    )?;
     Ok(())
 }
 
 /// Repairs requests whose creation was interrupted: fills in the seq of those whose
 /// `input.requested` event made it into the log, and removes those that never got one
 /// within `grace_s` seconds (nobody can have seen them).
+///
+/// Both statements run every second on every node, so both start from the
+/// `input_requests_unsequenced` partial index (a handful of rows), never from a scan of every
+/// request or of every event. The update is written as correlated subqueries rather than
+/// `update … from events` because SQLite, without statistics, drives that join from `events`.
 pub async fn repair_unsequenced(db: &Db, grace_s: f64) -> Result<u64, sqlx::Error> {
-    on_db!(db, write, |ex| {
-        sqlx::query(
-            "update input_requests as r set seq = e.seq from events e
-             where r.seq is null and e.stream_id = r.stream_id and e.type = $1
-               and e.event_id = 'input.requested:' || r.request_id || ':' || r.token",
-        )
-        .bind(TYPE_INPUT_REQUESTED)
-        .execute(ex)
-        .await
-        .map(|d| d.rows_affected())
-    })?;
+    execute!(
+        db,
+        "update input_requests as r set seq = (
+                 select e.seq from events e where e.stream_id = r.stream_id
+                   and e.event_id = 'input.requested:' || r.request_id || ':' || r.token)
+             where r.seq is null and exists (
+                 select 1 from events e where e.stream_id = r.stream_id and e.type = $1
+                   and e.event_id = 'input.requested:' || r.request_id || ':' || r.token)",
+        TYPE_INPUT_REQUESTED
+    )?;
     let before = Ts(seconds_ago(grace_s));
-    let gone = on_db!(db, write, |ex| {
-        sqlx::query("delete from input_requests where seq is null and created_at <= $1")
-            .bind(before)
-            .execute(ex)
-            .await
-            .map(|d| d.rows_affected())
-    })?;
+    let gone = execute!(
+        db,
+        "delete from input_requests where seq is null and created_at <= $1",
+        before
+    )?;
     Ok(gone)
 }
 

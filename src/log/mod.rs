@@ -1,6 +1,8 @@
 //! The event log: the source of truth. `model` holds the vocabulary, `db` the database
-//! (PostgreSQL or embedded SQLite), `store` every SQL statement, `appender` the group-commit writer, `replicas` where replay, export and
-//! catch-up pages are read (a streaming replica that has replayed far enough, or the primary).
+//! (PostgreSQL or embedded SQLite), `store` the log's SQL statements (each other module here
+//! holds those of its own table), `appender` the group-commit writer, `replicas` where replay,
+//! export and catch-up pages are read (`LogReader`: a streaming replica that has replayed far
+//! enough, or the primary).
 
 pub mod appender;
 pub mod db;

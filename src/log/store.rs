@@ -9,7 +9,7 @@ use futures::TryStreamExt;
 use serde::Serialize;
 use sqlx::{FromRow, PgPool, QueryBuilder, Row, Sqlite};
 
-use super::db::{on_db, on_tx, Db, List, SqliteDb, Ts, Tx};
+use super::db::{in_list, on_db, on_tx, Db, List, SqliteDb, Ts, Tx};
 use super::model::{ceil_millis, format_time, StoredEvent, StreamName};
 
 /// Channel on which every appender commit is announced to all nodes.
@@ -300,7 +300,15 @@ pub async fn cursor_at_time(
 }
 
 /// The latest event of every key with `seq <= at`, ordered by key.
-pub async fn snapshot(db: &Db, stream_id: i64, at: i64) -> Result<Vec<StoredEvent>, sqlx::Error> {
+/// The newest event of every key at or below `at`, or `None` if their data and bodies add up
+/// to more than `max_bytes` (rows are streamed and counted, so an oversized snapshot costs
+/// at most `max_bytes` of memory before it is refused).
+pub async fn snapshot(
+    db: &Db,
+    stream_id: i64,
+    at: i64,
+    max_bytes: usize,
+) -> Result<Option<Vec<StoredEvent>>, sqlx::Error> {
     let sql = match db {
         Db::Postgres(_) => format!(
             r#"select distinct on (key) {EVENT_COLUMNS} from events
@@ -319,11 +327,19 @@ pub async fn snapshot(db: &Db, stream_id: i64, at: i64) -> Result<Vec<StoredEven
         ),
     };
     on_db!(db, read, |ex| {
-        sqlx::query_as(&sql)
+        let mut rows = sqlx::query_as::<_, StoredEvent>(&sql)
             .bind(stream_id)
             .bind(at)
-            .fetch_all(ex)
-            .await
+            .fetch(ex);
+        let (mut events, mut bytes) = (Vec::new(), 0usize);
+        while let Some(ev) = rows.try_next().await? {
+            bytes += ev.data.len() + ev.body.as_ref().map_or(0, Vec::len);
+            if bytes > max_bytes {
+                return Ok(None);
+            }
+            events.push(ev);
+        }
+        Ok(Some(events))
     })
 }
 
@@ -384,11 +400,10 @@ pub async fn lock_streams(
     names: &[&str],
     time: DateTime<Utc>,
 ) -> Result<(HashMap<String, StreamRow>, HashSet<i64>), sqlx::Error> {
+    let named = in_list(tx.is_sqlite(), "name", 1);
     let (select, insert) = match tx {
         Tx::Postgres(_) => (
-            format!(
-                "select {STREAM_COLUMNS} from streams where name = any($1) order by name for update"
-            ),
+            format!("select {STREAM_COLUMNS} from streams where {named} order by name for update"),
             // A concurrent creator may win the insert; `do nothing` then leaves its row, which
             // the select after it locks (waiting for that creator to commit).
             "insert into streams (name, created_at, updated_at)
@@ -397,10 +412,7 @@ pub async fn lock_streams(
              returning id",
         ),
         Tx::Sqlite(_) => (
-            format!(
-                "select {STREAM_COLUMNS} from streams
-                 where name in (select value from json_each($1)) order by name"
-            ),
+            format!("select {STREAM_COLUMNS} from streams where {named} order by name"),
             // `where true` lets SQLite parse the upsert clause after a select.
             "insert into streams (name, created_at, updated_at)
              select value, $2, $2 from json_each($1) where true
@@ -454,14 +466,12 @@ pub async fn drop_created_streams(tx: &mut Tx, ids: &[i64]) -> Result<(), sqlx::
     if ids.is_empty() {
         return Ok(());
     }
-    let sql = match tx {
-        Tx::Postgres(_) => "delete from streams where id = any($1) and head = 0",
-        Tx::Sqlite(_) => {
-            "delete from streams where id in (select value from json_each($1)) and head = 0"
-        }
-    };
+    let sql = format!(
+        "delete from streams where {} and head = 0",
+        in_list(tx.is_sqlite(), "id", 1)
+    );
     on_tx!(tx, |ex| {
-        sqlx::query(sql)
+        sqlx::query(&sql)
             .bind(List(ids))
             .execute(ex)
             .await

@@ -10,7 +10,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::db::{on_db, Db, List, Ts};
+use super::db::{in_list, on_db, Db, List, Ts};
 use super::model::{ceil_millis, format_time, wire_time};
 
 /// A registered webhook.
@@ -145,10 +145,7 @@ pub async fn pending(
     busy: &[i64],
     limit: i64,
 ) -> Result<Vec<Pending>, sqlx::Error> {
-    let not_busy = match db {
-        Db::Postgres(_) => "not (s.id = any($6))",
-        Db::Sqlite(_) => "s.id not in (select value from json_each($6))",
-    };
+    let not_busy = format!("not ({})", in_list(db.is_sqlite(), "s.id", 6));
     // `name` compares by code point: the names starting with the prefix are one index range.
     let sql = format!(
         "select s.id as stream_id, s.name from streams s

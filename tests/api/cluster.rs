@@ -7,8 +7,8 @@ use futures::future::join_all;
 use serde_json::{json, Value};
 
 use crate::backend::{backend_test, TestDb};
-use crate::helpers::{SseClient, TestApp};
-use crate::nodes::{spawn_node, spawn_node_with, stats, terminate_backends, wait_until};
+use crate::helpers::{stats, wait_until, SseClient, TestApp};
+use crate::nodes::{spawn_node, spawn_node_with, terminate_backends};
 
 async fn listening(app: &TestApp) -> bool {
     stats(app).await["listener"]["connected"] == json!(true)

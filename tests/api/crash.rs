@@ -8,8 +8,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Value};
 
 use crate::backend::{backend_test, TestDb};
-use crate::helpers::WAIT;
-use crate::nodes::wait_until;
+use crate::helpers::{wait_until, WAIT};
 use crate::wire::Server;
 
 /// What the producers saw: acknowledged ids with their seqs, and every id ever sent (an

@@ -19,9 +19,8 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use crate::backend::{backend_test, TestDb};
-use crate::helpers::{TestApp, WAIT};
+use crate::helpers::{wait_until, TestApp, WAIT};
 use crate::node_process::NodeProcess;
-use crate::nodes::wait_until;
 
 const IDLE_TIMEOUT_S: u64 = 2;
 

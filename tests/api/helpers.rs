@@ -56,6 +56,20 @@ impl TestApp {
         }
     }
 
+    /// Drives a server running elsewhere (a `NodeProcess`) with the same helpers; `db` is its
+    /// database, shared with it (PostgreSQL: a SQLite file is locked by the process).
+    /// `shutdown` leaves that server running.
+    pub fn attach(addr: SocketAddr, db: TestDb) -> TestApp {
+        TestApp {
+            addr,
+            base: format!("http://{addr}"),
+            client: reqwest::Client::builder().timeout(WAIT).build().unwrap(),
+            db,
+            stop: None,
+            task: None,
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
@@ -219,6 +233,41 @@ impl SseClient {
         }
         out
     }
+}
+
+/// Waits (bounded by [`WAIT`]) until `cond` holds, re-checking it every few milliseconds: a
+/// polling interval, not a synchronisation (the loop exits on the condition).
+pub async fn wait_until<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `GET /v1/stats`.
+pub async fn stats(app: &TestApp) -> Value {
+    app.get_json("/v1/stats").await
+}
+
+/// A stream's head as `GET /v1/streams/{stream}` reports it (0 if it does not exist).
+pub async fn head(app: &TestApp, stream: &str) -> i64 {
+    let res = app.get(&format!("/v1/streams/{stream}")).await;
+    if res.status() == 404 {
+        return 0;
+    }
+    let v: Value = res.json().await.unwrap();
+    v["head"].as_i64().unwrap()
 }
 
 /// Reads one HTTP/1.1 response with a `content-length` body from a raw socket: (status, body).

@@ -519,3 +519,56 @@ async fn bad_input_requests_get_specific_errors(db: TestDb) {
     let all = app.get_json("/v1/streams/x/inputs").await;
     assert_eq!(all["inputs"].as_array().unwrap().len(), 1);
 }
+
+/// The sweeper's repair of interrupted creations: a request whose `input.requested` event is
+/// in the log gets its seq back; one whose event never made it is removed once it is older
+/// than the grace period.
+#[backend_test]
+async fn the_sweeper_repairs_interrupted_creations(db: TestDb) {
+    let app = TestApp::spawn(db.clone()).await;
+    for id in ["kept", "gone"] {
+        let (status, _) = app
+            .create_input(
+                "u",
+                json!({"request_id":id,"prompt":"?","timeout_ms":600000}),
+            )
+            .await;
+        assert_eq!(status, 201);
+    }
+    let seq_of = |id: &'static str| {
+        let db = db.clone();
+        async move {
+            on_db!(db, |ex| sqlx::query_scalar::<_, Option<i64>>(
+                "select seq from input_requests where request_id = $1"
+            )
+            .bind(id)
+            .fetch_optional(ex)
+            .await
+            .unwrap())
+        }
+    };
+    let kept_seq = seq_of("kept").await.flatten().expect("a sequenced request");
+    app.shutdown().await;
+    // "kept" lost its seq after its event was appended; "gone" never got an event (its token
+    // matches none) and was created long ago.
+    let changed = on_db!(db, |ex| sqlx::query(
+        "update input_requests set seq = null,
+           token = case when request_id = 'gone' then 'never-appended' else token end,
+           created_at = $1"
+    )
+    .bind(ago(Duration::from_secs(3600)))
+    .execute(ex)
+    .await
+    .unwrap()
+    .rows_affected());
+    assert_eq!(changed, 2);
+    let _node = TestApp::spawn_with(db.clone(), |c| c.input_sweep_ms = 10).await;
+    let repaired = async {
+        while seq_of("kept").await != Some(Some(kept_seq)) || seq_of("gone").await.is_some() {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(WAIT, repaired)
+        .await
+        .expect("repaired in time");
+}

@@ -8,8 +8,8 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::backend::{backend_test, TestDb};
-use crate::helpers::{TestApp, WAIT};
-use crate::nodes::{spawn_node_with, wait_until};
+use crate::helpers::{wait_until, TestApp, WAIT};
+use crate::nodes::spawn_node_with;
 
 async fn info(app: &TestApp, stream: &str) -> Value {
     app.get_json(&format!("/v1/streams/{stream}")).await

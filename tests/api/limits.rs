@@ -11,7 +11,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::auth::{call, token, SECRET};
 use crate::backend::{backend_test, TestDb};
-use crate::helpers::{TestApp, WAIT};
+use crate::helpers::{read_response, TestApp, WAIT};
 
 /// A loopback address other than 127.0.0.1: another client, as far as per-address limits go.
 const OTHER_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
@@ -323,4 +323,69 @@ async fn a_websocket_flooding_bad_frames_does_not_slow_a_subscriber(db: TestDb) 
     tokio::time::timeout(WAIT, async { tokio::join!(flood, steady) })
         .await
         .expect("both finish in time");
+}
+
+/// Heads the HTTP library itself refuses before any handler runs (more header fields than it
+/// parses, however small; a URL of 64 KiB or more) get the same problem+json as tailcast's
+/// own limits, and a connection that was serving requests before gets it too.
+#[backend_test]
+async fn heads_the_http_library_refuses_get_problem_json(db: TestDb) {
+    let app = TestApp::spawn(db).await;
+    let many: String = (0..101).map(|i| format!("x-{i}: 1\r\n")).collect();
+    let long = format!("/healthz?pad={}", "a".repeat(70 << 10));
+    for (head, status, code) in [
+        (
+            format!("GET /healthz HTTP/1.1\r\nhost: x\r\n{many}\r\n"),
+            431,
+            "headers_too_large",
+        ),
+        (
+            format!("GET {long} HTTP/1.1\r\nhost: x\r\n\r\n"),
+            414,
+            "uri_too_long",
+        ),
+    ] {
+        let mut conn = TcpStream::connect(app.addr).await.unwrap();
+        // A request first: the answer must also replace hyper's on a kept-alive connection.
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(read_response(&mut conn).await.0, 200);
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let (got, body) = read_response(&mut conn).await;
+        assert_eq!(got, status, "{body}");
+        let problem: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(problem["code"], code, "{problem}");
+        assert!(problem["limit"].is_u64(), "{problem}");
+    }
+}
+
+/// A snapshot is built in memory for whoever asks (the REST snapshot, every `from=snapshot`
+/// subscriber): over `--max-snapshot-bytes` of event data it is refused with
+/// `snapshot_too_large` instead, on every surface that builds one.
+#[backend_test]
+async fn a_snapshot_over_the_byte_limit_is_refused(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| c.max_snapshot_bytes = 4000).await;
+    let small: Vec<Value> = (0..3)
+        .map(|k| json!({"key": format!("k{k}"), "data": "x".repeat(1000)}))
+        .collect();
+    app.append("snap", Value::Array(small)).await;
+    let res = app.get("/v1/streams/snap/snapshot").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    // A fourth key puts the newest events over 4000 bytes.
+    app.append("snap", json!({"key":"k3","data":"x".repeat(1000)}))
+        .await;
+    let res = app.get("/v1/streams/snap/snapshot").await;
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body = problem(res).await;
+    assert_eq!(body["code"], "snapshot_too_large", "{body}");
+    assert_eq!(body["limit"], 4000);
+    let res = app.sse("snap", "?from=snapshot", None).await;
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(problem(res).await["code"], "snapshot_too_large");
+    let mut ws = app.ws().await;
+    let reply = ws
+        .request(json!({"op":"subscribe","stream":"snap","from":"snapshot"}))
+        .await;
+    assert_eq!(reply["code"], "snapshot_too_large", "{reply}");
 }

@@ -4,7 +4,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::backend::{backend_test, TestDb};
-use crate::helpers::TestApp;
+use crate::helpers::{head, TestApp};
 use crate::wire::{self, raw_envelopes};
 
 #[backend_test]
@@ -269,7 +269,7 @@ async fn every_rejected_append_has_its_status_and_code_and_leaves_the_log_unchan
     let batch = serde_json::to_string(&vec![json!({"data":0}); 1000]).unwrap();
     let res = app.append_raw("s", "?expected_seq=4", batch).await;
     assert_eq!(res.status(), 201);
-    assert_eq!(wire::head(&app, "s").await, 1004);
+    assert_eq!(head(&app, "s").await, 1004);
 }
 
 #[backend_test]
@@ -323,7 +323,7 @@ async fn expected_seq_appends_only_at_the_given_head(db: TestDb) {
     }
     codes.sort();
     assert_eq!(codes, [201, 409, 409, 409, 409, 409, 409, 409, 409, 409]);
-    assert_eq!(wire::head(&app, "s").await, 4);
+    assert_eq!(head(&app, "s").await, 4);
 }
 
 #[backend_test]

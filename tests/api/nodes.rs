@@ -2,18 +2,15 @@
 //! of its own per node, a TCP proxy in front of PostgreSQL that can be cut, and condition
 //! waits. Terminating sessions and proxying the database's socket are PostgreSQL's.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::time::Duration;
 
-use serde_json::Value;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::backend::TestDb;
-use crate::helpers::{TestApp, WAIT};
+use crate::helpers::TestApp;
 
 /// Starts a node with the given id on its own handle on the test database (see
 /// [`TestDb::node`]).
@@ -47,30 +44,6 @@ pub async fn terminate_backends(admin: &PgPool, pattern: &str) -> i64 {
     .fetch_one(admin)
     .await
     .expect("terminate backends")
-}
-
-/// Polls `check` until it holds (bounded by [`WAIT`]).
-pub async fn wait_until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        // A polling interval, not a synchronisation: the loop exits on the condition.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-pub async fn stats(app: &TestApp) -> Value {
-    app.get_json("/v1/stats").await
 }
 
 /// A TCP proxy to PostgreSQL that can be cut (every connection dropped, new ones closed at

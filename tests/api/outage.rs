@@ -10,8 +10,8 @@ use serde_json::{json, Value};
 use sqlx::postgres::PgPoolOptions;
 
 use crate::backend::{backend_test, TestDb};
-use crate::helpers::{TestApp, WAIT};
-use crate::nodes::{postgres_addr, spawn_node_with, stats, terminate_backends, wait_until, Proxy};
+use crate::helpers::{stats, wait_until, TestApp, WAIT};
+use crate::nodes::{postgres_addr, spawn_node_with, terminate_backends, Proxy};
 
 async fn status_of(app: &TestApp, path: &str) -> u16 {
     app.get(path).await.status().as_u16()

@@ -10,9 +10,9 @@ use tokio::time::Instant;
 
 use crate::auth::{call, spawn_secured, token, ADMIN};
 use crate::backend::{backend_test, TestDb};
-use crate::helpers::{TestApp, WAIT};
+use crate::helpers::{stats, wait_until, TestApp, WAIT};
 use crate::node_process::NodeProcess;
-use crate::nodes::{spawn_node_with, stats, wait_until};
+use crate::nodes::spawn_node_with;
 use crate::ws_client::WsClient;
 
 impl TestApp {

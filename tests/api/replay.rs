@@ -8,8 +8,8 @@ use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
 use crate::backend::{backend_test, TestDb};
-use crate::helpers::{read_response, TestApp};
-use crate::wire::{self, raw_envelopes, seq, wait_until};
+use crate::helpers::{head, read_response, wait_until, TestApp};
+use crate::wire::{self, raw_envelopes, seq};
 
 async fn problem(res: reqwest::Response, status: u16, code: &str) -> Value {
     assert_eq!(res.status(), status, "status for {code}");
@@ -355,7 +355,7 @@ async fn appends_racing_a_delete_leave_a_consistent_log(db: TestDb) {
         }));
     }
     wait_until("some appends to land", || async {
-        wire::head(&app, "s").await > 40
+        head(&app, "s").await > 40
     })
     .await;
     let res = app

@@ -15,9 +15,8 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
 use crate::backend::{backend_test, TestDb};
-use crate::helpers::{SseClient, TestApp, WAIT};
+use crate::helpers::{stats, wait_until, SseClient, TestApp, WAIT};
 use crate::pgcluster::PrivateCluster;
-use crate::wire::{stats, wait_until};
 
 /// A primary, a hot standby following it, and a test database on the primary.
 struct Pair {

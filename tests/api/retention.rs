@@ -8,8 +8,7 @@ use tailcast::log::retention::{self, Policy};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{ago, backend_test, on_db, TestDb};
-use crate::helpers::TestApp;
-use crate::nodes::wait_until;
+use crate::helpers::{wait_until, TestApp};
 
 async fn oldest(app: &TestApp, stream: &str) -> i64 {
     app.get_json(&format!("/v1/streams/{stream}")).await["oldest_seq"]

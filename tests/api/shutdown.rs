@@ -9,8 +9,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::backend::{backend_test, on_db, TestDb};
-use crate::helpers::{listening_addr, terminate, SseClient, TestApp, WAIT};
-use crate::nodes::wait_until;
+use crate::helpers::{listening_addr, terminate, wait_until, SseClient, TestApp, WAIT};
 
 /// Outcome per event id: `Some(seq)` acknowledged, `None` failed.
 type Outcomes = Arc<Mutex<HashMap<String, Option<i64>>>>;

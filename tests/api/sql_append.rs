@@ -12,8 +12,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::backend::{backend_test, TestDb};
-use crate::helpers::TestApp;
-use crate::nodes::{spawn_node, wait_until};
+use crate::helpers::{wait_until, TestApp};
+use crate::nodes::spawn_node;
 
 /// `select tailcast.append(stream, type, data, id)` in `tx`: the event's seq.
 async fn sql_append(

@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 
 use crate::backend::{backend_test, on_db, TestDb};
-use crate::helpers::{TestApp, WAIT};
+use crate::helpers::{stats, wait_until, TestApp, WAIT};
 use crate::wire::{self, open_sse, raw_envelopes, seq};
 
 #[backend_test]
@@ -348,8 +348,8 @@ async fn subscribing_to_a_missing_stream_waits_for_it(db: TestDb) {
 }
 
 async fn wait_until_subscribed(app: &TestApp, n: u64) {
-    wire::wait_until("subscriptions to register", || async {
-        wire::stats(app).await["subscriptions"].as_u64() == Some(n)
+    wait_until("subscriptions to register", || async {
+        stats(app).await["subscriptions"].as_u64() == Some(n)
     })
     .await;
 }
@@ -369,6 +369,7 @@ async fn live_events_of_a_deleted_incarnation_do_not_reach_a_new_subscriber(db: 
         reader: tailcast::log::LogReader::new(db.db.clone(), tailcast::log::Replicas::none()),
         hub: hub.clone(),
         page: 100,
+        snapshot_bytes: usize::MAX,
     };
     let name = StreamName::parse("reborn").unwrap();
     let (mut sub, opened) = Subscription::open(

@@ -5,7 +5,7 @@
 use serde_json::json;
 
 use crate::backend::{backend_test, TestDb};
-use crate::helpers::TestApp;
+use crate::helpers::{wait_until, TestApp};
 use crate::wire::{self, Frames, Http};
 
 async fn ui_get(app: &TestApp, stream: &str, query: &str, last_id: Option<&str>) -> Http {
@@ -181,7 +181,7 @@ async fn a_retention_gap_is_an_error_chunk_then_the_rest(db: TestDb) {
     .await;
     let c = chunks();
     app.append("chat", ui_events(&c)).await; // 1..=6; 4..=6 kept
-    wire::wait_until("trimmed to the newest 3", || async {
+    wait_until("trimmed to the newest 3", || async {
         app.get_json("/v1/streams/chat").await["oldest_seq"] == 4
     })
     .await;

@@ -18,9 +18,8 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 
 use crate::backend::{backend_test, TestDb};
-use crate::helpers::{TestApp, WAIT};
+use crate::helpers::{wait_until, TestApp, WAIT};
 use crate::node_process::NodeProcess;
-use crate::nodes::wait_until;
 
 pub(crate) const SECRET: &str = "a-webhook-secret-of-32-bytes-ok!";
 

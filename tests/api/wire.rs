@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::time::Duration;
 
 use bytes::Bytes;
 use eventsource_stream::{Event, Eventsource};
@@ -18,7 +17,6 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 use crate::backend::{on_db, TestDb};
 use crate::helpers::{listening_addr, TestApp, WAIT};
@@ -278,27 +276,6 @@ impl Frames {
     }
 }
 
-/// Waits (bounded) until `cond` holds, re-checking it every few milliseconds.
-pub async fn wait_until<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if cond().await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// `GET /v1/stats`.
-pub async fn stats(app: &TestApp) -> Value {
-    app.get_json("/v1/stats").await
-}
-
 /// The raw envelopes of a stream as the REST replay returns them, byte for byte.
 pub async fn raw_envelopes(app: &TestApp, stream: &str) -> Vec<String> {
     #[derive(serde::Deserialize)]
@@ -322,16 +299,6 @@ pub async fn raw_envelopes(app: &TestApp, stream: &str) -> Vec<String> {
         after = page.next_after;
         out.extend(page.events.into_iter().map(|e| e.get().to_owned()));
     }
-}
-
-/// A stream's head as `GET /v1/streams/{stream}` reports it (0 if it does not exist).
-pub async fn head(app: &TestApp, stream: &str) -> i64 {
-    let res = app.get(&format!("/v1/streams/{stream}")).await;
-    if res.status() == 404 {
-        return 0;
-    }
-    let v: Value = res.json().await.unwrap();
-    v["head"].as_i64().unwrap()
 }
 
 /// Simulates retention: removes events `1..=upto` of `stream` as the retention task would.

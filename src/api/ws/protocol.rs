@@ -376,9 +376,7 @@ pub fn error_reply(reference: Option<&RawValue>, error: &Error) -> Message {
 
 /// The `error` op, naming the stream it concerns.
 pub fn error_with(reference: Option<&RawValue>, error: &Error, stream: Option<&str>) -> Message {
-    if let Error::Internal(cause) = error {
-        tracing::error!(%cause, "internal error on a WebSocket");
-    }
+    error.log();
     let mut body = match error.ws_op(None) {
         serde_json::Value::Object(m) => m,
         _ => serde_json::Map::new(),
