@@ -17,8 +17,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::backend::{backend_test, TestDb};
-use crate::helpers::TestApp;
-use crate::nodes::wait_until;
+use crate::helpers::{wait_until, TestApp};
 use crate::webhooks::{check_inbox, receiver, register, Inbox, SECRET};
 
 /// A private certificate authority.
