@@ -8,15 +8,17 @@
 -- constant default: adding the column rewrites no row.
 alter table events add column append boolean not null default false;
 
--- `tailcast.append_jobs` takes the flag per event: `e_append`, added at the end with a default
--- of null (no event appends), so callers that do not pass it are unchanged. A new argument
--- list is a new function in PostgreSQL: drop the old one, or `tailcast.append_many`'s call with
--- fewer arguments would be ambiguous between the two.
+-- `tailcast.append_jobs` takes per event its author, `e_by` (events."by", added by
+-- 20261128000004_presence.sql), and the flag, `e_append`: both added at the end with a default
+-- of null, so callers that do not pass them are unchanged. A new argument list is a new
+-- function in PostgreSQL: drop the old one, or `tailcast.append_many`'s call with fewer
+-- arguments would be ambiguous between the two.
 drop function tailcast.append_jobs(text, uuid, timestamptz, text[], int[], bigint[], boolean[],
-                                   text[], text[], text[], text[], bytea[], text[]);
+                                   text[], text[], text[], text[], bytea[]);
 
--- Arguments and results as in 20261128000003_sql_append.sql and 20261128000004_presence.sql
--- (e_by), and:
+-- Arguments and results as in 20261128000003_sql_append.sql, and:
+--   e_by        per event: the author (events."by"), or null; null for the whole array when
+--               no event has one.
 --   e_append    per event: it extends the message of its key (events.append); null for the
 --               whole array when no event does.
 create function tailcast.append_jobs(
