@@ -290,6 +290,8 @@ describe("console", () => {
     await waitFor(async () => (await names()).length === 2, "closed streams back");
     await page.click('#streams li[data-stream="filter:beta"] a');
     await waitFor(async () => (await page.textContent("#stream-status")) === "closed", "the closed status");
+    // The status can come from the stream's metadata before its events have been rendered.
+    await waitFor(async () => (await rowSeqs(page)).length >= 2, "the closed stream's events");
     assert.deepEqual(await rowSeqs(page), [1, 2]);
     // Nothing to stop or close on a closed stream: the buttons say so before anyone clicks.
     assert.equal(await page.isDisabled("#stop-btn"), true);
