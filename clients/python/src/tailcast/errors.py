@@ -53,6 +53,7 @@ __all__ = [
     "EventTooLarge",
     "BatchTooLarge",
     "PayloadTooLarge",
+    "SnapshotTooLarge",
     "UriTooLong",
     "HeadersTooLarge",
     "InputInvalid",
@@ -311,6 +312,10 @@ class PayloadTooLarge(TooLarge):
     pass
 
 
+class SnapshotTooLarge(TooLarge):
+    """The newest events per key are over the server's ``--max-snapshot-bytes``."""
+
+
 class UriTooLong(TooLarge):
     pass
 
@@ -440,6 +445,7 @@ ERROR_CODES: Dict[str, Type[ApiError]] = {
     "event_too_large": EventTooLarge,
     "batch_too_large": BatchTooLarge,
     "payload_too_large": PayloadTooLarge,
+    "snapshot_too_large": SnapshotTooLarge,
     "uri_too_long": UriTooLong,
     "headers_too_large": HeadersTooLarge,
     "input_invalid": InputInvalid,
