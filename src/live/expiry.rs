@@ -8,8 +8,6 @@
 //! request's idempotency id, so a repeated one is a duplicate, never a second event: that is
 //! what makes "exactly once" hold across nodes and restarts.
 
-use tokio::time::{interval, MissedTickBehavior};
-
 use crate::api::inputs::announce;
 use crate::app::AppState;
 use crate::error::Error;
@@ -24,17 +22,11 @@ const ANNOUNCE_GRACE_S: f64 = 10.0;
 const CREATE_GRACE_S: f64 = 60.0;
 
 pub async fn run(app: AppState) {
-    let mut ticks = interval(app.config.input_sweep());
-    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = app.shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
-        if let Err(e) = sweep(&app).await {
-            tracing::warn!(error = %e, "input request sweep failed; retrying next pass");
-        }
-    }
+    let period = app.config.input_sweep();
+    super::sweep_every(app, period, "input request", |app| async move {
+        sweep(&app).await
+    })
+    .await
 }
 
 /// One pass; returns how many requests it expired.

@@ -11,7 +11,6 @@
 
 use chrono::Utc;
 use serde_json::json;
-use tokio::time::{interval, MissedTickBehavior};
 
 use crate::app::AppState;
 use crate::error::Error;
@@ -27,17 +26,8 @@ const BATCH: i64 = 200;
 pub const REASON_ABANDONED: &str = "abandoned";
 
 pub async fn run(app: AppState) {
-    let mut ticks = interval(app.config.lease_sweep());
-    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = app.shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
-        if let Err(e) = sweep(&app).await {
-            tracing::warn!(error = %e, "lease sweep failed; retrying next pass");
-        }
-    }
+    let period = app.config.lease_sweep();
+    super::sweep_every(app, period, "lease", |app| async move { sweep(&app).await }).await
 }
 
 /// One pass; returns how many streams this node closed.
