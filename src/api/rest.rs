@@ -244,13 +244,16 @@ async fn read_events(
         }
     };
     let compact = parse_flag("compact", p.compact.as_deref())?;
+    if compact {
+        compact::Surface::Rest.count_read();
+    }
     if wants_ndjson(&headers) {
         return Ok(export(app, stream, row, after, compact));
     }
     if compact {
         // `limit` counts the events sent, a folded one as one.
         let limits = compacted_limits(&app, limit as usize, REPLAY_PAGE_BYTES as usize);
-        let page = compact::read_page(&app.db, &stream, row.id, after, row.head, limits).await?;
+        let page = compact::read_page(&app.reader, &stream, &row, after, limits).await?;
         let envelopes = page.events.iter().map(|f| f.envelope.clone());
         return Ok(events_page(&stream, envelopes, page.next_after, &row));
     }
@@ -355,8 +358,7 @@ fn export(
                 if compact {
                     let limits = compacted_limits(&app, page as usize, PAGE_BYTES as usize);
                     let page =
-                        compact::read_page(&app.db, &stream, row.id, cursor, row.head, limits)
-                            .await?;
+                        compact::read_page(&app.reader, &stream, &row, cursor, limits).await?;
                     let envelopes: Vec<Bytes> =
                         page.events.iter().map(|f| f.envelope.clone()).collect();
                     Ok::<_, sqlx::Error>((envelopes, page.next_after))
