@@ -438,6 +438,34 @@ impl Folder {
     }
 }
 
+/// A compacted snapshot: `events` — each key's events from its current message's start,
+/// ordered by key, then seq (see `store::snapshot_messages`) — folded into one event per
+/// message (more where a run ends early: another type or author, the byte bound), in the same
+/// key order. Events whose type `keep` refuses are dropped before folding, as in a read.
+pub fn fold_snapshot(
+    stream: &StreamName,
+    events: Vec<StoredEvent>,
+    surface: Surface,
+    keep: impl Fn(&str) -> bool,
+) -> Vec<Arc<Frame>> {
+    let mut out = Vec::new();
+    let mut folder = Folder::new(stream.clone(), Compaction::Messages, surface);
+    let mut key: Option<String> = None;
+    for ev in events {
+        if !keep(&ev.ty) {
+            continue;
+        }
+        if ev.key != key {
+            // Another key's message: the previous one is complete.
+            folder.flush(&mut out);
+            key.clone_from(&ev.key);
+        }
+        folder.feed(ev, &mut out);
+    }
+    folder.flush(&mut out);
+    out
+}
+
 /// One page of a compacted REST read.
 pub struct Page {
     pub events: Vec<Arc<Frame>>,

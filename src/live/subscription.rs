@@ -32,7 +32,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::compact::{Compaction, Folder, Surface};
+use super::compact::{self, Compaction, Folder, Surface};
 use super::frame::Frame;
 use super::hub::{Hub, LiveMsg, LiveReceiver};
 use crate::error::Error;
@@ -270,7 +270,10 @@ impl Subscription {
                         let events = store::snapshot_messages(&self.src.db, r.id, at, limit)
                             .await?
                             .ok_or(Error::SnapshotTooLarge { limit })?;
-                        self.fold_snapshot(events, surface)
+                        let filter = &self.filter;
+                        compact::fold_snapshot(&self.stream, events, surface, |ty| {
+                            filter.passes(ty)
+                        })
                     }
                     _ => store::snapshot(&self.src.db, r.id, at, limit)
                         .await?
@@ -287,31 +290,6 @@ impl Subscription {
                 at
             }
         })
-    }
-
-    /// A compacted snapshot: each key's events (from its current message's start, ordered by
-    /// key and seq) folded into its message, the filter applied first (as in a catch-up).
-    fn fold_snapshot(
-        &self,
-        events: Vec<crate::log::StoredEvent>,
-        surface: Surface,
-    ) -> Vec<Arc<Frame>> {
-        let mut out = Vec::new();
-        let mut folder = Folder::new(self.stream.clone(), Compaction::Messages, surface);
-        let mut key: Option<String> = None;
-        for ev in events {
-            if !self.filter.passes(&ev.ty) {
-                continue;
-            }
-            if ev.key != key {
-                // Another key's message: the previous one is complete.
-                folder.flush(&mut out);
-                key.clone_from(&ev.key);
-            }
-            folder.feed(ev, &mut out);
-        }
-        folder.flush(&mut out);
-        out
     }
 
     fn notice(

@@ -18,6 +18,7 @@ use tailcast::{App, Config};
 
 use crate::backend::{backend_test, TestDb};
 use crate::helpers::{wait_until, TestApp, WAIT};
+use crate::node_process::NodeProcess;
 use crate::wire::{self, Next};
 
 /// A message as a reader holds it: its key (None: an event without one) and its data.
@@ -435,6 +436,11 @@ async fn a_compacted_snapshot_sends_each_keys_current_message(db: TestDb) {
         folded(8, "a", json!({"role":"assistant","text":"Hello"}), 3, false),
         raw[8].clone(),
     ];
+    // GET …/snapshot?compact=1: the same messages, by key (as its latest events are).
+    let rest = app.get_json("/v1/streams/snap/snapshot?compact=1").await;
+    assert_eq!(rest["at"], 9);
+    let by_key = [want[1].clone(), want[0].clone(), want[2].clone()];
+    assert_eq!(rest["events"], json!(by_key), "{rest}");
 
     let mut sse = wire::open_sse(&app, "snap", "?from=snapshot&compact=1", None)
         .await
@@ -559,4 +565,59 @@ async fn a_lagging_compacted_subscription_catches_up_compacted(db: TestDb) {
     let live = next(&mut sub).await;
     assert_eq!((wire::seq(&live), live.get("folded")), (12, None));
     state.shutdown.cancel();
+}
+
+/// `tailcast_compact_reads_total` and `tailcast_compact_folded_events_total` count each
+/// surface's compacted reads and the events folded away (n - 1 per folded event). The node is
+/// a process of its own, so its `/metrics` holds this test's counts alone and exact values can
+/// be asserted; the counting is the same on either store.
+#[backend_test(postgres)]
+async fn compaction_metrics_count_reads_and_folded_events_by_surface(db: TestDb) {
+    let node = NodeProcess::start(db.url(), &[]).await;
+    let app = TestApp::attach(node.addr, db.clone());
+    let counts = || async {
+        let text = app.get("/metrics").await.text().await.unwrap();
+        let value = |name: &str, surface: &str| -> i64 {
+            let series = format!("{name}{{surface=\"{surface}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(series.as_str())?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("/metrics lacks {series}:\n{text}"))
+        };
+        ["rest", "sse", "ws", "ui"].map(|s| {
+            (
+                value("tailcast_compact_reads_total", s),
+                value("tailcast_compact_folded_events_total", s),
+            )
+        })
+    };
+    assert_eq!(counts().await, [(0, 0); 4]);
+
+    // One message of ten events, then the close.
+    let mut batch = vec![json!({"key":"m","data":"0"})];
+    batch.extend((1..10).map(|i| json!({"key":"m","append":true,"data":i.to_string()})));
+    app.append("metered", Value::from(batch)).await;
+    assert_eq!(app.close_stream("metered", None).await.status(), 201);
+
+    let page = app.get_json("/v1/streams/metered/events?compact=1").await;
+    assert_eq!(page["events"][0]["folded"], 10, "{page}");
+    let mut sse = wire::open_sse(&app, "metered", "?compact=1", None)
+        .await
+        .sse();
+    assert_eq!(sse.envelope().await["folded"], 10);
+    assert_eq!(sse.envelope().await["type"], "stream.closed");
+    sse.expect_end().await;
+    let got = compacted_ws(&app, "metered", 0, 11).await;
+    assert_eq!(got[0]["folded"], 10);
+    // The AI SDK view: no `ui` events here, nothing to fold.
+    let res = wire::get(
+        app.addr,
+        "/v1/streams/metered/ui-message-stream?compact=1",
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(res.status, 200);
+    assert_eq!(res.text().await.trim_end(), "data: [DONE]");
+
+    assert_eq!(counts().await, [(1, 9), (1, 9), (1, 9), (1, 0)]);
 }
