@@ -180,9 +180,6 @@ impl Subscription {
         end_on_close: bool,
         compact: Option<(Compaction, Surface)>,
     ) -> Result<(Subscription, Opened), Error> {
-        if let Some((_, surface)) = compact {
-            surface.count_read();
-        }
         // Register for live events before reading anything: see the module comment.
         let live = src.hub.subscribe(&stream);
         let row = store::stream(&src.db, stream.as_str()).await?;
@@ -217,6 +214,9 @@ impl Subscription {
             closed: row.as_ref().is_some_and(|r| r.closed),
             cursor,
         };
+        if let Some((_, surface)) = compact {
+            surface.count_read();
+        }
         Ok((sub, opened))
     }
 
