@@ -621,3 +621,31 @@ async fn compaction_metrics_count_reads_and_folded_events_by_surface(db: TestDb)
 
     assert_eq!(counts().await, [(1, 9), (1, 9), (1, 9), (1, 0)]);
 }
+
+/// A compacted snapshot loads each key's whole current message: `--max-snapshot-bytes`
+/// counts all of it, so one the latest events fit in may be refused compacted
+/// (`snapshot_too_large`), on the endpoint and on subscriptions alike.
+#[backend_test]
+async fn a_compacted_snapshot_counts_whole_messages_against_the_limit(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| c.max_snapshot_bytes = 4000).await;
+    let token = json!({"key":"m","append":true,"data":"x".repeat(1000)});
+    app.append("big", json!([{"key":"m","data":"start"}, token, token]))
+        .await;
+    let plain = app.get("/v1/streams/big/snapshot").await;
+    assert_eq!(plain.status(), 200);
+    let compacted = app.get_json("/v1/streams/big/snapshot?compact=1").await;
+    assert_eq!(compacted["events"][0]["folded"], 3, "{compacted}");
+    app.append("big", json!([token, token])).await;
+    assert_eq!(app.get("/v1/streams/big/snapshot").await.status(), 200);
+    let res = app.get("/v1/streams/big/snapshot?compact=1").await;
+    assert_eq!(res.status(), 413);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["code"], "snapshot_too_large", "{body}");
+    let res = app.sse("big", "?from=snapshot&compact=1", None).await;
+    assert_eq!(res.status(), 413);
+    let mut ws = app.ws().await;
+    let reply = ws
+        .request(json!({"op":"subscribe","stream":"big","from":"snapshot","compact":true}))
+        .await;
+    assert_eq!(reply["code"], "snapshot_too_large", "{reply}");
+}
