@@ -24,6 +24,10 @@ pub const DELIVERED_EVENTS: &str = "tailcast_delivered_events_total";
 pub const DELIVERY_LATENCY: &str = "tailcast_delivery_latency_seconds";
 pub const CATCHUP_READS: &str = "tailcast_catchup_reads_total";
 pub const LAG_FALLBACKS: &str = "tailcast_lag_fallbacks_total";
+/// Compacted reads served, by surface (see `live::compact`).
+pub const COMPACT_READS: &str = "tailcast_compact_reads_total";
+/// Log events compacted reads did not send on their own, by surface.
+pub const COMPACT_FOLDED: &str = "tailcast_compact_folded_events_total";
 /// Log pages (replay, export, catch-up) a read replica served.
 pub const REPLICA_PAGES: &str = "tailcast_replica_pages_total";
 /// Log pages read from the primary although read replicas are configured, by reason.
@@ -77,6 +81,14 @@ const DELIVERY: &[&[(&str, &str)]] = &[
     &[("transport", "ui")],
 ];
 
+/// Where compacted reads are served (`live::compact::Surface`).
+const COMPACT_SURFACES: &[&[(&str, &str)]] = &[
+    &[("surface", "rest")],
+    &[("surface", "sse")],
+    &[("surface", "ws")],
+    &[("surface", "ui")],
+];
+
 /// Every metric tailcast exports. `build_info` and the pool and process gauges are set when
 /// `/metrics` is read (see [`refresh`]).
 const SPECS: &[Spec] = &[
@@ -95,6 +107,8 @@ const SPECS: &[Spec] = &[
     Spec { name: CATCHUP_READS, kind: Kind::Counter, unit: Unit::Count, help: "Pages read from the log by subscribers catching up.", series: ONE },
     Spec { name: REPLICA_PAGES, kind: Kind::Counter, unit: Unit::Count, help: "Log pages (replay, NDJSON export, subscription catch-up) read from a read replica (--database-read-url).", series: ONE },
     Spec { name: REPLICA_FALLBACKS, kind: Kind::Counter, unit: Unit::Count, help: "Log pages read from the primary although read replicas are configured: the replica had not replayed far enough (lagging), or failed, timed out or was being skipped after a failure (unavailable).", series: &[&[("reason", "lagging")], &[("reason", "unavailable")]] },
+    Spec { name: COMPACT_READS, kind: Kind::Counter, unit: Unit::Count, help: "Compacted reads served, by surface (rest: a JSON page or NDJSON export with compact=1; sse, ws: a compacted subscription; ui: the AI SDK view with compact=1).", series: COMPACT_SURFACES },
+    Spec { name: COMPACT_FOLDED, kind: Kind::Counter, unit: Unit::Count, help: "Log events compacted reads did not send on their own, by surface: a folded event standing for n events counts n - 1.", series: COMPACT_SURFACES },
     Spec { name: LAG_FALLBACKS, kind: Kind::Counter, unit: Unit::Count, help: "Subscribers that overflowed their stream's live buffer and re-read the log.", series: ONE },
     Spec { name: SLOW_CONSUMER_DISCONNECTS, kind: Kind::Counter, unit: Unit::Count, help: "Clients disconnected for accepting no bytes for the write timeout (http: any HTTP response, e.g. SSE; ws: WebSocket).", series: &[&[("transport", "http")], &[("transport", "ws")]] },
     Spec { name: INPUT_REQUESTS, kind: Kind::Counter, unit: Unit::Count, help: "Input requests created (requested) and resolved (answered, expired).", series: &[&[("outcome", "requested")], &[("outcome", "answered")], &[("outcome", "expired")]] },

@@ -244,13 +244,16 @@ async fn read_events(
         }
     };
     let compact = parse_flag("compact", p.compact.as_deref())?;
+    if compact {
+        compact::Surface::Rest.count_read();
+    }
     if wants_ndjson(&headers) {
         return Ok(export(app, stream, row, after, compact));
     }
     if compact {
         // `limit` counts the events sent, a folded one as one.
         let limits = compacted_limits(&app, limit as usize, REPLAY_PAGE_BYTES as usize);
-        let page = compact::read_page(&app.db, &stream, row.id, after, row.head, limits).await?;
+        let page = compact::read_page(&app.reader, &stream, &row, after, limits).await?;
         let envelopes = page.events.iter().map(|f| f.envelope.clone());
         return Ok(events_page(&stream, envelopes, page.next_after, &row));
     }
@@ -355,8 +358,7 @@ fn export(
                 if compact {
                     let limits = compacted_limits(&app, page as usize, PAGE_BYTES as usize);
                     let page =
-                        compact::read_page(&app.db, &stream, row.id, cursor, row.head, limits)
-                            .await?;
+                        compact::read_page(&app.reader, &stream, &row, cursor, limits).await?;
                     let envelopes: Vec<Bytes> =
                         page.events.iter().map(|f| f.envelope.clone()).collect();
                     Ok::<_, sqlx::Error>((envelopes, page.next_after))
@@ -401,17 +403,40 @@ fn export(
     res
 }
 
+#[derive(Deserialize)]
+struct SnapshotParams {
+    compact: Option<String>,
+}
+
 async fn snapshot(
     State(app): State<AppState>,
     who: Principal,
     Stream(stream): Stream,
+    Query(p): Query<SnapshotParams>,
 ) -> Result<Response> {
     who.check(Grant::Read, &stream)?;
+    let compact = parse_flag("compact", p.compact.as_deref())?;
     let row = existing_stream(&app, &stream).await?;
     let limit = app.config.max_snapshot_bytes;
-    let events = store::snapshot(&app.db, row.id, row.head, limit)
-        .await?
-        .ok_or(Error::SnapshotTooLarge { limit })?;
+    let too_large = || Error::SnapshotTooLarge { limit };
+    let envelopes: Vec<Bytes> = if compact {
+        // Each key's current message, folded (by key, as the latest events are).
+        compact::Surface::Rest.count_read();
+        let events = store::snapshot_messages(&app.db, row.id, row.head, limit)
+            .await?
+            .ok_or_else(too_large)?;
+        compact::fold_snapshot(&stream, events, compact::Surface::Rest, |_| true)
+            .iter()
+            .map(|f| f.envelope.clone())
+            .collect()
+    } else {
+        store::snapshot(&app.db, row.id, row.head, limit)
+            .await?
+            .ok_or_else(too_large)?
+            .iter()
+            .map(|ev| encode_envelope(stream.as_str(), ev))
+            .collect()
+    };
     let mut body = BytesMut::new();
     body.put_slice(b"{\"stream\":");
     body.put_slice(
@@ -420,11 +445,11 @@ async fn snapshot(
             .as_bytes(),
     );
     body.put_slice(format!(",\"at\":{},\"events\":[", row.head).as_bytes());
-    for (i, ev) in events.iter().enumerate() {
+    for (i, envelope) in envelopes.iter().enumerate() {
         if i > 0 {
             body.put_u8(b',');
         }
-        body.put_slice(&encode_envelope(stream.as_str(), ev));
+        body.put_slice(envelope);
     }
     body.put_slice(b"]}");
     Ok(([(header::CONTENT_TYPE, "application/json")], body.freeze()).into_response())

@@ -24,7 +24,7 @@ use crate::auth::{Grant, Principal};
 use crate::error::{Error, Result};
 use crate::live::frame::put_sse_data;
 use crate::live::presence::PresenceGuard;
-use crate::live::{Compaction, Filter, Item, Start, Subscription};
+use crate::live::{Compaction, Filter, Item, Start, Subscription, Surface};
 use crate::log::StreamName;
 use crate::metrics as m;
 
@@ -128,10 +128,9 @@ async fn sse(
     let compact = parse_flag("compact", params.compact.as_deref())?;
     let filter = parse_types(params.types.as_deref());
     let snapshot = start == Start::Snapshot;
-    let (mut sub, opened) = Subscription::open(app.source(), stream, start, filter, true).await?;
-    if compact {
-        sub.compact(Compaction::Messages);
-    }
+    let compact = compact.then_some((Compaction::Messages, Surface::Sse));
+    let (sub, opened) =
+        Subscription::open_compacted(app.source(), stream, start, filter, true, compact).await?;
     if opened.closed && opened.cursor >= opened.head && !snapshot {
         // Tells EventSource to stop reconnecting: there is nothing more, ever.
         return Ok(StatusCode::NO_CONTENT.into_response());

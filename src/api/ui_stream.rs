@@ -29,7 +29,7 @@ use crate::app::AppState;
 use crate::auth::{Grant, Principal};
 use crate::error::Result;
 use crate::live::frame::put_sse_data;
-use crate::live::{Compaction, Filter, Item, Notice, Start, Subscription};
+use crate::live::{Compaction, Filter, Item, Notice, Start, Subscription, Surface};
 use crate::log::model::TYPE_STREAM_CLOSED;
 use crate::log::StreamName;
 
@@ -65,12 +65,12 @@ async fn ui_message_stream(
     let label = super::presence::parse_label(params.label.as_deref())?;
     let compact = parse_flag("compact", params.compact.as_deref())?;
     let filter = Filter::types([TYPE_UI.to_owned()]);
-    let (mut sub, opened) =
-        Subscription::open(app.source(), stream, Start::After(after), filter, true).await?;
-    if compact {
-        // The catch-up's text and reasoning deltas come joined, one chunk per run of a part.
-        sub.compact(Compaction::UiDeltas);
-    }
+    // Compacted: the catch-up's text and reasoning deltas come joined, one chunk per run of a
+    // part.
+    let compact = compact.then_some((Compaction::UiDeltas, Surface::Ui));
+    let start = Start::After(after);
+    let (sub, opened) =
+        Subscription::open_compacted(app.source(), stream, start, filter, true, compact).await?;
     if !opened.exists {
         // The AI SDK's "no active stream": `reconnectToStream` resolves to null.
         return Ok(StatusCode::NO_CONTENT.into_response());

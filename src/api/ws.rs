@@ -38,7 +38,7 @@ use crate::app::{AppState, ConnectionGuard, Transport};
 use crate::auth::{Grant, Principal};
 use crate::error::Error;
 use crate::live::presence::{Notice, PresenceGuard};
-use crate::live::{Compaction, Item, Start, Subscription};
+use crate::live::{Compaction, Item, Start, Subscription, Surface};
 use crate::log::model::{format_time, TYPE_STREAM_CLOSED};
 use crate::log::{AppendSpec, StreamName};
 use crate::metrics as m;
@@ -425,11 +425,16 @@ impl Connection {
                     return Err(Error::TooManySubscriptions { limit });
                 }
                 let snapshot = start == Start::Snapshot;
-                let (mut sub, opened) =
-                    Subscription::open(app.source(), stream.clone(), start, filter, true).await?;
-                if compact {
-                    sub.compact(Compaction::Messages);
-                }
+                let compact = compact.then_some((Compaction::Messages, Surface::Ws));
+                let (sub, opened) = Subscription::open_compacted(
+                    app.source(),
+                    stream.clone(),
+                    start,
+                    filter,
+                    true,
+                    compact,
+                )
+                .await?;
                 let body = json!({
                     "stream": stream,
                     "head": opened.head,

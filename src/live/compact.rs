@@ -52,7 +52,8 @@ use serde_json::value::RawValue;
 use super::frame::Frame;
 use crate::log::model::StoredEvent;
 use crate::log::store;
-use crate::log::{Db, StreamName};
+use crate::log::{LogReader, StreamName};
+use crate::metrics as m;
 
 /// Most data bytes one run folds before it is sent and the next starts.
 pub const FOLD_MAX_BYTES: usize = 1 << 20;
@@ -64,6 +65,35 @@ pub enum Compaction {
     Messages,
     /// Consecutive text and reasoning deltas of one part become one chunk (the AI SDK view).
     UiDeltas,
+}
+
+/// Where a compacted read is served: the `surface` label of its metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// `GET …/events?compact=1`, JSON pages and the NDJSON export.
+    Rest,
+    Sse,
+    Ws,
+    /// The AI SDK UI message stream view.
+    Ui,
+}
+
+impl Surface {
+    pub const ALL: [Surface; 4] = [Surface::Rest, Surface::Sse, Surface::Ws, Surface::Ui];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Surface::Rest => "rest",
+            Surface::Sse => "sse",
+            Surface::Ws => "ws",
+            Surface::Ui => "ui",
+        }
+    }
+
+    /// Counts one compacted read (a REST page or export, a subscription) served here.
+    pub fn count_read(self) {
+        metrics::counter!(m::COMPACT_READS, "surface" => self.label()).increment(1);
+    }
 }
 
 /// JSON data as the merge rule sees it: only strings and objects' top levels matter.
@@ -346,14 +376,16 @@ fn join_delta(acc: &mut Data, w: Data) {
 pub struct Folder {
     stream: StreamName,
     rule: Compaction,
+    surface: Surface,
     run: Option<Run>,
 }
 
 impl Folder {
-    pub fn new(stream: StreamName, rule: Compaction) -> Self {
+    pub fn new(stream: StreamName, rule: Compaction, surface: Surface) -> Self {
         Folder {
             stream,
             rule,
+            surface,
             run: None,
         }
     }
@@ -396,9 +428,42 @@ impl Folder {
     /// Sends the open run, if any.
     pub fn flush(&mut self, out: &mut Vec<Arc<Frame>>) {
         if let Some(run) = self.run.take() {
+            if run.n > 1 {
+                // The events this one stands for that were not sent on their own.
+                metrics::counter!(m::COMPACT_FOLDED, "surface" => self.surface.label())
+                    .increment(run.n as u64 - 1);
+            }
             out.push(run.finish(&self.stream));
         }
     }
+}
+
+/// A compacted snapshot: `events` — each key's events from its current message's start,
+/// ordered by key, then seq (see `store::snapshot_messages`) — folded into one event per
+/// message (more where a run ends early: another type or author, the byte bound), in the same
+/// key order. Events whose type `keep` refuses are dropped before folding, as in a read.
+pub fn fold_snapshot(
+    stream: &StreamName,
+    events: Vec<StoredEvent>,
+    surface: Surface,
+    keep: impl Fn(&str) -> bool,
+) -> Vec<Arc<Frame>> {
+    let mut out = Vec::new();
+    let mut folder = Folder::new(stream.clone(), Compaction::Messages, surface);
+    let mut key: Option<String> = None;
+    for ev in events {
+        if !keep(&ev.ty) {
+            continue;
+        }
+        if ev.key != key {
+            // Another key's message: the previous one is complete.
+            folder.flush(&mut out);
+            key.clone_from(&ev.key);
+        }
+        folder.feed(ev, &mut out);
+    }
+    folder.flush(&mut out);
+    out
 }
 
 /// One page of a compacted REST read.
@@ -420,26 +485,35 @@ pub struct PageLimits {
     pub read_bytes: i64,
 }
 
-/// The events with `after < seq <= upto`, compacted, up to `limits` (at least one event if
-/// there is one): one pass over byte-bounded log pages, holding one run at a time.
+/// The events of a stream (`row`, as the primary has it) with `after < seq <= row.head`,
+/// compacted, up to `limits` (at least one event if there is one): one pass over
+/// byte-bounded log pages, holding one run at a time. Pages come through `reader` like any
+/// replay's: from a read replica that has replayed far enough, else from the primary.
 pub async fn read_page(
-    db: &Db,
+    reader: &LogReader,
     stream: &StreamName,
-    stream_id: i64,
+    row: &store::StreamRow,
     after: i64,
-    upto: i64,
     limits: PageLimits,
 ) -> Result<Page, sqlx::Error> {
-    let mut folder = Folder::new(stream.clone(), Compaction::Messages);
+    let upto = row.head;
+    let mut folder = Folder::new(stream.clone(), Compaction::Messages, Surface::Rest);
     let mut out: Vec<Arc<Frame>> = Vec::new();
     let mut out_bytes = 0;
     let mut cursor = after;
     'pages: while cursor < upto {
-        let rows =
-            store::read_events_bounded(db, stream_id, cursor, upto, limits.read, limits.read_bytes)
-                .await?;
-        let full = store::page_is_full(&rows, limits.read, limits.read_bytes);
-        for ev in rows {
+        // What a replica must have replayed for this log page (as `rest::page_need`): the
+        // head, or a page's worth of seqs past the cursor if that comes first.
+        let need = upto.min(
+            cursor
+                .max(row.trimmed_to)
+                .saturating_add(limits.read.max(1)),
+        );
+        let read = reader
+            .page(row.id, cursor, upto, need, limits.read, limits.read_bytes)
+            .await?;
+        let full = store::page_is_full(&read.events, limits.read, limits.read_bytes);
+        for ev in read.events {
             let seq = ev.seq;
             if folder.absorb(&ev) {
                 cursor = seq;
@@ -460,7 +534,12 @@ pub async fn read_page(
             cursor = seq;
         }
         if !full {
-            break;
+            if read.through >= upto {
+                break;
+            }
+            // A replica's page ended at its head (at least `need`), short of ours: every
+            // event up to it has been read; read on from there.
+            cursor = cursor.max(read.through);
         }
     }
     folder.flush(&mut out);

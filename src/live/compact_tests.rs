@@ -21,7 +21,7 @@ fn ev(seq: i64, key: Option<&str>, append: bool, data: &str) -> StoredEvent {
 }
 
 fn fold(rule: Compaction, events: Vec<StoredEvent>) -> Vec<Value> {
-    let mut folder = Folder::new(StreamName::parse("s").unwrap(), rule);
+    let mut folder = Folder::new(StreamName::parse("s").unwrap(), rule, Surface::Rest);
     let mut out = Vec::new();
     for e in events {
         folder.feed(e, &mut out);
@@ -137,7 +137,11 @@ fn strings_concatenate_and_everything_else_replaces() {
 
 #[test]
 fn folded_data_keeps_raw_values_exactly() {
-    let mut folder = Folder::new(StreamName::parse("s").unwrap(), Compaction::Messages);
+    let mut folder = Folder::new(
+        StreamName::parse("s").unwrap(),
+        Compaction::Messages,
+        Surface::Rest,
+    );
     let mut out = Vec::new();
     folder.feed(
         ev(1, Some("k"), false, r#"{"n":1e400, "t":"a\u00e9"}"#),

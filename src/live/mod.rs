@@ -14,7 +14,7 @@ pub mod presence_sync;
 pub mod ring;
 pub mod subscription;
 
-pub use compact::Compaction;
+pub use compact::{Compaction, Surface};
 pub use frame::Frame;
 pub use hub::Hub;
 pub use subscription::{Filter, Item, Notice, Opened, Source, Start, Subscription};

@@ -8,10 +8,13 @@
 //! sends it back to the log from the last seq it holds, which is always correct because
 //! commit order equals seq order within a stream.
 //!
-//! A compacted subscription ([`Subscription::compact`]) folds its first catch-up — from its
+//! A compacted subscription ([`Subscription::open_compacted`]) folds its catch-up — from its
 //! cursor to the end of the log as it reads it — run by run (see `compact`), and then follows
 //! the live tail event by event: a run is sent when it ends, when it reaches its byte bound,
-//! and at the latest when the catch-up reaches the end of the log.
+//! and at the latest when the catch-up reaches the end of the log. Every later catch-up (the
+//! live path sent it back to the log: a lagged channel, a gap, a bare head) is folded by the
+//! same rules from the last seq it holds. Its `from=snapshot` start sends each key's current
+//! message (folded from the key's last event without `append`) instead of its latest event.
 //!
 //! Catch-up pages may come from a read replica (see `log::replicas`). A replica is a moment
 //! behind the primary, so the subscription tracks `known`: the highest seq it knows was
@@ -29,7 +32,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::compact::{Compaction, Folder};
+use super::compact::{self, Compaction, Folder, Surface};
 use super::frame::Frame;
 use super::hub::{Hub, LiveMsg, LiveReceiver};
 use crate::error::Error;
@@ -137,7 +140,9 @@ pub struct Subscription {
     finished: bool,
     /// While the database is unreachable: when to try the log again, and the current backoff.
     retry: Option<(tokio::time::Instant, std::time::Duration)>,
-    /// Folds the first catch-up of a compacted subscription; gone once it is live.
+    /// A compacted subscription's rule, and where it is served.
+    compaction: Option<(Compaction, Surface)>,
+    /// Folds the catch-up of a compacted subscription; gone while it is live.
     folder: Option<Folder>,
 }
 
@@ -161,6 +166,20 @@ impl Subscription {
         filter: Filter,
         end_on_close: bool,
     ) -> Result<(Subscription, Opened), Error> {
+        Self::open_compacted(src, stream, start, filter, end_on_close, None).await
+    }
+
+    /// Opens a subscription that is compacted if `compact` names a rule (and the surface it
+    /// is served on, for the metrics): its catch-ups from the log come folded by the rule,
+    /// the live tail event by event.
+    pub async fn open_compacted(
+        src: Source,
+        stream: StreamName,
+        start: Start,
+        filter: Filter,
+        end_on_close: bool,
+        compact: Option<(Compaction, Surface)>,
+    ) -> Result<(Subscription, Opened), Error> {
         // Register for live events before reading anything: see the module comment.
         let live = src.hub.subscribe(&stream);
         let row = store::stream(&src.db, stream.as_str()).await?;
@@ -179,6 +198,7 @@ impl Subscription {
             end_on_close,
             finished: false,
             retry: None,
+            compaction: compact,
             folder: None,
         };
         let head = row.as_ref().map_or(0, |r| r.head);
@@ -194,6 +214,9 @@ impl Subscription {
             closed: row.as_ref().is_some_and(|r| r.closed),
             cursor,
         };
+        if let Some((_, surface)) = compact {
+            surface.count_read();
+        }
         Ok((sub, opened))
     }
 
@@ -242,17 +265,27 @@ impl Subscription {
                 // it: the subscriber learns the stream is over instead of waiting forever.
                 let at = if r.closed { r.head - 1 } else { r.head };
                 let limit = self.src.snapshot_bytes;
-                let mut events = store::snapshot(&self.src.db, r.id, at, limit)
-                    .await?
-                    .ok_or(Error::SnapshotTooLarge { limit })?;
-                // In seq order, so a client's cursor only ever moves forward.
-                events.sort_by_key(|e| e.seq);
-                for ev in &events {
-                    let frame = Frame::new(self.stream.as_str(), ev, None);
-                    if self.filter.passes(&frame.ty) {
-                        self.pending.push_back(Item::Event(frame));
+                let mut frames = match self.compaction {
+                    Some((Compaction::Messages, surface)) => {
+                        let events = store::snapshot_messages(&self.src.db, r.id, at, limit)
+                            .await?
+                            .ok_or(Error::SnapshotTooLarge { limit })?;
+                        let filter = &self.filter;
+                        compact::fold_snapshot(&self.stream, events, surface, |ty| {
+                            filter.passes(ty)
+                        })
                     }
-                }
+                    _ => store::snapshot(&self.src.db, r.id, at, limit)
+                        .await?
+                        .ok_or(Error::SnapshotTooLarge { limit })?
+                        .iter()
+                        .map(|ev| Frame::new(self.stream.as_str(), ev, None))
+                        .filter(|f| self.filter.passes(&f.ty))
+                        .collect(),
+                };
+                // In seq order, so a client's cursor only ever moves forward.
+                frames.sort_by_key(|f| f.seq);
+                self.pending.extend(frames.into_iter().map(Item::Event));
                 self.pending.push_back(Item::Cursor(at));
                 at
             }
@@ -277,15 +310,6 @@ impl Subscription {
 
     pub fn stream(&self) -> &StreamName {
         &self.stream
-    }
-
-    /// Makes this a compacted subscription: its catch-up from the log (up to the log's end as
-    /// it reads it) comes folded by `rule`, the live tail after it event by event. Call it
-    /// right after [`Subscription::open`].
-    pub fn compact(&mut self, rule: Compaction) {
-        if matches!(self.mode, Mode::CatchUp) {
-            self.folder = Some(Folder::new(self.stream.clone(), rule));
-        }
     }
 
     /// The seq of the last event this subscription handed out (or filtered out).
@@ -362,6 +386,11 @@ impl Subscription {
             }
         }
         let id = self.stream_id.expect("set above");
+        if let (None, Some((rule, surface))) = (&self.folder, self.compaction) {
+            // A compacted subscription's catch-up, the first or one the live path sent it
+            // back to the log for: folded from the last seq it holds.
+            self.folder = Some(Folder::new(self.stream.clone(), rule, surface));
+        }
         let (page, bytes) = (self.src.page, PAGE_BYTES);
         let (reader, after) = (self.src.reader.clone(), self.upto.max(self.scanned));
         // This page needs the events up to `known`, or a page's worth of seqs past `after`

@@ -343,6 +343,43 @@ pub async fn snapshot(
     })
 }
 
+/// The current message of every key at or below `at`, for a compacted snapshot: the events
+/// of each key from its last event without `append` (or from its first, if every retained
+/// one is an append) through `at`, ordered by key, then seq; `None` if their data and bodies
+/// add up to more than `max_bytes` (counted as they stream in, as for [`snapshot`]).
+pub async fn snapshot_messages(
+    db: &Db,
+    stream_id: i64,
+    at: i64,
+    max_bytes: usize,
+) -> Result<Option<Vec<StoredEvent>>, sqlx::Error> {
+    // `append` is a boolean on PostgreSQL and 0/1 on SQLite: `case when append` reads both.
+    let sql = format!(
+        r#"select {EVENT_COLUMNS} from events e
+           join (select key as k, max(case when append then null else seq end) as start
+                   from events
+                  where stream_id = $1 and key is not null and seq <= $2
+                  group by key) m on m.k = e.key
+           where e.stream_id = $1 and e.seq <= $2 and e.seq >= coalesce(m.start, 0)
+           order by e.key, e.seq"#
+    );
+    on_db!(db, read, |ex| {
+        let mut rows = sqlx::query_as::<_, StoredEvent>(&sql)
+            .bind(stream_id)
+            .bind(at)
+            .fetch(ex);
+        let (mut events, mut bytes) = (Vec::new(), 0usize);
+        while let Some(ev) = rows.try_next().await? {
+            bytes += ev.data.len() + ev.body.as_ref().map_or(0, Vec::len);
+            if bytes > max_bytes {
+                return Ok(None);
+            }
+            events.push(ev);
+        }
+        Ok(Some(events))
+    })
+}
+
 /// Deletes a stream and its events. Returns false if it did not exist.
 pub async fn delete_stream(db: &Db, name: &str, node: &str) -> Result<bool, sqlx::Error> {
     let mut tx = db.begin_write().await?;

@@ -12,8 +12,13 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
 use serde_json::{json, Value};
 
+use tailcast::live::{Compaction, Filter, Item, Start, Subscription, Surface};
+use tailcast::log::{AppendSpec, NewEvent, StreamName};
+use tailcast::{App, Config};
+
 use crate::backend::{backend_test, TestDb};
-use crate::helpers::TestApp;
+use crate::helpers::{wait_until, TestApp, WAIT};
+use crate::node_process::NodeProcess;
 use crate::wire::{self, Next};
 
 /// A message as a reader holds it: its key (None: an event without one) and its data.
@@ -392,4 +397,255 @@ async fn the_ui_view_joins_text_deltas(db: TestDb) {
         frames.next_content().await.unwrap(),
         "id: 12\ndata: {\"type\":\"text-delta\",\"id\":\"t\",\"delta\":\"ld!\"}"
     );
+}
+
+/// `from=snapshot` with compaction: each key's current message, folded from its last event
+/// without `append` (its older messages and events without a key are not sent; a key with
+/// only appends comes as an append), in seq order, then the snapshot's position and the live
+/// tail event by event. Without compaction the snapshot stays the latest event per key.
+#[backend_test]
+async fn a_compacted_snapshot_sends_each_keys_current_message(db: TestDb) {
+    let app = TestApp::spawn(db).await;
+    let msg = |key: &str, append: bool, data: Value| json!({"type":"msg","key":key,"append":append,"data":data});
+    app.append(
+        "snap",
+        json!([
+            msg("a", false, json!({"role":"assistant","text":"old"})), // 1
+            msg("a", true, json!({"text":" one"})),                    // 2
+            msg("a", false, json!({"role":"assistant","text":"He"})),  // 3: a's current message
+            msg("b", true, json!("x")),                                // 4: b has only appends
+            msg("a", true, json!({"text":"ll"})),                      // 5
+            {"data":"no key"},                                         // 6
+            msg("b", true, json!("y")),                                // 7
+            msg("a", true, json!({"text":"o"})),                       // 8
+            msg("c", false, json!({"n":1})),                           // 9
+        ]),
+    )
+    .await;
+    let raw = app.read_all("snap").await;
+    let folded = |seq: usize, key: &str, data: Value, n: i64, append: bool| {
+        let mut e = json!({"stream":"snap","seq":seq,"type":"msg","data":data,"key":key,
+                           "folded":n,"time":raw[seq - 1]["time"]});
+        if append {
+            e["append"] = json!(true);
+        }
+        e
+    };
+    let want = vec![
+        folded(7, "b", json!("xy"), 2, true),
+        folded(8, "a", json!({"role":"assistant","text":"Hello"}), 3, false),
+        raw[8].clone(),
+    ];
+    // GET …/snapshot?compact=1: the same messages, by key (as its latest events are).
+    let rest = app.get_json("/v1/streams/snap/snapshot?compact=1").await;
+    assert_eq!(rest["at"], 9);
+    let by_key = [want[1].clone(), want[0].clone(), want[2].clone()];
+    assert_eq!(rest["events"], json!(by_key), "{rest}");
+
+    let mut sse = wire::open_sse(&app, "snap", "?from=snapshot&compact=1", None)
+        .await
+        .sse();
+    let mut ws = app.ws().await;
+    let reply = ws
+        .subscribe("snap", json!({"from":"snapshot","compact":true}))
+        .await;
+    assert_eq!(reply["cursor"], 9, "{reply}");
+    let mut ws_got = Vec::new();
+    for _ in 0..want.len() {
+        let mut ev = ws.next_event().await;
+        ev.as_object_mut().unwrap().remove("op");
+        ws_got.push(ev);
+    }
+    assert_eq!(ws_got, want, "WebSocket");
+    assert_eq!(ws.recv().await["op"], "cursor");
+    let mut sse_got = Vec::new();
+    for _ in 0..want.len() {
+        sse_got.push(sse.envelope().await);
+    }
+    assert_eq!(sse_got, want, "SSE");
+
+    // The live tail after it, one by one.
+    let tail = [
+        msg("a", true, json!({"text":"!"})),
+        msg("a", true, json!({"text":"?"})),
+    ];
+    app.append("snap", json!(tail)).await;
+    for seq in [10, 11] {
+        let env = sse.envelope().await;
+        assert_eq!((wire::seq(&env), env.get("folded")), (seq, None), "{env}");
+        let mut ev = ws.next_event().await;
+        ev.as_object_mut().unwrap().remove("op");
+        assert_eq!(ev, env);
+    }
+    ws.close().await;
+
+    // Not compacted: the latest event of each key, as before.
+    let mut plain = wire::open_sse(&app, "snap", "?from=snapshot", None)
+        .await
+        .sse();
+    let seqs: Vec<i64> = [
+        plain.envelope().await,
+        plain.envelope().await,
+        plain.envelope().await,
+    ]
+    .iter()
+    .map(wire::seq)
+    .collect();
+    assert_eq!(seqs, [7, 9, 11]);
+}
+
+/// The subscription's next item, which must be an event: its envelope.
+async fn next(sub: &mut Subscription) -> Value {
+    match tokio::time::timeout(WAIT, sub.next()).await.unwrap() {
+        Some(Ok(Item::Event(f))) => serde_json::from_slice(&f.envelope).unwrap(),
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+/// A compacted subscription sent back to the log by the live path (its live buffer
+/// overflowed) gets that catch-up compacted too, from the last seq it holds, by the same
+/// rules; then it is live again, event by event.
+#[backend_test]
+async fn a_lagging_compacted_subscription_catches_up_compacted(db: TestDb) {
+    let mut config = Config::for_database(db.url());
+    config.live_buffer = 2;
+    let app = App::with_db(config, db.db.clone()).await.unwrap();
+    let state = &app.state;
+    let stream = StreamName::parse("lagging").unwrap();
+    let (mut sub, _) = Subscription::open_compacted(
+        state.source(),
+        stream.clone(),
+        Start::After(0),
+        Filter::default(),
+        false,
+        Some((Compaction::Messages, Surface::Sse)),
+    )
+    .await
+    .unwrap();
+    let append = |data: &str, append: bool| AppendSpec {
+        stream: stream.clone(),
+        events: vec![NewEvent {
+            ty: "msg".into(),
+            data: data.into(),
+            id: None,
+            key: Some("answer".into()),
+            body: None,
+            by: None,
+            append,
+        }],
+        expected_seq: None,
+        close: false,
+    };
+    // Caught up, so following live, after the first event...
+    state
+        .appender
+        .append(append(r#""He""#, false))
+        .await
+        .unwrap();
+    let first = next(&mut sub).await;
+    assert_eq!((wire::seq(&first), first.get("folded")), (1, None));
+    // ...then ten commits, ten live messages, a buffer of two: the subscriber lags.
+    let lags = state.hub.lag_fallbacks();
+    for i in 0..10 {
+        let token = format!("\"{}\"", char::from(b'a' + i));
+        state.appender.append(append(&token, true)).await.unwrap();
+    }
+    wait_until("the hub published all eleven", || async {
+        state.hub.published(&stream) == Some(11)
+    })
+    .await;
+    let caught_up = next(&mut sub).await;
+    assert_eq!(state.hub.lag_fallbacks(), lags + 1, "the subscriber lagged");
+    assert_eq!(caught_up["seq"], 11, "{caught_up}");
+    assert_eq!(caught_up["folded"], 10, "{caught_up}");
+    assert_eq!(caught_up["append"], true, "{caught_up}");
+    assert_eq!(caught_up["data"], "abcdefghij");
+    // Live again: the next event alone.
+    state.appender.append(append(r#""!""#, true)).await.unwrap();
+    let live = next(&mut sub).await;
+    assert_eq!((wire::seq(&live), live.get("folded")), (12, None));
+    state.shutdown.cancel();
+}
+
+/// `tailcast_compact_reads_total` and `tailcast_compact_folded_events_total` count each
+/// surface's compacted reads and the events folded away (n - 1 per folded event). The node is
+/// a process of its own, so its `/metrics` holds this test's counts alone and exact values can
+/// be asserted; the counting is the same on either store.
+#[backend_test(postgres)]
+async fn compaction_metrics_count_reads_and_folded_events_by_surface(db: TestDb) {
+    let node = NodeProcess::start(db.url(), &[]).await;
+    let app = TestApp::attach(node.addr, db.clone());
+    let counts = || async {
+        let text = app.get("/metrics").await.text().await.unwrap();
+        let value = |name: &str, surface: &str| -> i64 {
+            let series = format!("{name}{{surface=\"{surface}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(series.as_str())?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("/metrics lacks {series}:\n{text}"))
+        };
+        ["rest", "sse", "ws", "ui"].map(|s| {
+            (
+                value("tailcast_compact_reads_total", s),
+                value("tailcast_compact_folded_events_total", s),
+            )
+        })
+    };
+    assert_eq!(counts().await, [(0, 0); 4]);
+
+    // One message of ten events, then the close.
+    let mut batch = vec![json!({"key":"m","data":"0"})];
+    batch.extend((1..10).map(|i| json!({"key":"m","append":true,"data":i.to_string()})));
+    app.append("metered", Value::from(batch)).await;
+    assert_eq!(app.close_stream("metered", None).await.status(), 201);
+
+    let page = app.get_json("/v1/streams/metered/events?compact=1").await;
+    assert_eq!(page["events"][0]["folded"], 10, "{page}");
+    let mut sse = wire::open_sse(&app, "metered", "?compact=1", None)
+        .await
+        .sse();
+    assert_eq!(sse.envelope().await["folded"], 10);
+    assert_eq!(sse.envelope().await["type"], "stream.closed");
+    sse.expect_end().await;
+    let got = compacted_ws(&app, "metered", 0, 11).await;
+    assert_eq!(got[0]["folded"], 10);
+    // The AI SDK view: no `ui` events here, nothing to fold.
+    let res = wire::get(
+        app.addr,
+        "/v1/streams/metered/ui-message-stream?compact=1",
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(res.status, 200);
+    assert_eq!(res.text().await.trim_end(), "data: [DONE]");
+
+    assert_eq!(counts().await, [(1, 9), (1, 9), (1, 9), (1, 0)]);
+}
+
+/// A compacted snapshot loads each key's whole current message: `--max-snapshot-bytes`
+/// counts all of it, so one the latest events fit in may be refused compacted
+/// (`snapshot_too_large`), on the endpoint and on subscriptions alike.
+#[backend_test]
+async fn a_compacted_snapshot_counts_whole_messages_against_the_limit(db: TestDb) {
+    let app = TestApp::spawn_with(db, |c| c.max_snapshot_bytes = 4000).await;
+    let token = json!({"key":"m","append":true,"data":"x".repeat(1000)});
+    app.append("big", json!([{"key":"m","data":"start"}, token, token]))
+        .await;
+    let plain = app.get("/v1/streams/big/snapshot").await;
+    assert_eq!(plain.status(), 200);
+    let compacted = app.get_json("/v1/streams/big/snapshot?compact=1").await;
+    assert_eq!(compacted["events"][0]["folded"], 3, "{compacted}");
+    app.append("big", json!([token, token])).await;
+    assert_eq!(app.get("/v1/streams/big/snapshot").await.status(), 200);
+    let res = app.get("/v1/streams/big/snapshot?compact=1").await;
+    assert_eq!(res.status(), 413);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["code"], "snapshot_too_large", "{body}");
+    let res = app.sse("big", "?from=snapshot&compact=1", None).await;
+    assert_eq!(res.status(), 413);
+    let mut ws = app.ws().await;
+    let reply = ws
+        .request(json!({"op":"subscribe","stream":"big","from":"snapshot","compact":true}))
+        .await;
+    assert_eq!(reply["code"], "snapshot_too_large", "{reply}");
 }

@@ -273,6 +273,99 @@ async fn while_the_replicas_replay_is_paused_every_read_is_exact_and_only_what_i
     app.shutdown().await;
 }
 
+/// Appends to message `answer` of `stream`: a start (`"s"`) if `first` is 1, and appends
+/// (`"."`) up to seq `last`, in batches of 25.
+async fn append_tokens(app: &TestApp, stream: &str, first: i64, last: i64) {
+    let mut next = first;
+    while next <= last {
+        let end = (next + 25).min(last + 1);
+        let batch: Vec<Value> = (next..end)
+            .map(|seq| match seq {
+                1 => json!({"key":"answer","data":"s"}),
+                _ => json!({"key":"answer","append":true,"data":"."}),
+            })
+            .collect();
+        app.append(stream, json!(batch)).await;
+        next = end;
+    }
+}
+
+/// A compacted read of `stream` from 0 (a JSON page, then the NDJSON export) must be the
+/// one message of `append_tokens`, through `head`.
+async fn assert_compacted(app: &TestApp, stream: &str, head: i64, what: &str) {
+    let page = app
+        .get_json(&format!("/v1/streams/{stream}/events?compact=1&limit=1000"))
+        .await;
+    let res = app
+        .client
+        .get(app.url(&format!("/v1/streams/{stream}/events?compact=1")))
+        .header("accept", "application/x-ndjson")
+        .send()
+        .await
+        .unwrap();
+    let text = res.text().await.expect("a complete export");
+    let exported: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (events, how) in [
+        (page["events"].as_array().unwrap(), "page"),
+        (&exported, "export"),
+    ] {
+        assert_eq!(events.len(), 1, "{what}, {how}: {events:?}");
+        let e = &events[0];
+        assert_eq!(
+            (&e["seq"], &e["folded"]),
+            (&json!(head), &json!(head)),
+            "{what}, {how}"
+        );
+        let text = "s".to_owned() + &".".repeat(head as usize - 1);
+        assert_eq!(e["data"], json!(text), "{what}, {how}");
+    }
+}
+
+/// Compacted reads (`compact=1`: JSON pages and the export) take their log pages through the
+/// same reader as any replay: from the standby once it has replayed far enough, the rest from
+/// the primary, folded exactly either way.
+#[tokio::test]
+async fn compacted_reads_read_the_replica_like_any_replay() {
+    let Some(pair) = pair("replica_compacted").await else {
+        return;
+    };
+    let app = pair.app(|c| c.read_page = 40).await;
+    append_tokens(&app, "c", 1, 100).await;
+    pair.caught_up().await;
+    let (pages0, lagging0, _) = replica_counts(&app).await;
+    assert_compacted(&app, "c", 100, "replica caught up").await;
+    let (pages1, lagging1, unavailable) = replica_counts(&app).await;
+    // 100 events in log pages of 40, twice: six pages, all on the standby.
+    assert!(
+        pages1 >= pages0 + 6,
+        "pages served by the replica: {pages0} -> {pages1}"
+    );
+    assert_eq!((lagging1, unavailable), (lagging0, 0));
+    assert!(pair.reader_sessions_on_standby().await >= 1);
+    assert_eq!(reader_sessions(pair.db.pg()).await, 0);
+
+    // Replay paused at 100, head 150: each read's first pages there, the rest on the primary.
+    pair.pause().await;
+    append_tokens(&app, "c", 101, 150).await;
+    assert_eq!(pair.standby_head("c").await, Some(100), "replay is paused");
+    assert_compacted(&app, "c", 150, "replica paused").await;
+    let (pages2, lagging2, unavailable) = replica_counts(&app).await;
+    assert!(
+        pages2 >= pages1 + 4,
+        "1..80 on the replica: {pages1} -> {pages2}"
+    );
+    assert!(
+        lagging2 >= lagging1 + 2,
+        "81.. on the primary: {lagging1} -> {lagging2}"
+    );
+    assert_eq!(unavailable, 0);
+    pair.resume().await;
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_replica_that_is_down_costs_a_fallback_never_an_error_and_is_used_again_when_back() {
     let Some(pair) = pair("replica_down").await else {

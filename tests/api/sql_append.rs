@@ -725,3 +725,141 @@ async fn one_batch_decides_each_job_against_the_state_the_earlier_ones_left(db: 
 fn closed_code() -> Option<String> {
     Some("stream_closed".to_owned())
 }
+
+/// The append flag from SQL (issue 24): `append => true` on `tailcast.append`, `appends` on
+/// `append_many`, stored as sent and folded by compacted reads like HTTP appends; calls
+/// written for the signatures without it mean what they meant; `append` needs a `key`. SQL
+/// appends have no author (`by`): a compacted read never folds them into a run of an
+/// authenticated author's appends, only with other appends without one.
+#[backend_test(postgres)]
+async fn the_append_flag_from_sql_folds_like_http_appends_and_old_calls_still_work(db: TestDb) {
+    let app = crate::auth::spawn_secured(db.clone()).await;
+    let pool = db.pg();
+    let scalar =
+        |sql: &'static str| async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await };
+    let alice = crate::auth::token(json!({"sub":"alice","write":["chat"]}));
+    let res = crate::auth::call(
+        &app,
+        reqwest::Method::POST,
+        "/v1/streams/chat/events",
+        Some(&alice),
+        Some(&json!({"type":"msg","key":"answer","data":{"text":"He"}})),
+    )
+    .await;
+    assert!(res.status().is_success(), "{}", res.status());
+    // Named, positional, and append_many's array.
+    let calls = [
+        "select tailcast.append('chat', 'msg', '{\"text\":\"l\"}', key => 'answer', append => true)",
+        "select tailcast.append('chat', 'msg', '{\"text\":\"l\"}', null, 'answer', null, true)",
+    ];
+    assert_eq!(scalar(calls[0]).await.unwrap(), 2);
+    assert_eq!(scalar(calls[1]).await.unwrap(), 3);
+    let many: Vec<i64> = sqlx::query_scalar(
+        "select tailcast.append_many('chat', array['msg','msg'],
+             array['{\"text\":\"o\"}', '{\"text\":\"!\"}']::json[],
+             keys => array['answer','answer'], appends => array[true, null])",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(many, [4, 5]);
+
+    // Calls without the flag, as 20261128000003 wrote them: no append.
+    assert_eq!(
+        scalar("select tailcast.append('chat', 't', '1')")
+            .await
+            .unwrap(),
+        6
+    );
+    assert_eq!(
+        scalar("select tailcast.append('chat', 't', '2', 'id-7', 'k', 6)")
+            .await
+            .unwrap(),
+        7
+    );
+    let old_many: Vec<i64> = sqlx::query_scalar(
+        "select tailcast.append_many('chat', array['t'], array['3']::json[], null, null, 7)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(old_many, [8]);
+
+    let read = |path: &'static str| {
+        let app = &app;
+        async move {
+            let res = crate::auth::call(
+                app,
+                reqwest::Method::GET,
+                path,
+                Some(crate::auth::ADMIN),
+                None,
+            )
+            .await;
+            assert!(res.status().is_success(), "{}", res.status());
+            res.json::<Value>().await.unwrap()["events"]
+                .as_array()
+                .unwrap()
+                .clone()
+        }
+    };
+    let raw = read("/v1/streams/chat/events").await;
+    let flags: Vec<(Value, Value)> = raw
+        .iter()
+        .map(|e| (e["append"].clone(), e["by"].clone()))
+        .collect();
+    let (t, none) = (json!(true), Value::Null);
+    assert_eq!(
+        flags,
+        [
+            (none.clone(), json!("alice")),
+            (t.clone(), none.clone()),
+            (t.clone(), none.clone()),
+            (t.clone(), none.clone()),
+            (none.clone(), none.clone()),
+            (none.clone(), none.clone()),
+            (none.clone(), none.clone()),
+            (none.clone(), none.clone()),
+        ]
+    );
+    // Compacted: alice's start stands alone (another author), the three SQL appends after it
+    // fold into one append (the fourth had `null`: no append, a new message of the key).
+    let compacted = read("/v1/streams/chat/events?compact=1").await;
+    let summary: Vec<(i64, Value, Value, Value)> = compacted
+        .iter()
+        .map(|e| {
+            (
+                e["seq"].as_i64().unwrap(),
+                e["data"].clone(),
+                e["append"].clone(),
+                e["folded"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary[..3],
+        [
+            (1, json!({"text":"He"}), none.clone(), none.clone()),
+            (4, json!({"text":"llo"}), t.clone(), json!(3)),
+            (5, json!({"text":"!"}), none.clone(), none.clone()),
+        ]
+    );
+    assert_eq!(compacted.len(), 6, "{compacted:?}");
+
+    // `append` needs a key; arrays of different lengths are refused.
+    for sql in [
+        "select tailcast.append('chat', 't', '1', append => true)",
+        "select (tailcast.append_many('chat', array['t'], array['1']::json[], keys => array['k'],
+                                      appends => array[true, true]))[1]",
+    ] {
+        let (code, msg) = db_error(scalar(sql).await.unwrap_err());
+        assert_eq!(code, "TC002", "{sql}");
+        assert!(msg.starts_with("invalid_event: "), "{msg}");
+    }
+    assert_eq!(
+        read("/v1/streams/chat/events").await.len(),
+        8,
+        "refusals write nothing"
+    );
+    app.shutdown().await;
+}
