@@ -33,16 +33,16 @@ use tracing::Instrument;
 
 use super::events::{authored, parse_batch};
 use super::extract::Query;
-use super::inputs;
 use crate::app::{AppState, ConnectionGuard, Transport};
 use crate::auth::{Grant, Principal};
 use crate::error::Error;
+use crate::inputs;
+use crate::live::budget::Budget;
 use crate::live::presence::{Notice, PresenceGuard};
-use crate::live::{Compaction, Item, Start, Subscription};
-use crate::log::model::{format_time, TYPE_STREAM_CLOSED};
+use crate::live::{Compaction, EndReason, Frame, Item, Start, Subscription};
+use crate::log::model::format_time;
 use crate::log::{AppendSpec, StreamName};
 use crate::metrics as m;
-pub use protocol::check_request_id;
 use protocol::{error_reply, error_with, reply, Op, Request};
 
 /// The protocol version announced in `welcome`.
@@ -111,8 +111,10 @@ enum SubEvent {
     Item(Item),
     /// A join or leave on the stream (for subscriptions that asked for them).
     Presence(Notice),
-    /// The subscription is over: `closed`, `deleted`, or `error` (then with the error).
-    Ended(&'static str, Option<Error>),
+    /// The subscription is over, for this reason.
+    Ended(EndReason),
+    /// The subscription failed: it is over, and the client resumes from its cursor.
+    Failed(Error),
 }
 
 type SubStream = std::pin::Pin<Box<dyn Stream<Item = SubEvent> + Send>>;
@@ -120,8 +122,6 @@ type SubStream = std::pin::Pin<Box<dyn Stream<Item = SubEvent> + Send>>;
 /// A subscription, and what goes with it until it ends.
 struct SubState {
     sub: Subscription,
-    /// Why it ends, if it ends on its own.
-    reason: &'static str,
     /// Its presence: leaves when the subscription ends, however it ends.
     _follower: PresenceGuard,
     /// The stream's join and leave notices, if the client asked for them.
@@ -137,7 +137,6 @@ fn sub_stream(
     use tokio::sync::broadcast::error::RecvError;
     let state = Some(SubState {
         sub,
-        reason: "closed",
         _follower: follower,
         watch,
     });
@@ -151,16 +150,13 @@ fn sub_stream(
             None => Ok(st.sub.next().await),
         };
         match next {
-            Ok(Some(Ok(item))) => {
-                match &item {
-                    Item::Notice(n) if n.notice == "deleted" => st.reason = "deleted",
-                    Item::Event(f) if f.ty == TYPE_STREAM_CLOSED => st.reason = "closed",
-                    _ => {}
-                }
-                Some((SubEvent::Item(item), Some(st)))
-            }
-            Ok(Some(Err(e))) => Some((SubEvent::Ended("error", Some(e)), None)),
-            Ok(None) => Some((SubEvent::Ended(st.reason, None), None)),
+            Ok(Some(Ok(item))) => Some((SubEvent::Item(item), Some(st))),
+            Ok(Some(Err(e))) => Some((SubEvent::Failed(e), None)),
+            // The subscription says why it ended; only a hub shutting down leaves it unsaid.
+            Ok(None) => Some((
+                SubEvent::Ended(st.sub.end().unwrap_or(EndReason::Shutdown)),
+                None,
+            )),
             Err(Ok(notice)) => Some((SubEvent::Presence(notice), Some(st))),
             // Notices were dropped for this slow reader: it re-reads the whole presence.
             Err(Err(RecvError::Lagged(_))) => Some((SubEvent::Presence(Notice::Sync), Some(st))),
@@ -170,6 +166,25 @@ fn sub_stream(
             }
         }
     }))
+}
+
+/// The `reason` of an `unsubscribed` the server sends on its own (docs/websocket.md).
+fn end_reason(end: EndReason) -> &'static str {
+    match end {
+        EndReason::Closed => "closed",
+        EndReason::Deleted => "deleted",
+        // The connection itself closes next (1001, going away); the wire has no reason of its
+        // own for this, and the client resumes by cursor either way.
+        EndReason::Shutdown => "closed",
+    }
+}
+
+/// An event frame as a WebSocket text message. Frames are JSON built from UTF-8 text, so this
+/// only fails on a bug; the subscription then ends with an error rather than skip the event.
+fn event_text(frame: &Frame) -> Result<Message, Error> {
+    Utf8Bytes::try_from(frame.ws().clone())
+        .map(Message::Text)
+        .map_err(|_| Error::internal(format!("event {} is not UTF-8 text", frame.seq)))
 }
 
 /// What woke the connection's loop.
@@ -198,6 +213,8 @@ struct Connection {
     /// The `label=` it connected with.
     label: Option<String>,
     subs: StreamMap<StreamName, SubStream>,
+    /// What the subscriptions' catch-up pages may hold together (`--ws-catchup-bytes`).
+    catchup: Budget,
     out: queue::Outbox,
     /// Publishes whose appends are under way, answered in the order they came. A client may
     /// keep many in flight, and they then share group commits.
@@ -221,12 +238,14 @@ impl Connection {
         let writer = tokio::spawn(write_loop(sink, queue));
         let heartbeat = app.config.ws_heartbeat();
         let write_timeout = app.config.write_timeout();
+        let catchup = Budget::new(app.config.ws_catchup_bytes);
         let mut conn = Connection {
             app,
             who,
             connection_id: connection_id.clone(),
             label,
             subs: StreamMap::new(),
+            catchup,
             out,
             publishes: FuturesOrdered::new(),
         };
@@ -430,6 +449,7 @@ impl Connection {
                 if compact {
                     sub.compact(Compaction::Messages);
                 }
+                sub.share_budget(self.catchup.clone());
                 let body = json!({
                     "stream": stream,
                     "head": opened.head,
@@ -482,7 +502,8 @@ impl Connection {
                 data,
             } => {
                 self.who.check(Grant::Answer, &stream)?;
-                let res = inputs::answer(app, &self.who, &stream, &request_id, data.get()).await?;
+                let res =
+                    inputs::answer(app, &self.who, &stream, &request_id.0, data.get()).await?;
                 Ok(Some(reply("ack", reference, res)))
             }
             Op::Stop { stream, reason } => {
@@ -507,18 +528,19 @@ impl Connection {
 
     async fn on_sub_event(&mut self, stream: StreamName, ev: SubEvent) {
         let msg = match ev {
-            SubEvent::Item(Item::Event(frame)) => {
-                metrics::counter!(m::DELIVERED_EVENTS, "transport" => "ws").increment(1);
-                if let Some(t) = frame.committed_at {
-                    metrics::histogram!(m::DELIVERY_LATENCY, "transport" => "ws")
-                        .record(t.elapsed().as_secs_f64());
+            SubEvent::Item(Item::Event(frame)) => match event_text(&frame) {
+                Ok(msg) => {
+                    metrics::counter!(m::DELIVERED_EVENTS, "transport" => "ws").increment(1);
+                    if let Some(t) = frame.committed_at {
+                        metrics::histogram!(m::DELIVERY_LATENCY, "transport" => "ws")
+                            .record(t.elapsed().as_secs_f64());
+                    }
+                    msg
                 }
-                // The frame is JSON built from valid UTF-8 parts; the check copies nothing.
-                match Utf8Bytes::try_from(frame.ws().clone()) {
-                    Ok(text) => Message::Text(text),
-                    Err(_) => return,
-                }
-            }
+                // Never skip an event: end the subscription; the client resumes from the
+                // last seq it has.
+                Err(e) => self.ended(stream, None, Some(e)),
+            },
             SubEvent::Item(Item::Notice(n)) => reply("notice", None, n),
             SubEvent::Presence(Notice::Join(member)) => {
                 reply("join", None, json!({"stream": stream, "member": member}))
@@ -537,19 +559,30 @@ impl Connection {
             SubEvent::Item(Item::Cursor(seq)) => {
                 reply("cursor", None, json!({"stream": stream, "seq": seq}))
             }
-            SubEvent::Ended(reason, error) => {
-                // Removed now, so the client may subscribe again as soon as it reads this.
-                self.subs.remove(&stream);
-                let mut body = json!({"stream": stream, "reason": reason});
-                if let Some(e) = error {
-                    tracing::warn!(%stream, error = %e, "WebSocket subscription failed");
-                    body["code"] = e.code().into();
-                    body["message"] = e.to_string().into();
-                }
-                reply("unsubscribed", None, body)
-            }
+            SubEvent::Ended(end) => self.ended(stream, Some(end), None),
+            SubEvent::Failed(e) => self.ended(stream, None, Some(e)),
         };
         self.send(msg).await;
+    }
+
+    /// Drops a subscription that is over and says so: `unsubscribed` with its reason, or
+    /// with `reason: "error"` and the error's code and message.
+    fn ended(
+        &mut self,
+        stream: StreamName,
+        end: Option<EndReason>,
+        error: Option<Error>,
+    ) -> Message {
+        // Removed now, so the client may subscribe again as soon as it reads this.
+        self.subs.remove(&stream);
+        let reason = end.map_or("error", end_reason);
+        let mut body = json!({"stream": stream, "reason": reason});
+        if let Some(e) = error {
+            tracing::warn!(%stream, error = %e, "WebSocket subscription failed");
+            body["code"] = e.code().into();
+            body["message"] = e.to_string().into();
+        }
+        reply("unsubscribed", None, body)
     }
 
     async fn send(&mut self, msg: Message) {
