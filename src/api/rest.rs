@@ -104,15 +104,7 @@ async fn close(
     };
     let spec = AppendSpec {
         stream,
-        events: vec![NewEvent {
-            ty: TYPE_STREAM_CLOSED.into(),
-            data,
-            id: None,
-            key: None,
-            body: None,
-            by: who.subject().map(str::to_owned),
-            append: false,
-        }],
+        events: vec![NewEvent::composed(TYPE_STREAM_CLOSED, data).by(who.subject())],
         expected_seq: None,
         close: true,
     };

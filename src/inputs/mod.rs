@@ -8,7 +8,7 @@
 //! - [`announce`]: appends a resolution (`input.answered` or `input.expired`) under its
 //!   idempotency id, so a repeat is a duplicate, never a second event.
 //! - [`wait`]: a request's outcome, waiting while it is open (the long poll).
-//! - [`stop`]: `control.stop`.
+//! - [`stop`]: appends `control.stop`.
 
 pub mod expiry;
 
@@ -330,18 +330,14 @@ pub async fn announce(app: &AppState, row: &InputRow) -> Result<AppendResult> {
             format_time(&row.expires_at)
         ),
     };
+    // An expiry is the server's own doing: nobody authored it.
+    let by = match row.status {
+        Status::Answered => row.answered_by.as_deref(),
+        _ => None,
+    };
     let event = NewEvent {
-        ty: ty.into(),
-        data,
         id: Some(row.event_id(ty)),
-        key: None,
-        body: None,
-        // An expiry is the server's own doing: nobody authored it.
-        by: match row.status {
-            Status::Answered => row.answered_by.clone(),
-            _ => None,
-        },
-        append: false,
+        ..NewEvent::composed(ty, data).by(by)
     };
     let spec = one_event(StreamName::parse(&row.stream)?, event);
     match app.appender.append(spec).await {
@@ -374,15 +370,7 @@ pub async fn stop(
         Some(r) => format!("{{\"reason\":{r}}}"),
         None => "{}".to_owned(),
     };
-    let event = NewEvent {
-        ty: TYPE_CONTROL_STOP.into(),
-        data,
-        id: None,
-        key: None,
-        body: None,
-        by: who.subject().map(str::to_owned),
-        append: false,
-    };
+    let event = NewEvent::composed(TYPE_CONTROL_STOP, data).by(who.subject());
     app.appender.append(one_event(stream, event)).await
 }
 
