@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use futures::stream::{FuturesOrdered, SplitSink, SplitStream};
-use futures::{SinkExt, Stream, StreamExt};
+use futures::{FutureExt, SinkExt, Stream, StreamExt};
 use serde_json::json;
 use serde_json::value::RawValue;
 use tokio::time::{interval_at, MissedTickBehavior};
@@ -226,6 +226,10 @@ type PendingReply = std::pin::Pin<Box<dyn std::future::Future<Output = Message> 
 /// Most publishes one connection may have under way; beyond it, its frames wait.
 const MAX_PUBLISHES_IN_FLIGHT: usize = 64;
 
+/// Most subscription messages gathered into one batch (one flush), besides the send queue's
+/// own bounds.
+const MAX_BATCH: usize = 256;
+
 impl Connection {
     async fn run(app: AppState, who: Principal, label: Option<String>, socket: WebSocket) {
         let _conn = ConnectionGuard::new(&app, Transport::Ws);
@@ -322,7 +326,7 @@ impl Connection {
                     }
                 }
                 Wake::Acked(msg) => self.send(msg).await,
-                Wake::Sub(stream, ev) => self.on_sub_event(stream, ev).await,
+                Wake::Sub(stream, ev) => self.on_sub_events(stream, ev).await,
                 Wake::Room => {}
                 Wake::Tick => {
                     if heard.elapsed() >= heartbeat * 3 {
@@ -526,11 +530,33 @@ impl Connection {
         }
     }
 
-    async fn on_sub_event(&mut self, stream: StreamName, ev: SubEvent) {
-        let msg = match ev {
+    /// Handles what a subscription yielded, and everything the subscriptions already hold
+    /// besides (a catch-up page, a burst: whatever is ready without waiting), up to the send
+    /// queue's room: queued as one batch, so it reaches the socket in one flush.
+    async fn on_sub_events(&mut self, stream: StreamName, ev: SubEvent) {
+        let mut batch = Vec::new();
+        let (mut bytes, mut events) = (0, 0);
+        let mut next = Some((stream, ev));
+        while let Some((stream, ev)) = next.take() {
+            events += u64::from(matches!(ev, SubEvent::Item(Item::Event(_))));
+            let msg = self.on_sub_event(stream, ev).await;
+            bytes += queue::weight(&msg);
+            batch.push(msg);
+            if batch.len() < MAX_BATCH && self.out.room_besides(batch.len(), bytes) {
+                // Polled once, without waiting: a subscription that is not ready keeps its
+                // place (its read goes on inside its stream) for the loop's next round.
+                next = self.subs.next().now_or_never().flatten();
+            }
+        }
+        metrics::counter!(m::DELIVERED_EVENTS, "transport" => "ws").increment(events);
+        let _ = self.out.send_batch(batch).await;
+    }
+
+    /// One subscription item as the message for the client.
+    async fn on_sub_event(&mut self, stream: StreamName, ev: SubEvent) -> Message {
+        match ev {
             SubEvent::Item(Item::Event(frame)) => match event_text(&frame) {
                 Ok(msg) => {
-                    metrics::counter!(m::DELIVERED_EVENTS, "transport" => "ws").increment(1);
                     if let Some(t) = frame.committed_at {
                         metrics::histogram!(m::DELIVERY_LATENCY, "transport" => "ws")
                             .record(t.elapsed().as_secs_f64());
@@ -561,8 +587,7 @@ impl Connection {
             }
             SubEvent::Ended(end) => self.ended(stream, Some(end), None),
             SubEvent::Failed(e) => self.ended(stream, None, Some(e)),
-        };
-        self.send(msg).await;
+        }
     }
 
     /// Drops a subscription that is over and says so: `unsubscribed` with its reason, or
@@ -624,13 +649,14 @@ fn read_failure(e: axum::Error) -> End {
 }
 
 async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut queue: queue::Inbox) {
-    let mut batch = Vec::new();
+    let mut batches = Vec::new();
     // Everything already queued goes out with one flush.
-    while queue.recv_many(&mut batch, 64).await > 0 {
+    while queue.recv_many(&mut batches, 64).await > 0 {
         let mut closing = false;
-        let mut bytes = 0;
-        for msg in batch.drain(..) {
+        let (mut messages, mut bytes) = (0, 0);
+        for msg in batches.drain(..).flatten() {
             closing = matches!(msg, Message::Close(_));
+            messages += 1;
             bytes += queue::weight(&msg);
             if sink.feed(msg).await.is_err() {
                 return;
@@ -645,7 +671,7 @@ async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut queue: queue::I
             return;
         }
         // Only now off the connection's books: until flushed, it is memory held for it.
-        queue.written(bytes);
+        queue.written(messages, bytes);
         if closing {
             return;
         }
