@@ -241,7 +241,7 @@ impl App {
         let background = start_background(&state, listen);
         tracing::info!(node_id = %state.node_id, backend = state.db.backend(), "node started");
         // These end when `state.shutdown` is cancelled, dropping their handles to the appender.
-        tokio::spawn(crate::live::expiry::run(state.clone()));
+        tokio::spawn(crate::inputs::expiry::run(state.clone()));
         tokio::spawn(crate::live::leases::run(state.clone()));
         tokio::spawn(crate::webhooks::run(state.clone(), webhook_client));
         Ok(App {

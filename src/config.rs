@@ -193,6 +193,17 @@ pub struct Config {
     )]
     pub ws_max_subscriptions: usize,
 
+    /// Bytes of event data one WebSocket's subscriptions may hold read from the log and not
+    /// yet sent (their catch-up pages), together; a subscription waits for its share. One
+    /// event larger than this is still read, alone.
+    #[arg(
+        long,
+        env = "TAILCAST_WS_CATCHUP_BYTES",
+        default_value_t = 32 << 20,
+        help_heading = "Streaming"
+    )]
+    pub ws_catchup_bytes: usize,
+
     /// How long an input request stays open when it gives no `timeout_ms`.
     #[arg(
         long,

@@ -7,6 +7,7 @@ pub mod extract;
 pub mod inputs;
 pub mod leases;
 pub mod ops;
+pub mod params;
 pub mod presence;
 pub mod rest;
 pub mod retention;

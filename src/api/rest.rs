@@ -7,13 +7,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::{BufMut, Bytes, BytesMut};
-use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::json;
 
 use super::events::{authored, parse_batch};
 use super::extract::{Body, Query, Stream};
-use super::sse::{parse_cursor, parse_flag};
+use super::params::{self, Cursor, PageLimit, Since};
 use crate::app::AppState;
 use crate::auth::{Grant, Principal};
 use crate::error::{Error, Result};
@@ -105,15 +104,7 @@ async fn close(
     };
     let spec = AppendSpec {
         stream,
-        events: vec![NewEvent {
-            ty: TYPE_STREAM_CLOSED.into(),
-            data,
-            id: None,
-            key: None,
-            body: None,
-            by: who.subject().map(str::to_owned),
-            append: false,
-        }],
+        events: vec![NewEvent::composed(TYPE_STREAM_CLOSED, data).by(who.subject())],
         expected_seq: None,
         close: true,
     };
@@ -171,7 +162,7 @@ async fn list_streams(
     Query(p): Query<ListParams>,
 ) -> Result<Response> {
     who.check_admin()?;
-    let limit = page_limit(p.limit, 100)?;
+    let PageLimit(limit) = PageLimit::parse(p.limit, 100)?;
     // PostgreSQL text cannot hold NUL: refuse control characters before they reach a query.
     for (name, value) in [("prefix", &p.prefix), ("after_name", &p.after_name)] {
         if value.chars().any(char::is_control) || value.len() > 1024 {
@@ -195,16 +186,6 @@ async fn list_streams(
     Ok(Json(json!({ "streams": streams, "next_after_name": next.flatten() })).into_response())
 }
 
-fn page_limit(limit: Option<i64>, default: i64) -> Result<i64> {
-    match limit {
-        None => Ok(default),
-        Some(l) if (1..=1000).contains(&l) => Ok(l),
-        Some(l) => Err(Error::InvalidParameter(format!(
-            "limit must be between 1 and 1000, not {l}"
-        ))),
-    }
-}
-
 /// Most `data` bytes in one JSON replay page.
 const REPLAY_PAGE_BYTES: i64 = 16 << 20;
 
@@ -216,13 +197,6 @@ struct ReadParams {
     compact: Option<String>,
 }
 
-/// Parses an RFC 3339 time parameter.
-pub fn parse_since(raw: &str) -> Result<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(raw)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| Error::InvalidParameter(format!("since must be an RFC 3339 time: {e}")))
-}
-
 async fn read_events(
     State(app): State<AppState>,
     who: Principal,
@@ -231,11 +205,11 @@ async fn read_events(
     headers: HeaderMap,
 ) -> Result<Response> {
     who.check(Grant::Read, &stream)?;
-    let limit = page_limit(p.limit, 100)?;
+    let PageLimit(limit) = PageLimit::parse(p.limit, 100)?;
     let row = existing_stream(&app, &stream).await?;
     let after = match (p.after.as_deref(), p.since.as_deref()) {
-        (Some(a), None) => parse_cursor("after", a)?,
-        (None, Some(s)) => store::cursor_at_time(&app.db, &row, parse_since(s)?).await?,
+        (Some(a), None) => Cursor::parse("after", a)?.0,
+        (None, Some(s)) => store::cursor_at_time(&app.db, &row, Since::parse(s)?.0).await?,
         (None, None) => 0,
         (Some(_), Some(_)) => {
             return Err(Error::InvalidParameter(
@@ -243,7 +217,7 @@ async fn read_events(
             ));
         }
     };
-    let compact = parse_flag("compact", p.compact.as_deref())?;
+    let compact = params::flag("compact", p.compact.as_deref())?;
     if compact {
         compact::Surface::Rest.count_read();
     }
@@ -415,7 +389,7 @@ async fn snapshot(
     Query(p): Query<SnapshotParams>,
 ) -> Result<Response> {
     who.check(Grant::Read, &stream)?;
-    let compact = parse_flag("compact", p.compact.as_deref())?;
+    let compact = params::flag("compact", p.compact.as_deref())?;
     let row = existing_stream(&app, &stream).await?;
     let limit = app.config.max_snapshot_bytes;
     let too_large = || Error::SnapshotTooLarge { limit };

@@ -18,13 +18,13 @@ use tokio::time::{interval_at, Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::extract::{Query, Stream};
-use super::rest::parse_since;
+use super::params::{self, Cursor, Since};
 use crate::app::{AppState, ConnectionGuard, Transport};
 use crate::auth::{Grant, Principal};
 use crate::error::{Error, Result};
 use crate::live::frame::put_sse_data;
 use crate::live::presence::PresenceGuard;
-use crate::live::{Compaction, Filter, Item, Start, Subscription, Surface};
+use crate::live::{Compaction, Item, Start, Subscription, Surface};
 use crate::log::StreamName;
 use crate::metrics as m;
 
@@ -43,75 +43,23 @@ pub struct SseParams {
     compact: Option<String>,
 }
 
-/// Parses a cursor: a non-negative integer seq.
-pub fn parse_cursor(what: &str, raw: &str) -> Result<i64> {
-    raw.trim()
-        .parse::<i64>()
-        .ok()
-        .filter(|c| *c >= 0)
-        .ok_or_else(|| {
-            let shown: String = raw.chars().take(32).collect();
-            Error::InvalidCursor(format!(
-                "{what} must be a non-negative integer seq, not {shown:?}"
-            ))
-        })
-}
-
-/// The cursor a reconnecting client gives: `Last-Event-ID` (an empty one is no cursor), else
-/// `?after=`; `None` when it gives neither.
-pub fn resume_cursor(after: Option<&str>, headers: &HeaderMap) -> Result<Option<i64>> {
-    if let Some(v) = headers.get("last-event-id") {
-        let raw = v
-            .to_str()
-            .map_err(|_| Error::InvalidCursor("Last-Event-ID must be ASCII digits".into()))?;
-        if !raw.trim().is_empty() {
-            return Ok(Some(parse_cursor("Last-Event-ID", raw)?));
-        }
-    }
-    after.map(|a| parse_cursor("after", a)).transpose()
-}
-
 /// Works out where an SSE request starts: `Last-Event-ID` wins, then `after`, `from`, `since`.
 pub fn sse_start(params: &SseParams, headers: &HeaderMap) -> Result<Start> {
-    if let Some(c) = resume_cursor(params.after.as_deref(), headers)? {
+    if let Some(Cursor(c)) = Cursor::resume(params.after.as_deref(), headers)? {
         return Ok(Start::After(c));
     }
-    match params.from.as_deref() {
-        Some("now") => return Ok(Start::Now),
-        Some("snapshot") => return Ok(Start::Snapshot),
-        Some("beginning") | Some("start") => return Ok(Start::After(0)),
-        Some(other) => {
-            return Err(Error::InvalidParameter(format!(
+    if let Some(from) = params.from.as_deref() {
+        return params::parse_from(from).ok_or_else(|| {
+            Error::InvalidParameter(format!(
                 "from must be \"now\" or \"snapshot\", not {:?}",
-                other.chars().take(32).collect::<String>()
-            )))
-        }
-        None => {}
+                from.chars().take(32).collect::<String>()
+            ))
+        });
     }
     if let Some(s) = &params.since {
-        return Ok(Start::Since(parse_since(s)?));
+        return Ok(Start::Since(Since::parse(s)?.0));
     }
     Ok(Start::After(0))
-}
-
-pub fn parse_flag(name: &str, raw: Option<&str>) -> Result<bool> {
-    match raw {
-        None | Some("0") | Some("false") => Ok(false),
-        Some("") | Some("1") | Some("true") => Ok(true),
-        Some(other) => Err(Error::InvalidParameter(format!(
-            "{name} must be 1 or 0, not {:?}",
-            other.chars().take(16).collect::<String>()
-        ))),
-    }
-}
-
-/// `types=a,b` as a filter.
-pub fn parse_types(raw: Option<&str>) -> Filter {
-    Filter::types(
-        raw.unwrap_or_default()
-            .split(',')
-            .map(|t| t.trim().to_owned()),
-    )
 }
 
 async fn sse(
@@ -123,10 +71,10 @@ async fn sse(
 ) -> Result<Response> {
     who.check(Grant::Read, &stream)?;
     let start = sse_start(&params, &headers)?;
-    let named = parse_flag("named", params.named.as_deref())?;
+    let named = params::flag("named", params.named.as_deref())?;
     let label = super::presence::parse_label(params.label.as_deref())?;
-    let compact = parse_flag("compact", params.compact.as_deref())?;
-    let filter = parse_types(params.types.as_deref());
+    let compact = params::flag("compact", params.compact.as_deref())?;
+    let filter = params::types(params.types.as_deref());
     let snapshot = start == Start::Snapshot;
     let compact = compact.then_some((Compaction::Messages, Surface::Sse));
     let (sub, opened) =

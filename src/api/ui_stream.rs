@@ -24,12 +24,13 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 
 use super::extract::{Query, Stream};
-use super::sse::{event_stream, parse_flag, resume_cursor, Framing};
+use super::params::{self, Cursor};
+use super::sse::{event_stream, Framing};
 use crate::app::AppState;
 use crate::auth::{Grant, Principal};
 use crate::error::Result;
 use crate::live::frame::put_sse_data;
-use crate::live::{Compaction, Filter, Item, Notice, Start, Subscription, Surface};
+use crate::live::{Compaction, Filter, Item, Notice, NoticeKind, Start, Subscription, Surface};
 use crate::log::model::TYPE_STREAM_CLOSED;
 use crate::log::StreamName;
 
@@ -61,9 +62,9 @@ async fn ui_message_stream(
     headers: HeaderMap,
 ) -> Result<Response> {
     who.check(Grant::Read, &stream)?;
-    let after = resume_cursor(params.after.as_deref(), &headers)?.unwrap_or(0);
+    let Cursor(after) = Cursor::resume(params.after.as_deref(), &headers)?.unwrap_or(Cursor(0));
     let label = super::presence::parse_label(params.label.as_deref())?;
-    let compact = parse_flag("compact", params.compact.as_deref())?;
+    let compact = params::flag("compact", params.compact.as_deref())?;
     let filter = Filter::types([TYPE_UI.to_owned()]);
     // Compacted: the catch-up's text and reasoning deltas come joined, one chunk per run of a
     // part.
@@ -122,7 +123,7 @@ impl Framing for UiFraming {
 /// is not the one that was written, so the client is told with an `error` chunk.
 fn notice(n: &Notice) -> Bytes {
     match n.notice {
-        "gap" | "deleted" => error_chunk(n.notice, &n.detail),
+        NoticeKind::Gap | NoticeKind::Deleted => error_chunk(n.notice.as_str(), &n.detail),
         _ => {
             let json = serde_json::to_string(n).unwrap_or_default();
             Bytes::from(format!(": notice {json}\n\n"))

@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use futures::stream::{FuturesOrdered, SplitSink, SplitStream};
-use futures::{SinkExt, Stream, StreamExt};
+use futures::{FutureExt, SinkExt, Stream, StreamExt};
 use serde_json::json;
 use serde_json::value::RawValue;
 use tokio::time::{interval_at, MissedTickBehavior};
@@ -33,16 +33,16 @@ use tracing::Instrument;
 
 use super::events::{authored, parse_batch};
 use super::extract::Query;
-use super::inputs;
 use crate::app::{AppState, ConnectionGuard, Transport};
 use crate::auth::{Grant, Principal};
 use crate::error::Error;
+use crate::inputs;
+use crate::live::budget::Budget;
 use crate::live::presence::{Notice, PresenceGuard};
-use crate::live::{Compaction, Item, Start, Subscription, Surface};
-use crate::log::model::{format_time, TYPE_STREAM_CLOSED};
+use crate::live::{Compaction, EndReason, Frame, Item, Start, Subscription, Surface};
+use crate::log::model::format_time;
 use crate::log::{AppendSpec, StreamName};
 use crate::metrics as m;
-pub use protocol::check_request_id;
 use protocol::{error_reply, error_with, reply, Op, Request};
 
 /// The protocol version announced in `welcome`.
@@ -111,8 +111,10 @@ enum SubEvent {
     Item(Item),
     /// A join or leave on the stream (for subscriptions that asked for them).
     Presence(Notice),
-    /// The subscription is over: `closed`, `deleted`, or `error` (then with the error).
-    Ended(&'static str, Option<Error>),
+    /// The subscription is over, for this reason.
+    Ended(EndReason),
+    /// The subscription failed: it is over, and the client resumes from its cursor.
+    Failed(Error),
 }
 
 type SubStream = std::pin::Pin<Box<dyn Stream<Item = SubEvent> + Send>>;
@@ -120,8 +122,6 @@ type SubStream = std::pin::Pin<Box<dyn Stream<Item = SubEvent> + Send>>;
 /// A subscription, and what goes with it until it ends.
 struct SubState {
     sub: Subscription,
-    /// Why it ends, if it ends on its own.
-    reason: &'static str,
     /// Its presence: leaves when the subscription ends, however it ends.
     _follower: PresenceGuard,
     /// The stream's join and leave notices, if the client asked for them.
@@ -137,7 +137,6 @@ fn sub_stream(
     use tokio::sync::broadcast::error::RecvError;
     let state = Some(SubState {
         sub,
-        reason: "closed",
         _follower: follower,
         watch,
     });
@@ -151,16 +150,13 @@ fn sub_stream(
             None => Ok(st.sub.next().await),
         };
         match next {
-            Ok(Some(Ok(item))) => {
-                match &item {
-                    Item::Notice(n) if n.notice == "deleted" => st.reason = "deleted",
-                    Item::Event(f) if f.ty == TYPE_STREAM_CLOSED => st.reason = "closed",
-                    _ => {}
-                }
-                Some((SubEvent::Item(item), Some(st)))
-            }
-            Ok(Some(Err(e))) => Some((SubEvent::Ended("error", Some(e)), None)),
-            Ok(None) => Some((SubEvent::Ended(st.reason, None), None)),
+            Ok(Some(Ok(item))) => Some((SubEvent::Item(item), Some(st))),
+            Ok(Some(Err(e))) => Some((SubEvent::Failed(e), None)),
+            // The subscription says why it ended; only a hub shutting down leaves it unsaid.
+            Ok(None) => Some((
+                SubEvent::Ended(st.sub.end().unwrap_or(EndReason::Shutdown)),
+                None,
+            )),
             Err(Ok(notice)) => Some((SubEvent::Presence(notice), Some(st))),
             // Notices were dropped for this slow reader: it re-reads the whole presence.
             Err(Err(RecvError::Lagged(_))) => Some((SubEvent::Presence(Notice::Sync), Some(st))),
@@ -170,6 +166,25 @@ fn sub_stream(
             }
         }
     }))
+}
+
+/// The `reason` of an `unsubscribed` the server sends on its own (docs/websocket.md).
+fn end_reason(end: EndReason) -> &'static str {
+    match end {
+        EndReason::Closed => "closed",
+        EndReason::Deleted => "deleted",
+        // The connection itself closes next (1001, going away); the wire has no reason of its
+        // own for this, and the client resumes by cursor either way.
+        EndReason::Shutdown => "closed",
+    }
+}
+
+/// An event frame as a WebSocket text message. Frames are JSON built from UTF-8 text, so this
+/// only fails on a bug; the subscription then ends with an error rather than skip the event.
+fn event_text(frame: &Frame) -> Result<Message, Error> {
+    Utf8Bytes::try_from(frame.ws().clone())
+        .map(Message::Text)
+        .map_err(|_| Error::internal(format!("event {} is not UTF-8 text", frame.seq)))
 }
 
 /// What woke the connection's loop.
@@ -198,6 +213,8 @@ struct Connection {
     /// The `label=` it connected with.
     label: Option<String>,
     subs: StreamMap<StreamName, SubStream>,
+    /// What the subscriptions' catch-up pages may hold together (`--ws-catchup-bytes`).
+    catchup: Budget,
     out: queue::Outbox,
     /// Publishes whose appends are under way, answered in the order they came. A client may
     /// keep many in flight, and they then share group commits.
@@ -208,6 +225,10 @@ type PendingReply = std::pin::Pin<Box<dyn std::future::Future<Output = Message> 
 
 /// Most publishes one connection may have under way; beyond it, its frames wait.
 const MAX_PUBLISHES_IN_FLIGHT: usize = 64;
+
+/// Most subscription messages gathered into one batch (one flush), besides the send queue's
+/// own bounds.
+const MAX_BATCH: usize = 256;
 
 impl Connection {
     async fn run(app: AppState, who: Principal, label: Option<String>, socket: WebSocket) {
@@ -221,12 +242,14 @@ impl Connection {
         let writer = tokio::spawn(write_loop(sink, queue));
         let heartbeat = app.config.ws_heartbeat();
         let write_timeout = app.config.write_timeout();
+        let catchup = Budget::new(app.config.ws_catchup_bytes);
         let mut conn = Connection {
             app,
             who,
             connection_id: connection_id.clone(),
             label,
             subs: StreamMap::new(),
+            catchup,
             out,
             publishes: FuturesOrdered::new(),
         };
@@ -303,7 +326,7 @@ impl Connection {
                     }
                 }
                 Wake::Acked(msg) => self.send(msg).await,
-                Wake::Sub(stream, ev) => self.on_sub_event(stream, ev).await,
+                Wake::Sub(stream, ev) => self.on_sub_events(stream, ev).await,
                 Wake::Room => {}
                 Wake::Tick => {
                     if heard.elapsed() >= heartbeat * 3 {
@@ -426,7 +449,7 @@ impl Connection {
                 }
                 let snapshot = start == Start::Snapshot;
                 let compact = compact.then_some((Compaction::Messages, Surface::Ws));
-                let (sub, opened) = Subscription::open_compacted(
+                let (mut sub, opened) = Subscription::open_compacted(
                     app.source(),
                     stream.clone(),
                     start,
@@ -435,6 +458,7 @@ impl Connection {
                     compact,
                 )
                 .await?;
+                sub.share_budget(self.catchup.clone());
                 let body = json!({
                     "stream": stream,
                     "head": opened.head,
@@ -487,7 +511,8 @@ impl Connection {
                 data,
             } => {
                 self.who.check(Grant::Answer, &stream)?;
-                let res = inputs::answer(app, &self.who, &stream, &request_id, data.get()).await?;
+                let res =
+                    inputs::answer(app, &self.who, &stream, &request_id.0, data.get()).await?;
                 Ok(Some(reply("ack", reference, res)))
             }
             Op::Stop { stream, reason } => {
@@ -510,20 +535,43 @@ impl Connection {
         }
     }
 
-    async fn on_sub_event(&mut self, stream: StreamName, ev: SubEvent) {
-        let msg = match ev {
-            SubEvent::Item(Item::Event(frame)) => {
-                metrics::counter!(m::DELIVERED_EVENTS, "transport" => "ws").increment(1);
-                if let Some(t) = frame.committed_at {
-                    metrics::histogram!(m::DELIVERY_LATENCY, "transport" => "ws")
-                        .record(t.elapsed().as_secs_f64());
-                }
-                // The frame is JSON built from valid UTF-8 parts; the check copies nothing.
-                match Utf8Bytes::try_from(frame.ws().clone()) {
-                    Ok(text) => Message::Text(text),
-                    Err(_) => return,
-                }
+    /// Handles what a subscription yielded, and everything the subscriptions already hold
+    /// besides (a catch-up page, a burst: whatever is ready without waiting), up to the send
+    /// queue's room: queued as one batch, so it reaches the socket in one flush.
+    async fn on_sub_events(&mut self, stream: StreamName, ev: SubEvent) {
+        let mut batch = Vec::new();
+        let (mut bytes, mut events) = (0, 0);
+        let mut next = Some((stream, ev));
+        while let Some((stream, ev)) = next.take() {
+            events += u64::from(matches!(ev, SubEvent::Item(Item::Event(_))));
+            let msg = self.on_sub_event(stream, ev).await;
+            bytes += queue::weight(&msg);
+            batch.push(msg);
+            if batch.len() < MAX_BATCH && self.out.room_besides(batch.len(), bytes) {
+                // Polled once, without waiting: a subscription that is not ready keeps its
+                // place (its read goes on inside its stream) for the loop's next round.
+                next = self.subs.next().now_or_never().flatten();
             }
+        }
+        metrics::counter!(m::DELIVERED_EVENTS, "transport" => "ws").increment(events);
+        let _ = self.out.send_batch(batch).await;
+    }
+
+    /// One subscription item as the message for the client.
+    async fn on_sub_event(&mut self, stream: StreamName, ev: SubEvent) -> Message {
+        match ev {
+            SubEvent::Item(Item::Event(frame)) => match event_text(&frame) {
+                Ok(msg) => {
+                    if let Some(t) = frame.committed_at {
+                        metrics::histogram!(m::DELIVERY_LATENCY, "transport" => "ws")
+                            .record(t.elapsed().as_secs_f64());
+                    }
+                    msg
+                }
+                // Never skip an event: end the subscription; the client resumes from the
+                // last seq it has.
+                Err(e) => self.ended(stream, None, Some(e)),
+            },
             SubEvent::Item(Item::Notice(n)) => reply("notice", None, n),
             SubEvent::Presence(Notice::Join(member)) => {
                 reply("join", None, json!({"stream": stream, "member": member}))
@@ -542,19 +590,29 @@ impl Connection {
             SubEvent::Item(Item::Cursor(seq)) => {
                 reply("cursor", None, json!({"stream": stream, "seq": seq}))
             }
-            SubEvent::Ended(reason, error) => {
-                // Removed now, so the client may subscribe again as soon as it reads this.
-                self.subs.remove(&stream);
-                let mut body = json!({"stream": stream, "reason": reason});
-                if let Some(e) = error {
-                    tracing::warn!(%stream, error = %e, "WebSocket subscription failed");
-                    body["code"] = e.code().into();
-                    body["message"] = e.to_string().into();
-                }
-                reply("unsubscribed", None, body)
-            }
-        };
-        self.send(msg).await;
+            SubEvent::Ended(end) => self.ended(stream, Some(end), None),
+            SubEvent::Failed(e) => self.ended(stream, None, Some(e)),
+        }
+    }
+
+    /// Drops a subscription that is over and says so: `unsubscribed` with its reason, or
+    /// with `reason: "error"` and the error's code and message.
+    fn ended(
+        &mut self,
+        stream: StreamName,
+        end: Option<EndReason>,
+        error: Option<Error>,
+    ) -> Message {
+        // Removed now, so the client may subscribe again as soon as it reads this.
+        self.subs.remove(&stream);
+        let reason = end.map_or("error", end_reason);
+        let mut body = json!({"stream": stream, "reason": reason});
+        if let Some(e) = error {
+            tracing::warn!(%stream, error = %e, "WebSocket subscription failed");
+            body["code"] = e.code().into();
+            body["message"] = e.to_string().into();
+        }
+        reply("unsubscribed", None, body)
     }
 
     async fn send(&mut self, msg: Message) {
@@ -596,13 +654,14 @@ fn read_failure(e: axum::Error) -> End {
 }
 
 async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut queue: queue::Inbox) {
-    let mut batch = Vec::new();
+    let mut batches = Vec::new();
     // Everything already queued goes out with one flush.
-    while queue.recv_many(&mut batch, 64).await > 0 {
+    while queue.recv_many(&mut batches, 64).await > 0 {
         let mut closing = false;
-        let mut bytes = 0;
-        for msg in batch.drain(..) {
+        let (mut messages, mut bytes) = (0, 0);
+        for msg in batches.drain(..).flatten() {
             closing = matches!(msg, Message::Close(_));
+            messages += 1;
             bytes += queue::weight(&msg);
             if sink.feed(msg).await.is_err() {
                 return;
@@ -617,7 +676,7 @@ async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut queue: queue::I
             return;
         }
         // Only now off the connection's books: until flushed, it is memory held for it.
-        queue.written(bytes);
+        queue.written(messages, bytes);
         if closing {
             return;
         }

@@ -3,8 +3,8 @@
 //! instead of every token), `notify`, the cross-node wake-ups, and `presence`, who follows
 //! each stream (`presence_sync` across nodes).
 
+pub mod budget;
 pub mod compact;
-pub mod expiry;
 pub mod frame;
 pub mod hub;
 pub mod leases;
@@ -17,7 +17,9 @@ pub mod subscription;
 pub use compact::{Compaction, Surface};
 pub use frame::Frame;
 pub use hub::Hub;
-pub use subscription::{Filter, Item, Notice, Opened, Source, Start, Subscription};
+pub use subscription::{
+    EndReason, Filter, Item, Notice, NoticeKind, Opened, Source, Start, Subscription,
+};
 
 use std::future::Future;
 use std::time::Duration;

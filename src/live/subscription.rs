@@ -32,6 +32,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
 
+use super::budget::{Budget, Share};
 use super::compact::{self, Compaction, Folder, Surface};
 use super::frame::Frame;
 use super::hub::{Hub, LiveMsg, LiveReceiver};
@@ -79,10 +80,44 @@ impl Filter {
     }
 }
 
+/// What a notice says (its `notice` field on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoticeKind {
+    /// Retention removed events after the cursor; the subscription continues after them.
+    Gap,
+    /// The cursor was past the stream's head; the subscription continues from the head.
+    Reset,
+    /// The stream was deleted; the subscription ends ([`EndReason::Deleted`]).
+    Deleted,
+}
+
+impl NoticeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoticeKind::Gap => "gap",
+            NoticeKind::Reset => "reset",
+            NoticeKind::Deleted => "deleted",
+        }
+    }
+}
+
+/// Why a subscription ended on its own: what [`Subscription::end`] says once
+/// [`Subscription::next`] has returned `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// It delivered the stream's `stream.closed` (opened with `end_on_close`).
+    Closed,
+    /// The stream was deleted (after a `deleted` notice).
+    Deleted,
+    /// The hub shut down: the server is stopping.
+    Shutdown,
+}
+
 /// A notice: the client's cursor could not be honoured as given, or the stream is gone.
 #[derive(Debug, Clone, Serialize)]
 pub struct Notice {
-    pub notice: &'static str,
+    pub notice: NoticeKind,
     pub stream: StreamName,
     pub detail: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -137,13 +172,19 @@ pub struct Subscription {
     pending: VecDeque<Item>,
     filter: Filter,
     end_on_close: bool,
-    finished: bool,
+    /// Set when the subscription is over; [`Subscription::next`] yields what it still holds,
+    /// then `None`.
+    ended: Option<EndReason>,
     /// While the database is unreachable: when to try the log again, and the current backoff.
     retry: Option<(tokio::time::Instant, std::time::Duration)>,
     /// A compacted subscription's rule, and where it is served.
     compaction: Option<(Compaction, Surface)>,
     /// Folds the catch-up of a compacted subscription; gone while it is live.
     folder: Option<Folder>,
+    /// The byte budget its catch-up pages come out of, if it shares one with others (a
+    /// WebSocket's subscriptions), and its share for the page it holds in `pending`.
+    budget: Option<Budget>,
+    held: Option<Share>,
 }
 
 /// The state of a stream when a subscription opened.
@@ -196,10 +237,12 @@ impl Subscription {
             pending: VecDeque::new(),
             filter,
             end_on_close,
-            finished: false,
+            ended: None,
             retry: None,
             compaction: compact,
             folder: None,
+            budget: None,
+            held: None,
         };
         let head = row.as_ref().map_or(0, |r| r.head);
         let cursor = sub.position(row.as_ref(), start).await?;
@@ -228,7 +271,7 @@ impl Subscription {
             Start::Now => head,
             Start::After(c) if c > head => {
                 self.notice(
-                    "reset",
+                    NoticeKind::Reset,
                     format!(
                         "cursor {c} is past the stream's head {head}; continuing from the head"
                     ),
@@ -240,7 +283,7 @@ impl Subscription {
             Start::After(c) if c < trimmed => {
                 let oldest = trimmed + 1;
                 self.notice(
-                    "gap",
+                    NoticeKind::Gap,
                     format!(
                         "events {}..{} were removed by retention; continuing from {oldest}",
                         c + 1,
@@ -292,13 +335,7 @@ impl Subscription {
         })
     }
 
-    fn notice(
-        &mut self,
-        kind: &'static str,
-        detail: String,
-        oldest: Option<i64>,
-        head: Option<i64>,
-    ) {
+    fn notice(&mut self, kind: NoticeKind, detail: String, oldest: Option<i64>, head: Option<i64>) {
         self.pending.push_back(Item::Notice(Notice {
             notice: kind,
             stream: self.stream.clone(),
@@ -312,20 +349,34 @@ impl Subscription {
         &self.stream
     }
 
+    /// Makes this subscription's catch-up pages come out of `budget`, shared with others: it
+    /// waits for its share before it reads a page, and gives it back once the page is handed
+    /// on. A page is cut at the share it got; a single event larger than the whole budget is
+    /// still read, alone (it must be delivered, and only it is held).
+    pub fn share_budget(&mut self, budget: Budget) {
+        self.budget = Some(budget);
+    }
+
     /// The seq of the last event this subscription handed out (or filtered out).
     pub fn cursor(&self) -> i64 {
         self.delivered
     }
 
+    /// Why the subscription ended, once [`Subscription::next`] has returned `None`; `None`
+    /// while it goes on.
+    pub fn end(&self) -> Option<EndReason> {
+        self.ended.filter(|_| self.pending.is_empty())
+    }
+
     /// The next item, or `None` when the subscription is over (stream closed with
-    /// `end_on_close`, stream deleted, or the hub shut down). Cancel-safe: state only
-    /// changes after each await completes.
+    /// `end_on_close`, stream deleted, or the hub shut down: [`Subscription::end`] says
+    /// which). Cancel-safe: state only changes after each await completes.
     pub async fn next(&mut self) -> Option<Result<Item, Error>> {
         loop {
             if let Some(item) = self.try_next() {
                 return Some(Ok(item));
             }
-            if self.finished {
+            if self.ended.is_some() {
                 return None;
             }
             if let Some((at, _)) = self.retry {
@@ -359,12 +410,16 @@ impl Subscription {
             Item::Event(f) => {
                 self.delivered = f.seq;
                 if f.ty == TYPE_STREAM_CLOSED && self.end_on_close {
-                    self.finished = true;
+                    self.ended = Some(EndReason::Closed);
                     self.pending.clear();
                 }
             }
             Item::Cursor(c) => self.delivered = self.delivered.max(*c),
             Item::Notice(_) => {}
+        }
+        if self.pending.is_empty() {
+            // The page is handed on: its bytes are the transport's now.
+            self.held = None;
         }
         Some(item)
     }
@@ -391,7 +446,13 @@ impl Subscription {
             // back to the log for: folded from the last seq it holds.
             self.folder = Some(Folder::new(self.stream.clone(), rule, surface));
         }
-        let (page, bytes) = (self.src.page, PAGE_BYTES);
+        // `pending` is empty here (`next` reads only then), so nothing is held yet.
+        let share = match &self.budget {
+            Some(budget) => Some(budget.take(PAGE_BYTES as usize).await),
+            None => None,
+        };
+        let bytes = share.as_ref().map_or(PAGE_BYTES, |s| s.bytes() as i64);
+        let page = self.src.page;
         let (reader, after) = (self.src.reader.clone(), self.upto.max(self.scanned));
         // This page needs the events up to `known`, or a page's worth of seqs past `after`
         // (a long catch-up need not wait for a replica to reach the newest head).
@@ -401,6 +462,11 @@ impl Subscription {
                 .await?;
         let rows = read.events;
         metrics::counter!(m::CATCHUP_READS).increment(1);
+        if let Some(mut share) = share {
+            // Keep what the page holds (all of the budget for one oversized event).
+            share.shrink_to(rows.iter().map(store::event_bytes).sum());
+            self.held = Some(share);
+        }
         let page_full = store::page_is_full(&rows, page, bytes);
         // The catch-up is over when a short page reached every event known to be committed.
         let at_end = !page_full && read.through >= self.known;
@@ -417,7 +483,7 @@ impl Subscription {
                 // The log is gap-free, so a hole means retention removed those events.
                 let (from, to) = (self.upto + 1, first.seq - 1);
                 self.notice(
-                    "gap",
+                    NoticeKind::Gap,
                     format!(
                         "events {from}..{to} were removed by retention; continuing from {}",
                         first.seq
@@ -520,8 +586,9 @@ impl Subscription {
                     }
                 }
                 LiveMsg::Deleted => {
-                    self.notice("deleted", "the stream was deleted".into(), None, None);
-                    self.finished = true;
+                    let detail = "the stream was deleted".into();
+                    self.notice(NoticeKind::Deleted, detail, None, None);
+                    self.ended = Some(EndReason::Deleted);
                 }
             },
             Err(RecvError::Lagged(missed)) => {
@@ -534,7 +601,7 @@ impl Subscription {
                 }
                 self.mode = Mode::CatchUp;
             }
-            Err(RecvError::Closed) => self.finished = true,
+            Err(RecvError::Closed) => self.ended = Some(EndReason::Shutdown),
         }
         Ok(())
     }

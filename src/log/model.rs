@@ -117,6 +117,20 @@ pub struct NewEvent {
 }
 
 impl NewEvent {
+    /// An event the server composes itself (a stop, a close, an input request's events): a
+    /// type and JSON `data`, with no id, key or byte payload, and nobody as its author yet.
+    pub fn composed(ty: &str, data: String) -> Self {
+        NewEvent {
+            ty: ty.to_owned(),
+            data,
+            id: None,
+            key: None,
+            body: None,
+            by: None,
+            append: false,
+        }
+    }
+
     /// This event, authored by `by` (see [`NewEvent::by`]).
     pub fn by(mut self, by: Option<&str>) -> Self {
         self.by = by.map(str::to_owned);

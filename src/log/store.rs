@@ -271,7 +271,7 @@ async fn read_sqlite_page(
 }
 
 /// What an event counts against a page's byte budget: its `data` and its byte payload.
-fn event_bytes(ev: &StoredEvent) -> usize {
+pub fn event_bytes(ev: &StoredEvent) -> usize {
     ev.data.len() + ev.body.as_ref().map_or(0, Vec::len)
 }
 

@@ -6,7 +6,8 @@ use axum::http::{HeaderMap, HeaderValue, Uri};
 use proptest::prelude::*;
 use serde_json::Value;
 use tailcast::api::events::{parse_batch, Limits};
-use tailcast::api::sse::{parse_cursor, sse_start, SseParams};
+use tailcast::api::params::Cursor;
+use tailcast::api::sse::{sse_start, SseParams};
 use tailcast::auth::{Authenticator, Pattern};
 use tailcast::Config;
 
@@ -80,8 +81,8 @@ proptest! {
     #[test]
     fn a_cursor_is_accepted_exactly_when_it_is_a_non_negative_integer(raw in ".{0,24}|[ 0-9+\\-]{0,24}") {
         let expected = raw.trim().parse::<i64>().ok().filter(|c| *c >= 0);
-        match parse_cursor("after", &raw) {
-            Ok(c) => prop_assert_eq!(Some(c), expected),
+        match Cursor::parse("after", &raw) {
+            Ok(Cursor(c)) => prop_assert_eq!(Some(c), expected),
             Err(e) => {
                 prop_assert!(expected.is_none());
                 prop_assert_eq!(e.code(), "invalid_cursor");

@@ -702,3 +702,47 @@ async fn many_catching_up_subscriptions_do_not_starve_the_pool(db: TestDb) {
     app.append("pool-after", json!({"data": "still served"}))
         .await;
 }
+
+/// Many subscriptions on one socket share `--ws-catchup-bytes`: with a budget smaller than
+/// one stream's backlog (and one event larger than the whole budget), every subscription
+/// still catches up completely and in order, taking turns.
+#[backend_test]
+async fn many_subscriptions_catch_up_within_a_small_byte_budget(db: TestDb) {
+    const BUDGET: usize = 2048;
+    let app = TestApp::spawn_with(db, |c| c.ws_catchup_bytes = BUDGET).await;
+    let (streams, per_stream) = (30, 40);
+    let filler = "x".repeat(300);
+    for s in 0..streams {
+        let batch: Vec<Value> = (1..=per_stream)
+            .map(|i| json!({"data": {"i": i, "pad": filler}}))
+            .collect();
+        app.append(&format!("b{s}"), json!(batch)).await;
+    }
+    // One event larger than the whole budget: read alone, never refused or skipped.
+    let big = "y".repeat(3 * BUDGET);
+    app.append("b0", json!([{"data": {"big": big}}])).await;
+
+    let mut ws = app.ws().await;
+    for s in 0..streams {
+        ws.subscribe(&format!("b{s}"), json!({"after": 0})).await;
+    }
+    let mut next: HashMap<String, i64> = HashMap::new();
+    let total = streams * per_stream + 1;
+    for _ in 0..total {
+        let ev = ws.next_event().await;
+        let stream = ev["stream"].as_str().unwrap().to_owned();
+        let expected = next.entry(stream.clone()).or_insert(1);
+        assert_eq!(ev["seq"], *expected, "{stream} out of order");
+        *expected += 1;
+        if stream == "b0" && *expected == per_stream + 2 {
+            assert_eq!(ev["data"]["big"].as_str().map(str::len), Some(3 * BUDGET));
+        }
+    }
+    assert_eq!(next.len(), streams as usize);
+    assert!(next.values().all(|n| *n > per_stream));
+    assert_eq!(next["b0"], per_stream + 2);
+    // Everything was delivered once: a ping comes back with nothing before it.
+    let pong = ws.request(json!({"op":"ping"})).await;
+    assert_eq!(pong["op"], "pong");
+    assert!(ws.backlog_is_empty());
+}

@@ -107,6 +107,11 @@ impl WsClient {
             .expect("send");
     }
 
+    /// Whether no message read ahead (while waiting for a reply) is still to be taken.
+    pub fn backlog_is_empty(&self) -> bool {
+        self.backlog.is_empty()
+    }
+
     /// The next text message as JSON (Ping/Pong frames are counted and skipped).
     pub async fn recv(&mut self) -> Value {
         if let Some(v) = self.backlog.pop_front() {

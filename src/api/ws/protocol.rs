@@ -10,14 +10,11 @@ use axum::extract::ws::{Message, Utf8Bytes};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::api::rest::parse_since;
+use crate::api::params::{self, RequestId, Since};
 use crate::error::Error;
 use crate::live::{Filter, Start};
 use crate::log::model::MAX_TYPE_CHARS;
 use crate::log::StreamName;
-
-/// Longest `request_id`, in characters.
-pub const MAX_REQUEST_ID: usize = 128;
 
 /// One parsed client message.
 #[derive(Debug)]
@@ -49,7 +46,7 @@ pub enum Op<'a> {
     },
     Input {
         stream: StreamName,
-        request_id: String,
+        request_id: RequestId,
         data: &'a RawValue,
     },
     Stop {
@@ -161,21 +158,17 @@ impl<'a> Fields<'a> {
         let since = self.string("since")?;
         match (after, from, since) {
             (Some(a), None, None) => Ok(Start::After(a)),
-            (None, Some(f), None) => match f.as_str() {
-                "now" => Ok(Start::Now),
-                "snapshot" => Ok(Start::Snapshot),
-                "beginning" | "start" => Ok(Start::After(0)),
-                other => Err(Error::InvalidField {
-                    field: "from",
-                    detail: format!("must be \"now\" or \"snapshot\", not {}", shorten(other)),
+            (None, Some(f), None) => params::parse_from(&f).ok_or_else(|| Error::InvalidField {
+                field: "from",
+                detail: format!("must be \"now\" or \"snapshot\", not {}", shorten(&f)),
+            }),
+            (None, None, Some(s)) => match Since::detail(&s) {
+                Ok(Since(t)) => Ok(Start::Since(t)),
+                Err(detail) => Err(Error::InvalidField {
+                    field: "since",
+                    detail,
                 }),
             },
-            (None, None, Some(s)) => Ok(Start::Since(parse_since(&s).map_err(|e| {
-                Error::InvalidField {
-                    field: "since",
-                    detail: e.to_string(),
-                }
-            })?)),
             (None, None, None) => Ok(Start::After(0)),
             _ => Err(Error::InvalidMessage(
                 "give at most one of `after`, `from` and `since`".into(),
@@ -196,13 +189,8 @@ impl<'a> Fields<'a> {
             .map(Option::unwrap_or_default)
     }
 
-    fn request_id(&mut self) -> Result<String, Error> {
-        let id = self.required_string("request_id")?;
-        check_request_id(&id).map_err(|detail| Error::InvalidField {
-            field: "request_id",
-            detail,
-        })?;
-        Ok(id)
+    fn request_id(&mut self) -> Result<RequestId, Error> {
+        RequestId::field(self.required_string("request_id")?)
     }
 
     fn finish(self) -> Result<(), Error> {
@@ -211,17 +199,6 @@ impl<'a> Fields<'a> {
             None => Ok(()),
         }
     }
-}
-
-/// Checks a request id: 1-128 characters, no control characters.
-pub fn check_request_id(id: &str) -> Result<(), String> {
-    let n = id.chars().count();
-    if n == 0 || n > MAX_REQUEST_ID || id.chars().any(char::is_control) {
-        return Err(format!(
-            "must be 1-{MAX_REQUEST_ID} characters without control characters"
-        ));
-    }
-    Ok(())
 }
 
 fn shorten(s: &str) -> String {

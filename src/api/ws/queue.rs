@@ -5,6 +5,10 @@
 //! bound plus one message (the loop stops reading its subscriptions while the queue is full;
 //! they fall back to the log once it drains). Replies to the client's own ops go through
 //! too, and count, but are never refused: only subscriptions wait for room.
+//!
+//! What travels is a batch of messages: the loop queues everything its subscriptions already
+//! hold (a catch-up page, a burst) as one batch, and the writer feeds all of it to the socket
+//! before one flush, so a catch-up goes out in large writes instead of one per event.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -16,29 +20,38 @@ struct Shared {
     /// Bytes queued or being written.
     bytes: AtomicUsize,
     max_bytes: usize,
+    /// Messages queued or being written.
+    messages: AtomicUsize,
+    max_messages: usize,
     /// Signalled when the writer has flushed some bytes (one waiter: the loop).
     drained: Notify,
 }
 
+/// Messages that go to the socket together, in order.
+pub type Batch = Vec<Message>;
+
 /// The loop's end.
 pub struct Outbox {
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Batch>,
     shared: Arc<Shared>,
 }
 
 /// The writer's end.
 pub struct Inbox {
-    rx: mpsc::Receiver<Message>,
+    rx: mpsc::Receiver<Batch>,
     shared: Arc<Shared>,
 }
 
-/// A queue of at most `messages` messages, with room for more only while less than
-/// `max_bytes` is queued or unflushed.
+/// A queue with room for more subscription messages only while less than `messages`
+/// messages and `max_bytes` bytes are queued or unflushed.
 pub fn channel(messages: usize, max_bytes: usize) -> (Outbox, Inbox) {
-    let (tx, rx) = mpsc::channel(messages.max(1));
+    let max_messages = messages.max(1);
+    let (tx, rx) = mpsc::channel(max_messages);
     let shared = Arc::new(Shared {
         bytes: AtomicUsize::new(0),
         max_bytes,
+        messages: AtomicUsize::new(0),
+        max_messages,
         drained: Notify::new(),
     });
     (
@@ -61,13 +74,19 @@ pub fn weight(msg: &Message) -> usize {
 }
 
 impl Outbox {
-    /// Queues `msg`, waiting while the queue holds `messages` already; false if the writer is
-    /// gone.
+    /// Queues `msg`, waiting while the queue holds its most batches already; false if the
+    /// writer is gone.
     pub async fn send(&self, msg: Message) -> bool {
-        let n = weight(&msg);
-        self.shared.bytes.fetch_add(n, Ordering::AcqRel);
-        if self.tx.send(msg).await.is_err() {
-            self.shared.bytes.fetch_sub(n, Ordering::AcqRel);
+        self.send_batch(vec![msg]).await
+    }
+
+    /// Queues `batch` to be written together (one flush), waiting while the queue holds its
+    /// most batches already; false if the writer is gone.
+    pub async fn send_batch(&self, batch: Batch) -> bool {
+        let (n, bytes) = (batch.len(), batch.iter().map(weight).sum());
+        self.add(n, bytes);
+        if self.tx.send(batch).await.is_err() {
+            self.sub(n, bytes);
             return false;
         }
         true
@@ -75,18 +94,37 @@ impl Outbox {
 
     /// Queues `msg` if a slot is free now.
     pub fn try_send(&self, msg: Message) -> bool {
-        let n = weight(&msg);
-        self.shared.bytes.fetch_add(n, Ordering::AcqRel);
-        if self.tx.try_send(msg).is_err() {
-            self.shared.bytes.fetch_sub(n, Ordering::AcqRel);
+        let bytes = weight(&msg);
+        self.add(1, bytes);
+        if self.tx.try_send(vec![msg]).is_err() {
+            self.sub(1, bytes);
             return false;
         }
         true
     }
 
+    fn add(&self, messages: usize, bytes: usize) {
+        self.shared.messages.fetch_add(messages, Ordering::AcqRel);
+        self.shared.bytes.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    fn sub(&self, messages: usize, bytes: usize) {
+        self.shared.messages.fetch_sub(messages, Ordering::AcqRel);
+        self.shared.bytes.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
     /// True if another subscription message may be queued now.
     pub fn has_room(&self) -> bool {
-        self.tx.capacity() > 0 && self.shared.bytes.load(Ordering::Acquire) < self.shared.max_bytes
+        self.room_besides(0, 0)
+    }
+
+    /// True if another subscription message may be queued after a batch of `messages`
+    /// messages and `bytes` bytes that is being gathered (and not queued yet).
+    pub fn room_besides(&self, messages: usize, bytes: usize) -> bool {
+        let shared = &self.shared;
+        self.tx.capacity() > 0
+            && shared.messages.load(Ordering::Acquire) + messages < shared.max_messages
+            && shared.bytes.load(Ordering::Acquire) + bytes < shared.max_bytes
     }
 
     /// Bytes queued or being written.
@@ -117,14 +155,16 @@ impl Outbox {
 }
 
 impl Inbox {
-    /// Everything queued, up to `limit` messages, waiting for at least one; 0 when the loop's
+    /// Everything queued, up to `limit` batches, waiting for at least one; 0 when the loop's
     /// end is gone and the queue is drained.
-    pub async fn recv_many(&mut self, buf: &mut Vec<Message>, limit: usize) -> usize {
+    pub async fn recv_many(&mut self, buf: &mut Vec<Batch>, limit: usize) -> usize {
         self.rx.recv_many(buf, limit).await
     }
 
-    /// Records that `bytes` of messages taken from the queue are now on the socket.
-    pub fn written(&self, bytes: usize) {
+    /// Records that `messages` messages of `bytes` bytes taken from the queue are now on the
+    /// socket.
+    pub fn written(&self, messages: usize, bytes: usize) {
+        self.shared.messages.fetch_sub(messages, Ordering::AcqRel);
         self.shared.bytes.fetch_sub(bytes, Ordering::AcqRel);
         self.shared.drained.notify_one();
     }
@@ -147,11 +187,35 @@ mod tests {
             out.room().await;
             out.queued_bytes()
         });
-        inbox.written(weight(&buf[0]));
+        inbox.written(1, weight(&buf[0][0]));
         let left = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
             .await
             .expect("woken by the drain")
             .unwrap();
         assert_eq!(left, 0);
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_one_item_and_counts_every_message() {
+        let (out, mut inbox) = channel(4, 1000);
+        assert!(out.room_besides(3, 0));
+        assert!(
+            !out.room_besides(4, 0),
+            "a gathered batch counts against the bound"
+        );
+        assert!(!out.room_besides(0, 1000));
+        let batch: Batch = (0..3)
+            .map(|i| Message::Text(i.to_string().into()))
+            .collect();
+        assert!(out.send_batch(batch).await);
+        assert!(out.has_room(), "3 of 4 messages");
+        assert!(out.send(Message::Text("x".into())).await);
+        assert!(!out.has_room(), "4 of 4 messages");
+        let mut buf = Vec::new();
+        assert_eq!(inbox.recv_many(&mut buf, 8).await, 2);
+        assert_eq!(buf[0].len(), 3, "the batch arrives whole, in order");
+        inbox.written(4, 4);
+        assert!(out.has_room());
+        assert_eq!(out.queued_bytes(), 0);
     }
 }

@@ -8,7 +8,7 @@
 //! request's idempotency id, so a repeated one is a duplicate, never a second event: that is
 //! what makes "exactly once" hold across nodes and restarts.
 
-use crate::api::inputs::announce;
+use super::announce;
 use crate::app::AppState;
 use crate::error::Error;
 use crate::log::inputs as store;
@@ -23,7 +23,7 @@ const CREATE_GRACE_S: f64 = 60.0;
 
 pub async fn run(app: AppState) {
     let period = app.config.input_sweep();
-    super::sweep_every(app, period, "input request", |app| async move {
+    crate::live::sweep_every(app, period, "input request", |app| async move {
         sweep(&app).await
     })
     .await
