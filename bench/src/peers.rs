@@ -622,15 +622,16 @@ async fn subscriber(
                 "{{\"event\":\"pusher:subscribe\",\"data\":{{\"channel\":\"{channel}\"}}}}"
             );
             ws.send(Message::text(sub)).await?;
-            let mut subscribed = false;
+            // Held until subscribed, like the other transports' connects.
+            let mut permit = Some(permit);
             while let Some(msg) = ws.next().await {
                 let Message::Text(t) = msg? else { continue };
                 let b = t.as_bytes();
                 if b.windows(7).any(|w| w == b"\"token\"") {
                     seen(b);
                     tally.delivered.fetch_add(1, Ordering::Relaxed);
-                } else if !subscribed && t.contains("subscription_succeeded") {
-                    subscribed = true;
+                } else if permit.is_some() && t.contains("subscription_succeeded") {
+                    permit = None;
                     tally.ready.fetch_add(1, Ordering::Relaxed);
                 } else if t.contains("pusher:ping") {
                     ws.send(Message::text("{\"event\":\"pusher:pong\",\"data\":{}}"))
@@ -639,7 +640,6 @@ async fn subscriber(
                     bail!("Sockudo: {t}");
                 }
             }
-            drop(permit);
         }
         (Target::Nchan, true) => bail!("Nchan is measured over SSE only"),
     }
