@@ -711,12 +711,17 @@ async fn publish_paced(
     for w in 0..8 {
         let mut http = Http::connect(side.addr, None).await?;
         let (rx, done, lat) = (rx.clone(), done.clone(), lat_local.clone());
-        let (target, channel) = (side.target, channel.to_owned());
+        let (target, channel, addr) = (side.target, channel.to_owned(), side.addr);
         workers.push(tokio::spawn(async move {
             loop {
                 let next = rx.lock().await.recv().await;
                 let Some(n) = next else { break };
                 let t0 = now_us();
+                if target == Target::Sockudo {
+                    // Sockudo answers every HTTP API request with `connection: close`: each
+                    // publish opens its own connection (inside the measured round trip).
+                    http = Http::connect(addr, None).await?;
+                }
                 publish_one(&mut http, target, &channel, n).await?;
                 lat.record(w, now_us().saturating_sub(t0));
                 done.fetch_add(1, Ordering::Relaxed);
@@ -728,11 +733,14 @@ async fn publish_paced(
     let total = (rate as f64 * dur.as_secs_f64()) as u64;
     for n in 0..total {
         tokio::time::sleep_until(start + Duration::from_secs_f64(n as f64 / rate as f64)).await;
-        tx.send(n).await?;
+        if tx.send(n).await.is_err() {
+            // Every worker stopped: their errors say why.
+            break;
+        }
     }
     drop(tx);
     for w in workers {
-        w.await??;
+        w.await?.context("publisher")?;
     }
     lat.add(&lat_local.merged());
     Ok(done.load(Ordering::Relaxed))
