@@ -215,6 +215,8 @@ struct Bench {
     args: RunArgs,
     /// A smoke run: the peer scenarios run without `--only` if their programs are present.
     smoke: bool,
+    /// Peers whose scenarios were wanted but skipped (their program is missing).
+    skipped: std::sync::Mutex<Vec<&'static str>>,
     sizes: Sizes,
     db: StoreDb,
     /// The DATABASE_URL the server gets.
@@ -638,6 +640,7 @@ impl Bench {
                 continue;
             }
             let Some(peer) = peer else {
+                self.skipped.lock().expect("skipped").push(label);
                 eprintln!(
                     "run {run}: {label}: SKIPPED, {what} not found (`bench/run --only {label}` \
                      installs it); its scenarios were not run and count as nothing"
@@ -793,6 +796,7 @@ async fn bench(args: RunArgs, sizes: Sizes, smoke: bool) -> Result<Report> {
     let _ = std::fs::remove_file(&log);
     let b = Bench {
         smoke,
+        skipped: Default::default(),
         args: args.clone(),
         sizes: sizes.clone(),
         db_url: db.server_url(),
@@ -846,6 +850,13 @@ async fn bench(args: RunArgs, sizes: Sizes, smoke: bool) -> Result<Report> {
         eprintln!("kept {}", dir.display());
     }
     let (runs, errors, sqlite, data_dir) = outcome?;
+    let skipped = b.skipped.lock().expect("skipped").clone();
+    if !skipped.is_empty() {
+        eprintln!(
+            "SKIPPED (not run, counted neither as passed nor as failed): the {} peer scenarios",
+            skipped.join(" and ")
+        );
+    }
     let command = args
         .command
         .clone()
@@ -894,7 +905,7 @@ async fn main() -> Result<()> {
                     report.errors.join("\n  ")
                 );
             }
-            eprintln!("smoke: every scenario completed");
+            eprintln!("smoke: every scenario that ran completed");
         }
         Cmd::Report { json, markdown } => {
             let report: Report = serde_json::from_slice(&std::fs::read(&json)?)?;
