@@ -18,7 +18,7 @@ use crate::report::Metrics;
 use crate::server::Server;
 
 /// Reads until `needle` has been seen (connection set-up answers are small).
-async fn read_until(sock: &mut TcpStream, needle: &[u8]) -> Result<()> {
+pub async fn read_until(sock: &mut TcpStream, needle: &[u8]) -> Result<()> {
     let mut seen = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     while memmem::find(&seen, needle).is_none() {
@@ -35,7 +35,7 @@ async fn read_until(sock: &mut TcpStream, needle: &[u8]) -> Result<()> {
     Ok(())
 }
 
-async fn open_sse(addr: SocketAddr, i: usize, stream: &str) -> Result<TcpStream> {
+pub async fn open_sse(addr: SocketAddr, i: usize, stream: &str) -> Result<TcpStream> {
     let mut sock = tcp(addr, source_ip(i)).await?;
     let req = format!(
         "GET /v1/streams/{stream}/sse?from=now HTTP/1.1\r\nhost: {}\r\naccept: text/event-stream\r\n\r\n",
@@ -46,7 +46,7 @@ async fn open_sse(addr: SocketAddr, i: usize, stream: &str) -> Result<TcpStream>
     Ok(sock)
 }
 
-async fn open_ws(addr: SocketAddr, i: usize, stream: &str) -> Result<TcpStream> {
+pub async fn open_ws(addr: SocketAddr, i: usize, stream: &str) -> Result<TcpStream> {
     let mut sock = tcp(addr, source_ip(i)).await?;
     let req = format!(
         "GET /v1/ws HTTP/1.1\r\nhost: {}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
@@ -62,7 +62,7 @@ async fn open_ws(addr: SocketAddr, i: usize, stream: &str) -> Result<TcpStream> 
 }
 
 /// A client text frame. Clients must mask; an all-zero key leaves the payload as it is.
-fn masked_text_frame(payload: &[u8]) -> Vec<u8> {
+pub fn masked_text_frame(payload: &[u8]) -> Vec<u8> {
     let mut f = vec![0x81];
     if payload.len() < 126 {
         f.push(0x80 | payload.len() as u8);

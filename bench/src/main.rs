@@ -16,7 +16,9 @@ mod http;
 mod idle;
 mod joiner;
 mod lite;
+mod peers;
 mod pgpair;
+mod procs;
 mod report;
 mod server;
 mod sse;
@@ -104,6 +106,27 @@ struct RunArgs {
     /// The command line to record in the report (bench/run passes its own).
     #[arg(long)]
     command: Option<String>,
+    /// nginx for the Nchan peer scenarios (`nchan.*`); without it (or --nchan-module) they
+    /// are skipped.
+    #[arg(long)]
+    nginx: Option<PathBuf>,
+    /// nginx's Nchan module (Debian's libnginx-mod-nchan: ngx_nchan_module.so).
+    #[arg(long)]
+    nchan_module: Option<PathBuf>,
+    /// The Sockudo binary for the Sockudo peer scenarios (`sockudo.*`); without it they are
+    /// skipped.
+    #[arg(long)]
+    sockudo: Option<PathBuf>,
+}
+
+impl RunArgs {
+    fn peer_bins(&self) -> peers::PeerBins {
+        peers::PeerBins {
+            nginx: self.nginx.clone(),
+            nchan_module: self.nchan_module.clone(),
+            sockudo: self.sockudo.clone(),
+        }
+    }
 }
 
 /// Scenario sizes: the full benchmark, or the tiny smoke run.
@@ -132,6 +155,8 @@ struct Sizes {
     replica_events: u64,
     replica_readers: usize,
     replica_appenders: usize,
+    /// Publishes per second of the peers' publish-cost scenario (`nchan.publish`).
+    publish_rate: u64,
 }
 
 impl Sizes {
@@ -156,6 +181,7 @@ impl Sizes {
             replica_events: 200_000,
             replica_readers: 4,
             replica_appenders: 16,
+            publish_rate: 200,
         }
     }
 
@@ -180,12 +206,17 @@ impl Sizes {
             replica_events: 2000,
             replica_readers: 2,
             replica_appenders: 2,
+            publish_rate: 20,
         }
     }
 }
 
 struct Bench {
     args: RunArgs,
+    /// A smoke run: the peer scenarios run without `--only` if their programs are present.
+    smoke: bool,
+    /// Peers whose scenarios were wanted but skipped (their program is missing).
+    skipped: std::sync::Mutex<Vec<&'static str>>,
     sizes: Sizes,
     db: StoreDb,
     /// The DATABASE_URL the server gets.
@@ -201,9 +232,21 @@ const CATCHUP_STREAM: &str = "catchup";
 /// run them on SQLite too.
 const SQLITE_SCENARIOS: &[&str] = &["baseline", "append", "catchup", "joiner", "durability"];
 
+/// The peers (`nchan.*`, `sockudo.*`): tailcast against another server, PostgreSQL runs only.
+/// A full run includes them only when `--only` names them (bench/run installs the peer first);
+/// a smoke run includes them when their programs are already present.
+const PEERS: &[&str] = &["nchan", "sockudo"];
+
+fn is_peer(name: &str) -> bool {
+    PEERS.iter().any(|p| name.starts_with(p))
+}
+
 impl Bench {
     fn wants(&self, name: &str) -> bool {
         if self.args.only.is_empty() {
+            if is_peer(name) {
+                return self.smoke && self.args.store == Store::Postgres;
+            }
             return match self.args.store {
                 Store::Postgres => true,
                 Store::Sqlite => SQLITE_SCENARIOS.iter().any(|p| name.starts_with(p)),
@@ -544,8 +587,77 @@ impl Bench {
         .await;
         if matches!(self.db, StoreDb::Postgres { .. }) {
             self.ceilings(run, &mut m, errors).await;
+            self.peers(run, &mut m, errors).await;
         }
         m
+    }
+
+    /// Each peer scenario runs on tailcast, then on the peer (peers.rs); a peer whose program
+    /// is missing is skipped, said so, and counted neither as passed nor as failed.
+    async fn peers(&self, run: usize, m: &mut Metrics, errors: &mut Vec<String>) {
+        let s = self.sizes.clone();
+        let d = self.dur();
+        let bins = self.args.peer_bins();
+        for (label, peer, what) in [
+            (
+                "nchan",
+                bins.nchan(),
+                "nginx with the Nchan module (--nginx, --nchan-module)",
+            ),
+            ("sockudo", bins.sockudo(), "the Sockudo binary (--sockudo)"),
+        ] {
+            let mut scenarios: Vec<(String, peers::Scenario)> = s
+                .fanout
+                .iter()
+                .map(|&n| {
+                    (
+                        format!("{label}.fanout.{n}"),
+                        peers::Scenario::Fanout {
+                            subscribers: n,
+                            rate: s.rate,
+                            duration: d,
+                        },
+                    )
+                })
+                .collect();
+            scenarios.push((
+                format!("{label}.idle"),
+                peers::Scenario::Idle {
+                    connections: s.idle_connections,
+                },
+            ));
+            if label == "nchan" {
+                scenarios.push((
+                    "nchan.publish".into(),
+                    peers::Scenario::Publish {
+                        rate: s.publish_rate,
+                        duration: d,
+                    },
+                ));
+            }
+            scenarios.retain(|(name, _)| self.wants(name));
+            if scenarios.is_empty() {
+                continue;
+            }
+            let Some(peer) = peer else {
+                self.skipped.lock().expect("skipped").push(label);
+                eprintln!(
+                    "run {run}: {label}: SKIPPED, {what} not found (`bench/run --only {label}` \
+                     installs it); its scenarios were not run and count as nothing"
+                );
+                continue;
+            };
+            for (name, scenario) in scenarios {
+                let (peer, url, key) = (peer.clone(), self.db_url.clone(), name.clone());
+                let prefix = format!("{}-r{run}", name.replace('.', "-"));
+                self.scenario(run, &name, m, errors, |srv, mut m| async move {
+                    let res =
+                        peers::compare(&peer, &scenario, srv, &url, &prefix, &mut m, &key).await;
+                    (m, res)
+                })
+                .await;
+            }
+        }
     }
 }
 
@@ -651,7 +763,7 @@ async fn fresh_pg_database(url: &str, name: &str) -> Result<(String, String, sql
     Ok((with_database(url, name)?, version, admin))
 }
 
-async fn bench(args: RunArgs, sizes: Sizes) -> Result<Report> {
+async fn bench(args: RunArgs, sizes: Sizes, smoke: bool) -> Result<Report> {
     if !args.server_bin.exists() {
         bail!("{} not found (build it first)", args.server_bin.display());
     }
@@ -683,6 +795,8 @@ async fn bench(args: RunArgs, sizes: Sizes) -> Result<Report> {
     let log = args.out.with_extension("server.log");
     let _ = std::fs::remove_file(&log);
     let b = Bench {
+        smoke,
+        skipped: Default::default(),
         args: args.clone(),
         sizes: sizes.clone(),
         db_url: db.server_url(),
@@ -736,6 +850,13 @@ async fn bench(args: RunArgs, sizes: Sizes) -> Result<Report> {
         eprintln!("kept {}", dir.display());
     }
     let (runs, errors, sqlite, data_dir) = outcome?;
+    let skipped = b.skipped.lock().expect("skipped").clone();
+    if !skipped.is_empty() {
+        eprintln!(
+            "SKIPPED (not run, counted neither as passed nor as failed): the {} peer scenarios",
+            skipped.join(" and ")
+        );
+    }
     let command = args
         .command
         .clone()
@@ -761,7 +882,7 @@ async fn main() -> Result<()> {
         Cmd::Run(args) => {
             let sizes = Sizes::full(args.duration);
             let out = args.out.clone();
-            let report = bench(args, sizes).await?;
+            let report = bench(args, sizes, false).await?;
             std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
             eprintln!("wrote {}", out.display());
             if !report.errors.is_empty() {
@@ -775,7 +896,7 @@ async fn main() -> Result<()> {
         Cmd::Smoke(mut args) => {
             args.runs = 1;
             let out = args.out.clone();
-            let report = bench(args, Sizes::smoke()).await?;
+            let report = bench(args, Sizes::smoke(), true).await?;
             std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
             if !report.errors.is_empty() {
                 bail!(
@@ -784,7 +905,7 @@ async fn main() -> Result<()> {
                     report.errors.join("\n  ")
                 );
             }
-            eprintln!("smoke: every scenario completed");
+            eprintln!("smoke: every scenario that ran completed");
         }
         Cmd::Report { json, markdown } => {
             let report: Report = serde_json::from_slice(&std::fs::read(&json)?)?;
@@ -799,7 +920,7 @@ async fn main() -> Result<()> {
             let mut doc = std::fs::read_to_string(&markdown)?;
             // A run of only the ceilings (`--only ceiling`) leaves the store's tables alone,
             // and a run without them leaves the ceilings' alone.
-            if report.has(|k| !k.starts_with("ceiling.")) {
+            if report.has(|k| !k.starts_with("ceiling.") && !is_peer(k)) {
                 doc = report::splice(report.store, &doc, &report.markdown(&fanout)).with_context(
                     || {
                         format!(
@@ -831,6 +952,14 @@ async fn main() -> Result<()> {
                         report::CEILING_MARKERS.0
                     )
                 })?;
+            }
+            for (peer, marks) in report::PEER_MARKERS {
+                if report.has(|k| k.starts_with(&format!("{peer}."))) {
+                    doc = report::splice_between(marks, &doc, &report.markdown_peer(peer))
+                        .with_context(|| {
+                            format!("{} has no {} markers", markdown.display(), marks.0)
+                        })?;
+                }
             }
             std::fs::write(&markdown, doc)?;
         }

@@ -779,6 +779,289 @@ fn yes(b: bool) -> String {
     }
 }
 
+/// A row of a peer table: `{scenario}.tailcast.{figure}` next to `{scenario}.{peer}.{figure}`.
+struct PeerRow {
+    label: String,
+    scenario: String,
+    figure: &'static str,
+    unit: &'static str,
+    target: Option<PeerTarget>,
+}
+
+enum PeerTarget {
+    /// tailcast / peer at most this.
+    RatioAtMost(f64),
+    /// tailcast / peer at least this.
+    RatioAtLeast(f64),
+    /// tailcast's figure itself at most this.
+    AtMost(f64),
+}
+
+fn peer_row(
+    label: &str,
+    scenario: &str,
+    figure: &'static str,
+    unit: &'static str,
+    target: Option<PeerTarget>,
+) -> PeerRow {
+    PeerRow {
+        label: label.into(),
+        scenario: scenario.into(),
+        figure,
+        unit,
+        target,
+    }
+}
+
+impl Report {
+    /// A median with its unit and, over several runs, its min–max spread.
+    fn median_cell(&self, key: &str, unit: &str) -> String {
+        let vals = self.values(key);
+        let Some(med) = median(vals.clone()) else {
+            return "—".into();
+        };
+        let mut cell = format!("{} {unit}", fmt(med)).trim_end().to_owned();
+        if vals.len() > 1 {
+            let lo = vals.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = vals.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            cell.push_str(&format!(" ({}–{})", fmt(lo), fmt(hi)));
+        }
+        cell
+    }
+
+    fn peer_table(&self, peer: &str, rows: &[PeerRow]) -> String {
+        let mut t = format!(
+            "| figure | tailcast | {peer} | tailcast/{peer} | target | met? |\n|---|---|---|---|---|---|\n"
+        );
+        for r in rows {
+            let ours = format!("{}.tailcast.{}", r.scenario, r.figure);
+            let theirs = format!("{}.{peer}.{}", r.scenario, r.figure);
+            if self.values(&ours).is_empty() && self.values(&theirs).is_empty() {
+                continue;
+            }
+            let ratio = median(self.ratios(&ours, &theirs));
+            let ratio_s = ratio.map_or(String::new(), |x| format!("{x:.2}×"));
+            let tc = median(self.values(&ours));
+            let (target, met) = match &r.target {
+                None => (String::new(), String::new()),
+                Some(PeerTarget::RatioAtMost(x)) => {
+                    (format!("≤ {x}×"), yes(ratio.is_some_and(|v| v <= *x)))
+                }
+                Some(PeerTarget::RatioAtLeast(x)) => {
+                    (format!("≥ {x}×"), yes(ratio.is_some_and(|v| v >= *x)))
+                }
+                Some(PeerTarget::AtMost(x)) => (
+                    format!("tailcast ≤ {x} {}", r.unit),
+                    yes(tc.is_some_and(|v| v <= *x)),
+                ),
+            };
+            t.push_str(&format!(
+                "| {} | {} | {} | {ratio_s} | {target} | {met} |\n",
+                r.label,
+                self.median_cell(&ours, r.unit),
+                self.median_cell(&theirs, r.unit),
+            ));
+        }
+        t.push('\n');
+        t
+    }
+
+    /// The section between a peer's markers (`nchan` or `sockudo`): each figure on tailcast
+    /// and on the peer within the same run, and their ratio.
+    pub fn markdown_peer(&self, peer: &str) -> String {
+        let fanout: Vec<u64> = self.sizes["fanout"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+            .unwrap_or_default();
+        let idle = self.sizes["idle_connections"].as_u64().unwrap_or(0);
+        let rate = self.sizes["rate"].as_u64().unwrap_or(0);
+        let (via, name) = if peer == "sockudo" {
+            ("WebSocket", "Sockudo")
+        } else {
+            ("SSE", "Nchan")
+        };
+        let mut out = self.preamble(&self.machine.postgres);
+        out.push_str(&format!(
+            "### Fan-out: N {via} subscribers on one stream/channel, {rate} publishes/s (tailcast: single-event REST appends)\n\n"
+        ));
+        let mut rows = Vec::new();
+        for n in &fanout {
+            let sc = format!("{peer}.fanout.{n}");
+            let big = *n >= 5000;
+            let cpu_target = if big {
+                Some(PeerTarget::RatioAtMost(0.5))
+            } else if peer == "nchan" {
+                Some(PeerTarget::RatioAtMost(1.0))
+            } else {
+                None
+            };
+            let with_pg_target = (peer == "nchan" && !big).then_some(PeerTarget::RatioAtMost(1.5));
+            rows.extend([
+                peer_row(
+                    &format!("{n} subscribers: server CPU per 1000 deliveries"),
+                    &sc,
+                    "cpu_ms_per_1k",
+                    "ms",
+                    cpu_target,
+                ),
+                peer_row(
+                    &format!("{n} subscribers: … of which PostgreSQL's (tailcast only)"),
+                    &sc,
+                    "pg_cpu_ms_per_1k",
+                    "ms",
+                    None,
+                ),
+                peer_row(
+                    &format!("{n} subscribers: server CPU per 1000 deliveries, PostgreSQL counted"),
+                    &sc,
+                    "total_cpu_ms_per_1k",
+                    "ms",
+                    with_pg_target,
+                ),
+                peer_row(
+                    &format!("{n} subscribers: delivery latency p50"),
+                    &sc,
+                    "p50_ms",
+                    "ms",
+                    None,
+                ),
+                peer_row(
+                    &format!("{n} subscribers: delivery latency p99"),
+                    &sc,
+                    "p99_ms",
+                    "ms",
+                    (*n == 1000).then_some(PeerTarget::RatioAtMost(1.0)),
+                ),
+                peer_row(
+                    &format!("{n} subscribers: delivery latency max"),
+                    &sc,
+                    "max_ms",
+                    "ms",
+                    None,
+                ),
+                peer_row(
+                    &format!("{n} subscribers: publish latency p50"),
+                    &sc,
+                    "publish_p50_ms",
+                    "ms",
+                    (*n == 100).then_some(PeerTarget::RatioAtMost(1.5)),
+                ),
+                peer_row(
+                    &format!("{n} subscribers: publish latency p99"),
+                    &sc,
+                    "publish_p99_ms",
+                    "ms",
+                    (*n == 1000).then_some(PeerTarget::RatioAtMost(1.5)),
+                ),
+                peer_row(
+                    &format!("{n} subscribers: published"),
+                    &sc,
+                    "published_s",
+                    "/s",
+                    None,
+                ),
+                peer_row(
+                    &format!("{n} subscribers: delivered / expected"),
+                    &sc,
+                    "complete",
+                    "",
+                    None,
+                ),
+                peer_row(
+                    &format!("{n} subscribers: server memory at the end (Pss)"),
+                    &sc,
+                    "mem_mib",
+                    "MiB",
+                    None,
+                ),
+            ]);
+        }
+        out.push_str(&self.peer_table(peer, &rows));
+        out.push_str(&format!(
+            "### {idle} idle {via} subscriptions, one stream/channel each\n\n"
+        ));
+        let sc = format!("{peer}.idle");
+        let mem_target = if peer == "sockudo" { 0.2 } else { 1.0 };
+        out.push_str(&self.peer_table(
+            peer,
+            &[
+                peer_row(
+                    "server memory per connection (Pss growth / connections)",
+                    &sc,
+                    "kib_per_conn",
+                    "KiB",
+                    Some(PeerTarget::RatioAtMost(mem_target)),
+                ),
+                peer_row(
+                    "subscriptions opened",
+                    &sc,
+                    "opens_s",
+                    "/s",
+                    (peer == "nchan").then_some(PeerTarget::RatioAtLeast(0.5)),
+                ),
+                peer_row(
+                    "server memory with all of them open (Pss)",
+                    &sc,
+                    "mem_mib",
+                    "MiB",
+                    None,
+                ),
+            ],
+        ));
+        let sc = format!("{peer}.publish");
+        let rows = [
+            peer_row(
+                "server CPU per publish (tailcast: single-event REST append)",
+                &sc,
+                "cpu_ms",
+                "ms",
+                Some(PeerTarget::AtMost(0.3)),
+            ),
+            peer_row(
+                "… PostgreSQL's CPU per append (tailcast only)",
+                &sc,
+                "pg_cpu_ms",
+                "ms",
+                Some(PeerTarget::AtMost(0.45)),
+            ),
+            peer_row(
+                "server CPU per publish, PostgreSQL counted",
+                &sc,
+                "total_cpu_ms",
+                "ms",
+                None,
+            ),
+            peer_row("publish latency p50", &sc, "p50_ms", "ms", None),
+            peer_row("publish latency p99", &sc, "p99_ms", "ms", None),
+            peer_row("published", &sc, "published_s", "/s", None),
+        ];
+        if self.has(|k| k.starts_with(&format!("{sc}."))) {
+            let prate = self.sizes["publish_rate"].as_u64().unwrap_or(0);
+            out.push_str(&format!(
+                "### Publishing with nobody subscribed, {prate}/s from 8 connections: CPU per append next to CPU per {name} publish\n\n"
+            ));
+            out.push_str(&self.peer_table(peer, &rows));
+        }
+        out.push_str(&self.failures());
+        out
+    }
+}
+
+/// The markers of each peer's section (runs with `nchan.*` or `sockudo.*` figures).
+pub const PEER_MARKERS: [(&str, (&str, &str)); 2] = [
+    (
+        "nchan",
+        ("<!-- nchan-results:start -->", "<!-- nchan-results:end -->"),
+    ),
+    (
+        "sockudo",
+        (
+            "<!-- sockudo-results:start -->",
+            "<!-- sockudo-results:end -->",
+        ),
+    ),
+];
+
 /// The markers between which `store`'s results go.
 pub fn markers(store: Store) -> (&'static str, &'static str) {
     match store {
@@ -929,5 +1212,60 @@ mod tests {
         assert!(!md.contains("PostgreSQL"), "{md}");
         // Fan-out and idle connections were not run: no empty tables for them.
         assert!(!md.contains("Fan-out"), "{md}");
+    }
+
+    #[test]
+    fn a_peer_section_puts_tailcast_next_to_the_peer() {
+        let mut m = Metrics::default();
+        for (k, v) in [
+            ("nchan.fanout.1000.tailcast.cpu_ms_per_1k", 30.0),
+            ("nchan.fanout.1000.nchan.cpu_ms_per_1k", 40.0),
+            ("nchan.fanout.1000.tailcast.pg_cpu_ms_per_1k", 5.0),
+            ("nchan.idle.tailcast.opens_s", 100.0),
+            ("nchan.idle.nchan.opens_s", 400.0),
+        ] {
+            m.0.insert(k.into(), v);
+        }
+        let r = Report {
+            command: "bench/run --only nchan".into(),
+            store: Store::Postgres,
+            started_utc: String::new(),
+            finished_utc: String::new(),
+            load_start: String::new(),
+            load_end: String::new(),
+            machine: Machine {
+                nproc: 2,
+                memory_gib: 1.0,
+                cpu: "c".into(),
+                kernel: "k".into(),
+                postgres: "p".into(),
+                sqlite: String::new(),
+                data_dir: String::new(),
+            },
+            sizes: serde_json::json!({"fanout": [1000], "idle_connections": 10, "rate": 100}),
+            runs: vec![m],
+            errors: vec![],
+        };
+        let md = r.markdown_peer("nchan");
+        assert!(
+            md.contains("| 1000 subscribers: server CPU per 1000 deliveries | 30.0 ms | 40.0 ms | 0.75× | ≤ 1× | yes |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| 1000 subscribers: … of which PostgreSQL's (tailcast only) | 5.00 ms | — |  |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| subscriptions opened | 100 /s | 400 /s | 0.25× | ≥ 0.5× | **no** |"),
+            "{md}"
+        );
+        // Figures nobody measured get no row, and nothing of the publish table.
+        assert!(!md.contains("delivery latency p99"), "{md}");
+        assert!(!md.contains("Publishing with nobody subscribed"), "{md}");
+        let doc = "<!-- nchan-results:start -->old<!-- nchan-results:end -->";
+        let (_, marks) = PEER_MARKERS[0];
+        assert!(splice_between(marks, doc, &md).unwrap().contains("0.75×"));
     }
 }

@@ -89,6 +89,15 @@ impl Latencies {
         h.saturating_record(us.max(1));
     }
 
+    /// Adds every value of `h` (recorded elsewhere) to the first shard.
+    pub fn add(&self, h: &Histogram<u64>) {
+        self.shards[0]
+            .lock()
+            .expect("hist")
+            .add(h)
+            .expect("same bounds");
+    }
+
     pub fn merged(&self) -> Histogram<u64> {
         let mut all = Histogram::new_with_bounds(1, 600_000_000, 3).expect("bounds");
         for s in &self.shards {
