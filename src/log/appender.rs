@@ -65,7 +65,10 @@ pub struct Committed {
 
 /// Receives every commit, after it is durable (the live hub implements this).
 pub trait CommitSink: Send + Sync + 'static {
-    fn committed(&self, batch: Vec<Committed>);
+    /// Takes the commit's events (before the callers are answered, so that a caller that
+    /// opens a subscription `from=now` after its answer starts past them) and returns the
+    /// wake-up of whoever waits for them, which the appender calls after answering.
+    fn committed(&self, batch: Vec<Committed>) -> Box<dyn FnOnce() + Send>;
 }
 
 struct Job {
@@ -833,11 +836,12 @@ fn deliver(sink: &dyn CommitSink, jobs: Vec<Job>, plan: Plan, started: Instant) 
             })
         })
         .collect();
-    if !committed.is_empty() {
-        sink.committed(committed);
-    }
+    let wake = (!committed.is_empty()).then(|| sink.committed(committed));
     for (reply, res) in replies {
         let _ = reply.send(res);
+    }
+    if let Some(wake) = wake {
+        wake();
     }
 }
 
@@ -850,10 +854,11 @@ mod tests {
     struct FailsOnce(AtomicBool);
 
     impl CommitSink for FailsOnce {
-        fn committed(&self, _: Vec<Committed>) {
+        fn committed(&self, _: Vec<Committed>) -> Box<dyn FnOnce() + Send> {
             if !self.0.swap(true, Ordering::SeqCst) {
                 panic!("the sink failed on purpose");
             }
+            Box::new(|| {})
         }
     }
 
