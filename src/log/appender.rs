@@ -5,6 +5,11 @@
 //! with one statement, commits once, and only then answers each caller and hands the new
 //! events to the live hub. Under load many appends share one commit (one WAL flush); when
 //! idle, a lone append goes straight through: `recv_many` never waits for company.
+//!
+//! The task runs on a thread and runtime of its own, with database connections of its own
+//! (see [`commit_thread`]): under heavy fan-out the shared runtime's queue holds a thousand
+//! subscriber writes, and each of a commit's wake-ups (the queued append, every database
+//! answer) used to wait behind all of them.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -112,21 +117,26 @@ impl Appender {
         let closing = CancellationToken::new();
         let running = Arc::new(AtomicBool::new(true));
         let restarts = Arc::new(AtomicU64::new(0));
-        let worker = Worker {
-            db,
-            sink,
-            node_id,
-            max_batch,
-            limits: settings.limits,
-            health: health.clone(),
-            closing: closing.clone(),
-        };
-        let task = tokio::spawn(supervise(
-            Arc::new(tokio::sync::Mutex::new(rx)),
-            Arc::new(worker),
-            running.clone(),
-            restarts.clone(),
-        ));
+        let (limits, worker_health, worker_closing) =
+            (settings.limits, health.clone(), closing.clone());
+        let (worker_running, worker_restarts) = (running.clone(), restarts.clone());
+        let task = commit_thread(db, move |db| {
+            let worker = Worker {
+                db,
+                sink,
+                node_id,
+                max_batch,
+                limits,
+                health: worker_health,
+                closing: worker_closing,
+            };
+            supervise(
+                Arc::new(tokio::sync::Mutex::new(rx)),
+                Arc::new(worker),
+                worker_running,
+                worker_restarts,
+            )
+        });
         let appender = Appender {
             tx,
             health,
@@ -175,6 +185,54 @@ impl Appender {
             Err(_) => Err(Error::OutcomeUnknown),
         }
     }
+}
+
+/// Most group commits in flight at once on PostgreSQL (SQLite has one writer).
+const IN_FLIGHT: usize = 3;
+
+/// Runs `run` on a thread with a single-threaded runtime of its own, and returns a handle
+/// (on the caller's runtime) that completes when it has. On PostgreSQL `run` gets a pool of
+/// its own, made from the shared pool's settings: a connection is driven by the runtime that
+/// opened it, so the shared pool's connections would answer through the busy runtime again.
+/// SQLite connections run on threads of their own and are shared as they are.
+fn commit_thread<F, Fut>(db: Db, run: F) -> JoinHandle<()>
+where
+    F: FnOnce(Db) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    let (done, finished) = oneshot::channel::<()>();
+    let body = move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("the commit thread's runtime");
+        rt.block_on(async move {
+            let own = match &db {
+                Db::Postgres(pool) => Some(
+                    pool.options()
+                        .clone()
+                        // One more than in flight, for resolving a commit left in doubt.
+                        .max_connections(IN_FLIGHT as u32 + 1)
+                        .min_connections(0)
+                        .connect_lazy_with((*pool.connect_options()).clone()),
+                ),
+                Db::Sqlite(_) => None,
+            };
+            let db = own.clone().map_or(db, Db::Postgres);
+            run(db).await;
+            if let Some(pool) = own {
+                pool.close().await;
+            }
+        });
+        let _ = done.send(());
+    };
+    std::thread::Builder::new()
+        .name("tailcast-commit".into())
+        .spawn(body)
+        .expect("spawn the commit thread");
+    tokio::spawn(async move {
+        let _ = finished.await;
+    })
 }
 
 /// What the appender task needs, shared by each of its incarnations.
@@ -259,7 +317,7 @@ async fn run(rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>, worker: Arc<Worke
     // handed over later, subscribers would see the seq gap and read the log).
     // SQLite has one write connection: batches there go one at a time, and what arrives
     // meanwhile joins the next.
-    let in_flight = if db.is_sqlite() { 1 } else { 3 };
+    let in_flight = if db.is_sqlite() { 1 } else { IN_FLIGHT };
     let mut inflight = FuturesUnordered::new();
     let mut open = true;
     // A restarted incarnation finds the queue already closed if shutdown began meanwhile.
@@ -277,7 +335,11 @@ async fn run(rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>, worker: Arc<Worke
                 rx.close();
                 closed = true;
             }
-            Some(()) = inflight.next(), if !inflight.is_empty() => {}
+            Some(done) = inflight.next(), if !inflight.is_empty() => {
+                if let Some((jobs, plan, started)) = done {
+                    deliver(&**sink, jobs, plan, started);
+                }
+            }
             else => break,
         }
     }
@@ -290,6 +352,8 @@ async fn next_jobs(rx: &mut mpsc::Receiver<Job>, max: usize) -> Option<Vec<Job>>
     (rx.recv_many(&mut jobs, max).await > 0).then_some(jobs)
 }
 
+/// Commits one batch. A committed batch is returned, for `run` to deliver in order; a failed
+/// one is answered here.
 async fn commit_jobs(
     db: &Db,
     sink: &dyn CommitSink,
@@ -297,7 +361,7 @@ async fn commit_jobs(
     limits: TxLimits,
     health: &DbHealth,
     jobs: Vec<Job>,
-) {
+) -> Option<(Vec<Job>, Plan, Instant)> {
     let started = Instant::now();
     let specs: Vec<&AppendSpec> = jobs.iter().map(|j| &j.spec).collect();
     let result = commit_with_retry(db, node, limits, &specs, health).await;
@@ -313,7 +377,7 @@ async fn commit_jobs(
         Ok(plan) => {
             metrics::histogram!(m::APPEND_BATCH_SIZE).record(jobs.len() as f64);
             metrics::counter!(m::APPEND_BATCHES).increment(1);
-            deliver(sink, jobs, plan, started);
+            return Some((jobs, plan, started));
         }
         Err(Failure::Db(e)) if jobs.len() > 1 && !is_unavailable(&e) && !is_lock_timeout(&e) => {
             // One bad append must not fail its neighbours: retry each alone. (Never after an
@@ -337,6 +401,7 @@ async fn commit_jobs(
             }
         }
     }
+    None
 }
 
 /// Why a batch did not commit.
