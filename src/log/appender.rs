@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::stream::{FuturesOrdered, StreamExt};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -318,7 +318,13 @@ async fn run(rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>, worker: Arc<Worke
     // SQLite has one write connection: batches there go one at a time, and what arrives
     // meanwhile joins the next.
     let in_flight = if db.is_sqlite() { 1 } else { IN_FLIGHT };
-    let mut inflight = FuturesUnordered::new();
+    // Batches commit concurrently, but take their streams' row locks in the order they were
+    // started (see `Turn`) and are handed to the hub (and answered) in that order too: so the
+    // events of two batches on one stream reach its subscribers in seq order. In completion
+    // order they sometimes did not, and then every subscriber of the stream saw a gap and
+    // re-read the log — a thousand reads at a thousand subscribers.
+    let mut inflight = FuturesOrdered::new();
+    let mut last_turn: Option<oneshot::Receiver<()>> = None;
     let mut open = true;
     // A restarted incarnation finds the queue already closed if shutdown began meanwhile.
     let mut closed = false;
@@ -326,7 +332,11 @@ async fn run(rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>, worker: Arc<Worke
         tokio::select! {
             jobs = next_jobs(&mut rx, max_batch), if open && inflight.len() < in_flight => {
                 match jobs {
-                    Some(jobs) => inflight.push(commit_jobs(db, &**sink, node_id, *limits, health, jobs)),
+                    Some(jobs) => {
+                        let (mine, next) = oneshot::channel();
+                        let turn = Turn { prev: last_turn.replace(next), mine: Some(mine) };
+                        inflight.push_back(commit_jobs(db, &**sink, node_id, *limits, health, jobs, turn));
+                    }
                     None => open = false,
                 }
             }
@@ -361,10 +371,13 @@ async fn commit_jobs(
     limits: TxLimits,
     health: &DbHealth,
     jobs: Vec<Job>,
+    mut turn: Turn,
 ) -> Option<(Vec<Job>, Plan, Instant)> {
     let started = Instant::now();
     let specs: Vec<&AppendSpec> = jobs.iter().map(|j| &j.spec).collect();
-    let result = commit_with_retry(db, node, limits, &specs, health).await;
+    let result = commit_with_retry(db, node, limits, &specs, health, &mut turn).await;
+    // Whatever happened, the next batch may lock now.
+    turn.done();
     match &result {
         Ok(_) => health.mark_up(),
         // A pool timeout may only mean every connection is busy: the LISTEN connection's
@@ -385,7 +398,7 @@ async fn commit_jobs(
             tracing::warn!(error = %e, jobs = jobs.len(), "batch failed; retrying appends one by one");
             for job in jobs {
                 let started = Instant::now();
-                match commit_with_retry(db, node, limits, &[&job.spec], health).await {
+                match commit_with_retry(db, node, limits, &[&job.spec], health, &mut Turn::free()).await {
                     Ok(plan) => deliver(sink, vec![job], plan, started),
                     Err(e) => {
                         let _ = job.reply.send(Err(e.into_error()));
@@ -402,6 +415,38 @@ async fn commit_jobs(
         }
     }
     None
+}
+
+/// A batch's place in the order in which concurrent batches take their row locks: it sends
+/// its `append_jobs` only once the batch started before it has its locks (or is done), so
+/// seqs are assigned in the order batches are delivered (SQLite commits one at a time).
+struct Turn {
+    prev: Option<oneshot::Receiver<()>>,
+    mine: Option<oneshot::Sender<()>>,
+}
+
+impl Turn {
+    /// A batch that waits for no other (the one-by-one retries of a failed batch).
+    fn free() -> Turn {
+        Turn {
+            prev: None,
+            mine: None,
+        }
+    }
+
+    /// Waits until the previous batch holds its locks, failed or ended.
+    async fn wait(&mut self) {
+        if let Some(prev) = self.prev.take() {
+            let _ = prev.await;
+        }
+    }
+
+    /// Lets the next batch go on.
+    fn done(&mut self) {
+        if let Some(mine) = self.mine.take() {
+            let _ = mine.send(());
+        }
+    }
 }
 
 /// Why a batch did not commit.
@@ -457,10 +502,11 @@ async fn commit_with_retry(
     limits: TxLimits,
     specs: &[&AppendSpec],
     health: &DbHealth,
+    turn: &mut Turn,
 ) -> Result<Plan, Failure> {
     let mut attempt = 0;
     loop {
-        match commit(db, node, limits, specs, health).await {
+        match commit(db, node, limits, specs, health, turn).await {
             // 40P01 deadlock (streams created by two nodes at once), 40001 serialization;
             // 25P03: the server ended the session for sitting idle in the transaction (this
             // process was frozen past --idle-in-transaction-timeout-s). None of them committed.
@@ -554,10 +600,11 @@ async fn commit(
     limits: TxLimits,
     specs: &[&AppendSpec],
     health: &DbHealth,
+    turn: &mut Turn,
 ) -> Result<Plan, Failure> {
     let time = wire_time(Utc::now());
     if let Db::Postgres(pool) = db {
-        return commit_postgres(db, pool, node, limits, specs, health, time).await;
+        return commit_postgres(db, pool, node, limits, specs, health, time, turn).await;
     }
     let names: BTreeSet<&str> = specs.iter().map(|s| s.stream.as_str()).collect();
     let names: Vec<&str> = names.into_iter().collect();
@@ -656,6 +703,7 @@ async fn commit_postgres(
     specs: &[&AppendSpec],
     health: &DbHealth,
     time: chrono::DateTime<Utc>,
+    turn: &mut Turn,
 ) -> Result<Plan, Failure> {
     let mut rows = store::JobRows::default();
     for spec in specs {
@@ -676,7 +724,11 @@ async fn commit_postgres(
     let token = uuid::Uuid::new_v4();
     // Lock and idle-in-transaction timeouts set in the BEGIN round trip (see `TxLimits`).
     let mut tx = pool.begin_with(limits.begin_sql()).await?;
-    let res = store::append_jobs(&mut tx, node, token, time, &rows).await?;
+    turn.wait().await;
+    let res = store::append_jobs(&mut tx, node, token, time, &rows).await;
+    // Our row locks are held (or we failed): the next batch may take its own.
+    turn.done();
+    let res = res?;
     let outcomes = job_outcomes(specs, &res)?;
     let mut written: HashMap<&str, (i64, bool)> = HashMap::new();
     for ((name, head), closed) in res
