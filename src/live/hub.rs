@@ -153,7 +153,12 @@ impl Hub {
     /// Remembers the stream's row as a subscriber registered at `registered` read it from the
     /// database after registering (`None`: there was none) — unless the stream moved in
     /// between, which would make what it read older than what the hub knows.
-    pub fn remember(&self, stream: &StreamName, registered: Registered, row: Option<(i64, i64, bool)>) {
+    pub fn remember(
+        &self,
+        stream: &StreamName,
+        registered: Registered,
+        row: Option<(i64, i64, bool)>,
+    ) {
         let mut map = self.streams.lock().expect("hub lock");
         if let Some(ch) = map.get_mut(stream) {
             if ch.changes == registered.changes {
@@ -228,27 +233,27 @@ impl Hub {
         head: i64,
     ) -> Option<ring::Wake<Arc<LiveMsg>>> {
         let ch = map.get_mut(stream)?;
-        {
-            ch.published = ch.published.max(head);
-            ch.changes += 1;
-            ch.known = match ch.known {
-                // Complete up to `head`: the closing event, if any, is among them.
-                Known::Row { id, head: h, closed } if events.last().is_some_and(|f| f.seq == head) => {
-                    Known::Row {
-                        id,
-                        head: h.max(head),
-                        closed: closed || events.iter().any(|f| f.ty == TYPE_STREAM_CLOSED),
-                    }
-                }
-                // Created meanwhile (id unknown here), or not every event is in hand.
-                _ => Known::Unknown,
-            };
-            let bytes = events.iter().map(|f| f.weight()).sum();
-            // Err means no receiver is left; the last guard removes the entry.
-            ch.tx
-                .send_deferred(Arc::new(LiveMsg::Events { events, head }), bytes)
-                .ok()
-        }
+        ch.published = ch.published.max(head);
+        ch.changes += 1;
+        ch.known = match ch.known {
+            // Complete up to `head`: the closing event, if any, is among them.
+            Known::Row {
+                id,
+                head: h,
+                closed,
+            } if events.last().is_some_and(|f| f.seq == head) => Known::Row {
+                id,
+                head: h.max(head),
+                closed: closed || events.iter().any(|f| f.ty == TYPE_STREAM_CLOSED),
+            },
+            // Created meanwhile (id unknown here), or not every event is in hand.
+            _ => Known::Unknown,
+        };
+        let bytes = events.iter().map(|f| f.weight()).sum();
+        // Err means no receiver is left; the last guard removes the entry.
+        ch.tx
+            .send_deferred(Arc::new(LiveMsg::Events { events, head }), bytes)
+            .ok()
     }
 
     /// Tells the stream's subscribers its head moved without sending the events.

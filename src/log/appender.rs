@@ -398,7 +398,9 @@ async fn commit_jobs(
             tracing::warn!(error = %e, jobs = jobs.len(), "batch failed; retrying appends one by one");
             for job in jobs {
                 let started = Instant::now();
-                match commit_with_retry(db, node, limits, &[&job.spec], health, &mut Turn::free()).await {
+                match commit_with_retry(db, node, limits, &[&job.spec], health, &mut Turn::free())
+                    .await
+                {
                     Ok(plan) => deliver(sink, vec![job], plan, started),
                     Err(e) => {
                         let _ = job.reply.send(Err(e.into_error()));
@@ -602,10 +604,10 @@ async fn commit(
     health: &DbHealth,
     turn: &mut Turn,
 ) -> Result<Plan, Failure> {
-    let time = wire_time(Utc::now());
     if let Db::Postgres(pool) = db {
-        return commit_postgres(db, pool, node, limits, specs, health, time, turn).await;
+        return commit_postgres(db, pool, node, limits, specs, health, turn).await;
     }
+    let time = wire_time(Utc::now());
     let names: BTreeSet<&str> = specs.iter().map(|s| s.stream.as_str()).collect();
     let names: Vec<&str> = names.into_iter().collect();
 
@@ -702,9 +704,9 @@ async fn commit_postgres(
     limits: TxLimits,
     specs: &[&AppendSpec],
     health: &DbHealth,
-    time: chrono::DateTime<Utc>,
     turn: &mut Turn,
 ) -> Result<Plan, Failure> {
+    let time = wire_time(Utc::now());
     let mut rows = store::JobRows::default();
     for spec in specs {
         rows.stream.push(spec.stream.as_str());

@@ -24,7 +24,8 @@ struct Node {
 }
 
 impl Node {
-    fn new(db: TestDb) -> Node {
+    async fn new(db: TestDb) -> Node {
+        db.db.migrate().await.expect("migrated");
         let hub = Hub::new(16, usize::MAX);
         let settings = AppenderSettings {
             max_batch: 16,
@@ -116,7 +117,7 @@ async fn rest(sub: &mut Subscription) -> Vec<String> {
 
 #[backend_test]
 async fn from_now_on_a_followed_stream_is_answered_from_the_hub(db: TestDb) {
-    let node = Node::new(db);
+    let node = Node::new(db).await;
 
     // The first subscriber reads the database (the stream does not exist yet); the hub
     // remembers that, and the next `from=now` is answered from it.
@@ -163,20 +164,31 @@ async fn from_now_on_a_followed_stream_is_answered_from_the_hub(db: TestDb) {
     let (_closed, opened, fast) = node.open_now().await;
     assert!(fast);
     assert_eq!((opened.exists, opened.head, opened.closed), (true, 4, true));
-    for sub in [&mut first, &mut missing, &mut read, &mut at_one, &mut at_two] {
+    for sub in [
+        &mut first,
+        &mut missing,
+        &mut read,
+        &mut at_one,
+        &mut at_two,
+    ] {
         assert_eq!(rest(sub).await, vec![format!("4 {TYPE_STREAM_CLOSED}")]);
     }
 
     // Deleted (still followed here by `_closed`): the hub forgets the row, so the next open
     // reads the database and learns the stream is gone; the one after is answered so.
-    assert!(store::delete_stream(&node.db.db, "s", "opens").await.unwrap());
+    assert!(store::delete_stream(&node.db.db, "s", "opens")
+        .await
+        .unwrap());
     node.hub.deleted(&node.name);
     let (mut after_delete, opened, fast) = node.open_now().await;
     assert!(!fast, "a deletion makes the hub read again");
     assert!(!opened.exists && !opened.closed);
     let (mut gone, opened, fast) = node.open_now().await;
     assert!(fast);
-    assert_eq!((opened.exists, opened.head, opened.closed), (false, 0, false));
+    assert_eq!(
+        (opened.exists, opened.head, opened.closed),
+        (false, 0, false)
+    );
 
     // Re-created: the new incarnation's events, from seq 1, reach both.
     assert_eq!(node.append("b", false).await, 1);
@@ -188,14 +200,15 @@ async fn from_now_on_a_followed_stream_is_answered_from_the_hub(db: TestDb) {
 /// registration and its read: what it read may be older than what the hub has seen.
 #[backend_test]
 async fn a_row_read_while_the_stream_moved_is_not_remembered(db: TestDb) {
-    let node = Node::new(db);
+    let node = Node::new(db).await;
     assert_eq!(node.append("a", false).await, 1);
     let (_follower, _) = node.open(Start::After(0)).await;
     node.hub.forget(&node.name);
     // An open registers, and an append moves the stream before its read is remembered.
     let (live, registered) = node.hub.subscribe_known(&node.name);
     assert_eq!(node.append("a", false).await, 2);
-    node.hub.remember(&node.name, registered, Some((1, 1, false)));
+    node.hub
+        .remember(&node.name, registered, Some((1, 1, false)));
     drop(live);
     let (_sub, opened, fast) = node.open_now().await;
     assert!(!fast, "the stale row was not used");
