@@ -35,7 +35,8 @@ pub struct Config {
     #[arg(long, env = "DATABASE_URL", help_heading = "Storage")]
     pub database_url: Option<String>,
 
-    /// Largest pool of database connections.
+    /// Largest pool of database connections (on PostgreSQL the appender has up to 4 more of
+    /// its own).
     #[arg(
         long,
         env = "TAILCAST_DB_MAX_CONNECTIONS",

@@ -140,6 +140,76 @@ pub fn names() -> impl Iterator<Item = &'static str> {
     SPECS.iter().map(|s| s.name)
 }
 
+/// One transport's delivery metrics (`DELIVERED_EVENTS`, `DELIVERY_LATENCY`), looked up once
+/// per connection and recorded once per written chunk: a labelled lookup, a histogram record
+/// and a clock read per delivered event were ~4.6% of a 1000-subscriber fan-out's CPU. The
+/// counts stay exact: every event is counted, and every live event's latency is recorded
+/// (events committed together share one value, recorded with `record_many`).
+pub struct Deliveries {
+    events: metrics::Counter,
+    latency: metrics::Histogram,
+}
+
+impl Deliveries {
+    pub fn new(transport: &'static str) -> Self {
+        Deliveries {
+            events: metrics::counter!(DELIVERED_EVENTS, "transport" => transport),
+            latency: metrics::histogram!(DELIVERY_LATENCY, "transport" => transport),
+        }
+    }
+
+    /// Starts tallying one chunk written at `now`.
+    pub fn batch(&self, now: std::time::Instant) -> DeliveryBatch<'_> {
+        DeliveryBatch {
+            latency: &self.latency,
+            now,
+            events: 0,
+            run: None,
+        }
+    }
+
+    /// Records a chunk's tally.
+    pub fn record(&self, mut batch: DeliveryBatch<'_>) {
+        batch.flush_run();
+        if batch.events > 0 {
+            self.events.increment(batch.events);
+        }
+    }
+}
+
+/// The deliveries of one chunk, recorded by [`Deliveries::record`].
+pub struct DeliveryBatch<'a> {
+    latency: &'a metrics::Histogram,
+    now: std::time::Instant,
+    events: u64,
+    /// Consecutive live events committed at the same instant (one commit's batch).
+    run: Option<(std::time::Instant, usize)>,
+}
+
+impl DeliveryBatch<'_> {
+    /// Counts one delivered event.
+    pub fn add(&mut self, frame: &crate::live::frame::Frame) {
+        self.events += 1;
+        let Some(at) = frame.committed_at else {
+            return;
+        };
+        match &mut self.run {
+            Some((t, n)) if *t == at => *n += 1,
+            _ => {
+                self.flush_run();
+                self.run = Some((at, 1));
+            }
+        }
+    }
+
+    fn flush_run(&mut self) {
+        if let Some((at, n)) = self.run.take() {
+            let secs = self.now.saturating_duration_since(at).as_secs_f64();
+            self.latency.record_many(secs, n);
+        }
+    }
+}
+
 /// Installs the global recorder (once per process), describes and registers every metric,
 /// and returns the handle for `/metrics`.
 pub fn install() -> PrometheusHandle {

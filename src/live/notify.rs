@@ -285,6 +285,8 @@ async fn wake_up(cfg: &ListenerConfig, pending: Pending) -> Result<(), sqlx::Err
         let names: Vec<&str> = live.iter().map(StreamName::as_str).collect();
         let found = store::stream_heads(&cfg.pool, &names).await?;
         for stream in live {
+            // Whatever the hub knew of the row may have changed while we were deaf.
+            hub.forget(&stream);
             match found.get(stream.as_str()) {
                 Some(head) => {
                     let h = heads.entry(stream).or_insert(*head);

@@ -109,6 +109,14 @@ impl<T: Clone> Sender<T> {
 
     /// Sends a message that weighs `bytes` toward the channel's byte bound.
     pub fn send_sized(&self, value: T, bytes: usize) -> Result<(), T> {
+        self.send_deferred(value, bytes).map(Wake::wake)
+    }
+
+    /// Queues a message like [`Sender::send_sized`] but wakes the waiting receivers only when
+    /// the returned [`Wake`] is used (or dropped): the appender answers its callers between
+    /// the two, so waking a thousand subscribers does not delay the answers. A receiver that
+    /// looks meanwhile already finds the message.
+    pub fn send_deferred(&self, value: T, bytes: usize) -> Result<Wake<T>, T> {
         let mut st = self.shared.state.lock().expect("ring lock");
         if st.receivers == 0 {
             return Err(value);
@@ -127,8 +135,9 @@ impl<T: Clone> Sender<T> {
             st.pop_front();
         }
         drop(st);
-        self.shared.notify.notify_waiters();
-        Ok(())
+        Ok(Wake {
+            shared: Some(self.shared.clone()),
+        })
     }
 
     /// A receiver that gets every message sent from now on.
@@ -157,6 +166,29 @@ impl<T: Clone> Sender<T> {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The wake-up of a message sent with [`Sender::send_deferred`]; given when dropped.
+#[must_use = "dropping it wakes the receivers at once"]
+pub struct Wake<T> {
+    shared: Option<Arc<Shared<T>>>,
+}
+
+impl<T> Wake<T> {
+    /// Wakes the receivers waiting for the message.
+    pub fn wake(mut self) {
+        if let Some(shared) = self.shared.take() {
+            shared.notify.notify_waiters();
+        }
+    }
+}
+
+impl<T> Drop for Wake<T> {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            shared.notify.notify_waiters();
+        }
     }
 }
 
@@ -318,6 +350,22 @@ mod tests {
         assert_eq!(tx.len(), 1, "only the newest is kept");
         assert!(matches!(rx.recv().await, Err(RecvError::Lagged(1))));
         assert_eq!(rx.recv().await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_deferred_send_is_there_at_once_and_wakes_a_waiter_when_told() {
+        let (tx, mut rx) = channel::<u32>(4);
+        let mut waiting = tx.subscribe();
+        let waiter = tokio::spawn(async move { waiting.recv().await });
+        tokio::task::yield_now().await;
+        let wake = tx.send_deferred(1, 0).unwrap();
+        assert_eq!(rx.try_recv().unwrap(), 1, "queued before the wake-up");
+        wake.wake();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .unwrap();
+        assert_eq!(got.unwrap(), 1);
     }
 
     #[test]

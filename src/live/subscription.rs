@@ -35,7 +35,7 @@ use tokio::sync::broadcast::error::RecvError;
 use super::budget::{Budget, Share};
 use super::compact::{self, Compaction, Folder, Surface};
 use super::frame::Frame;
-use super::hub::{Hub, LiveMsg, LiveReceiver};
+use super::hub::{Hub, Known, LiveMsg, LiveReceiver};
 use crate::error::Error;
 use crate::log::model::TYPE_STREAM_CLOSED;
 use crate::log::store::{self, StreamRow};
@@ -222,28 +222,33 @@ impl Subscription {
         compact: Option<(Compaction, Surface)>,
     ) -> Result<(Subscription, Opened), Error> {
         // Register for live events before reading anything: see the module comment.
-        let live = src.hub.subscribe(&stream);
+        let (live, registered) = src.hub.subscribe_known(&stream);
+        if start == Start::Now {
+            if let Some(opened) = open_now_from_hub(registered.known) {
+                let head = opened.head;
+                let mut sub = Subscription::new(src, stream, live, filter, end_on_close);
+                sub.compaction = compact;
+                if let Known::Row { id, .. } = registered.known {
+                    sub.stream_id = Some(id);
+                }
+                (sub.upto, sub.delivered, sub.known) = (head, head, head);
+                // Nothing to catch up on: every event after `head` reaches it live (or as a
+                // gap that sends it to the log). A stream that did not exist is waited for
+                // live too, as `read_log` would.
+                sub.mode = Mode::Live;
+                sub.src.hub.note_opened_from_hub();
+                return Ok((sub, opened));
+            }
+        }
         let row = store::stream(&src.db, stream.as_str()).await?;
-        let mut sub = Subscription {
-            src,
-            stream,
-            live,
-            stream_id: row.as_ref().map(|r| r.id),
-            mode: Mode::CatchUp,
-            upto: 0,
-            delivered: 0,
-            known: 0,
-            scanned: 0,
-            pending: VecDeque::new(),
-            filter,
-            end_on_close,
-            ended: None,
-            retry: None,
-            compaction: compact,
-            folder: None,
-            budget: None,
-            held: None,
-        };
+        src.hub.remember(
+            &stream,
+            registered,
+            row.as_ref().map(|r| (r.id, r.head, r.closed)),
+        );
+        let mut sub = Subscription::new(src, stream, live, filter, end_on_close);
+        sub.stream_id = row.as_ref().map(|r| r.id);
+        sub.compaction = compact;
         let head = row.as_ref().map_or(0, |r| r.head);
         let cursor = sub.position(row.as_ref(), start).await?;
         sub.upto = cursor;
@@ -261,6 +266,35 @@ impl Subscription {
             surface.count_read();
         }
         Ok((sub, opened))
+    }
+
+    fn new(
+        src: Source,
+        stream: StreamName,
+        live: LiveReceiver,
+        filter: Filter,
+        end_on_close: bool,
+    ) -> Subscription {
+        Subscription {
+            src,
+            stream,
+            live,
+            stream_id: None,
+            mode: Mode::CatchUp,
+            upto: 0,
+            delivered: 0,
+            known: 0,
+            scanned: 0,
+            pending: VecDeque::new(),
+            filter,
+            end_on_close,
+            ended: None,
+            retry: None,
+            compaction: None,
+            folder: None,
+            budget: None,
+            held: None,
+        }
     }
 
     /// Works out the starting cursor, queuing notices and snapshot events as needed.
@@ -604,6 +638,27 @@ impl Subscription {
             Err(RecvError::Closed) => self.ended = Some(EndReason::Shutdown),
         }
         Ok(())
+    }
+}
+
+/// A `from=now` open answered from what the hub knew when the subscriber registered — no
+/// database read — if it knew the stream's row (or that there was none). Many clients
+/// opening on one busy stream at once (a page's viewers arriving together) cost no reads.
+fn open_now_from_hub(known: Known) -> Option<Opened> {
+    match known {
+        Known::Unknown => None,
+        Known::Absent => Some(Opened {
+            exists: false,
+            head: 0,
+            closed: false,
+            cursor: 0,
+        }),
+        Known::Row { head, closed, .. } => Some(Opened {
+            exists: true,
+            head,
+            closed,
+            cursor: head,
+        }),
     }
 }
 

@@ -5,6 +5,11 @@
 //! with one statement, commits once, and only then answers each caller and hands the new
 //! events to the live hub. Under load many appends share one commit (one WAL flush); when
 //! idle, a lone append goes straight through: `recv_many` never waits for company.
+//!
+//! The task runs on a thread and runtime of its own, with database connections of its own
+//! (see [`commit_thread`]): under heavy fan-out the shared runtime's queue holds a thousand
+//! subscriber writes, and each of a commit's wake-ups (the queued append, every database
+//! answer) used to wait behind all of them.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::stream::{FuturesOrdered, StreamExt};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -65,7 +70,10 @@ pub struct Committed {
 
 /// Receives every commit, after it is durable (the live hub implements this).
 pub trait CommitSink: Send + Sync + 'static {
-    fn committed(&self, batch: Vec<Committed>);
+    /// Takes the commit's events (before the callers are answered, so that a caller that
+    /// opens a subscription `from=now` after its answer starts past them) and returns the
+    /// wake-up of whoever waits for them, which the appender calls after answering.
+    fn committed(&self, batch: Vec<Committed>) -> Box<dyn FnOnce() + Send>;
 }
 
 struct Job {
@@ -109,21 +117,26 @@ impl Appender {
         let closing = CancellationToken::new();
         let running = Arc::new(AtomicBool::new(true));
         let restarts = Arc::new(AtomicU64::new(0));
-        let worker = Worker {
-            db,
-            sink,
-            node_id,
-            max_batch,
-            limits: settings.limits,
-            health: health.clone(),
-            closing: closing.clone(),
-        };
-        let task = tokio::spawn(supervise(
-            Arc::new(tokio::sync::Mutex::new(rx)),
-            Arc::new(worker),
-            running.clone(),
-            restarts.clone(),
-        ));
+        let (limits, worker_health, worker_closing) =
+            (settings.limits, health.clone(), closing.clone());
+        let (worker_running, worker_restarts) = (running.clone(), restarts.clone());
+        let task = commit_thread(db, move |db| {
+            let worker = Worker {
+                db,
+                sink,
+                node_id,
+                max_batch,
+                limits,
+                health: worker_health,
+                closing: worker_closing,
+            };
+            supervise(
+                Arc::new(tokio::sync::Mutex::new(rx)),
+                Arc::new(worker),
+                worker_running,
+                worker_restarts,
+            )
+        });
         let appender = Appender {
             tx,
             health,
@@ -172,6 +185,54 @@ impl Appender {
             Err(_) => Err(Error::OutcomeUnknown),
         }
     }
+}
+
+/// Most group commits in flight at once on PostgreSQL (SQLite has one writer).
+const IN_FLIGHT: usize = 3;
+
+/// Runs `run` on a thread with a single-threaded runtime of its own, and returns a handle
+/// (on the caller's runtime) that completes when it has. On PostgreSQL `run` gets a pool of
+/// its own, made from the shared pool's settings: a connection is driven by the runtime that
+/// opened it, so the shared pool's connections would answer through the busy runtime again.
+/// SQLite connections run on threads of their own and are shared as they are.
+fn commit_thread<F, Fut>(db: Db, run: F) -> JoinHandle<()>
+where
+    F: FnOnce(Db) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    let (done, finished) = oneshot::channel::<()>();
+    let body = move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("the commit thread's runtime");
+        rt.block_on(async move {
+            let own = match &db {
+                Db::Postgres(pool) => Some(
+                    pool.options()
+                        .clone()
+                        // One more than in flight, for resolving a commit left in doubt.
+                        .max_connections(IN_FLIGHT as u32 + 1)
+                        .min_connections(0)
+                        .connect_lazy_with((*pool.connect_options()).clone()),
+                ),
+                Db::Sqlite(_) => None,
+            };
+            let db = own.clone().map_or(db, Db::Postgres);
+            run(db).await;
+            if let Some(pool) = own {
+                pool.close().await;
+            }
+        });
+        let _ = done.send(());
+    };
+    std::thread::Builder::new()
+        .name("tailcast-commit".into())
+        .spawn(body)
+        .expect("spawn the commit thread");
+    tokio::spawn(async move {
+        let _ = finished.await;
+    })
 }
 
 /// What the appender task needs, shared by each of its incarnations.
@@ -256,8 +317,14 @@ async fn run(rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>, worker: Arc<Worke
     // handed over later, subscribers would see the seq gap and read the log).
     // SQLite has one write connection: batches there go one at a time, and what arrives
     // meanwhile joins the next.
-    let in_flight = if db.is_sqlite() { 1 } else { 3 };
-    let mut inflight = FuturesUnordered::new();
+    let in_flight = if db.is_sqlite() { 1 } else { IN_FLIGHT };
+    // Batches commit concurrently, but take their streams' row locks in the order they were
+    // started (see `Turn`) and are handed to the hub (and answered) in that order too: so the
+    // events of two batches on one stream reach its subscribers in seq order. In completion
+    // order they sometimes did not, and then every subscriber of the stream saw a gap and
+    // re-read the log — a thousand reads at a thousand subscribers.
+    let mut inflight = FuturesOrdered::new();
+    let mut last_turn: Option<oneshot::Receiver<()>> = None;
     let mut open = true;
     // A restarted incarnation finds the queue already closed if shutdown began meanwhile.
     let mut closed = false;
@@ -265,7 +332,11 @@ async fn run(rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>, worker: Arc<Worke
         tokio::select! {
             jobs = next_jobs(&mut rx, max_batch), if open && inflight.len() < in_flight => {
                 match jobs {
-                    Some(jobs) => inflight.push(commit_jobs(db, &**sink, node_id, *limits, health, jobs)),
+                    Some(jobs) => {
+                        let (mine, next) = oneshot::channel();
+                        let turn = Turn { prev: last_turn.replace(next), mine: Some(mine) };
+                        inflight.push_back(commit_jobs(db, &**sink, node_id, *limits, health, jobs, turn));
+                    }
                     None => open = false,
                 }
             }
@@ -274,7 +345,11 @@ async fn run(rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>, worker: Arc<Worke
                 rx.close();
                 closed = true;
             }
-            Some(()) = inflight.next(), if !inflight.is_empty() => {}
+            Some(done) = inflight.next(), if !inflight.is_empty() => {
+                if let Some((jobs, plan, started)) = done {
+                    deliver(&**sink, jobs, plan, started);
+                }
+            }
             else => break,
         }
     }
@@ -287,6 +362,8 @@ async fn next_jobs(rx: &mut mpsc::Receiver<Job>, max: usize) -> Option<Vec<Job>>
     (rx.recv_many(&mut jobs, max).await > 0).then_some(jobs)
 }
 
+/// Commits one batch. A committed batch is returned, for `run` to deliver in order; a failed
+/// one is answered here.
 async fn commit_jobs(
     db: &Db,
     sink: &dyn CommitSink,
@@ -294,10 +371,13 @@ async fn commit_jobs(
     limits: TxLimits,
     health: &DbHealth,
     jobs: Vec<Job>,
-) {
+    mut turn: Turn,
+) -> Option<(Vec<Job>, Plan, Instant)> {
     let started = Instant::now();
     let specs: Vec<&AppendSpec> = jobs.iter().map(|j| &j.spec).collect();
-    let result = commit_with_retry(db, node, limits, &specs, health).await;
+    let result = commit_with_retry(db, node, limits, &specs, health, &mut turn).await;
+    // Whatever happened, the next batch may lock now.
+    turn.done();
     match &result {
         Ok(_) => health.mark_up(),
         // A pool timeout may only mean every connection is busy: the LISTEN connection's
@@ -310,7 +390,7 @@ async fn commit_jobs(
         Ok(plan) => {
             metrics::histogram!(m::APPEND_BATCH_SIZE).record(jobs.len() as f64);
             metrics::counter!(m::APPEND_BATCHES).increment(1);
-            deliver(sink, jobs, plan, started);
+            return Some((jobs, plan, started));
         }
         Err(Failure::Db(e)) if jobs.len() > 1 && !is_unavailable(&e) && !is_lock_timeout(&e) => {
             // One bad append must not fail its neighbours: retry each alone. (Never after an
@@ -318,7 +398,9 @@ async fn commit_jobs(
             tracing::warn!(error = %e, jobs = jobs.len(), "batch failed; retrying appends one by one");
             for job in jobs {
                 let started = Instant::now();
-                match commit_with_retry(db, node, limits, &[&job.spec], health).await {
+                match commit_with_retry(db, node, limits, &[&job.spec], health, &mut Turn::free())
+                    .await
+                {
                     Ok(plan) => deliver(sink, vec![job], plan, started),
                     Err(e) => {
                         let _ = job.reply.send(Err(e.into_error()));
@@ -332,6 +414,39 @@ async fn commit_jobs(
             for job in jobs {
                 let _ = job.reply.send(Err(error.clone()));
             }
+        }
+    }
+    None
+}
+
+/// A batch's place in the order in which concurrent batches take their row locks: it sends
+/// its `append_jobs` only once the batch started before it has its locks (or is done), so
+/// seqs are assigned in the order batches are delivered (SQLite commits one at a time).
+struct Turn {
+    prev: Option<oneshot::Receiver<()>>,
+    mine: Option<oneshot::Sender<()>>,
+}
+
+impl Turn {
+    /// A batch that waits for no other (the one-by-one retries of a failed batch).
+    fn free() -> Turn {
+        Turn {
+            prev: None,
+            mine: None,
+        }
+    }
+
+    /// Waits until the previous batch holds its locks, failed or ended.
+    async fn wait(&mut self) {
+        if let Some(prev) = self.prev.take() {
+            let _ = prev.await;
+        }
+    }
+
+    /// Lets the next batch go on.
+    fn done(&mut self) {
+        if let Some(mine) = self.mine.take() {
+            let _ = mine.send(());
         }
     }
 }
@@ -389,10 +504,11 @@ async fn commit_with_retry(
     limits: TxLimits,
     specs: &[&AppendSpec],
     health: &DbHealth,
+    turn: &mut Turn,
 ) -> Result<Plan, Failure> {
     let mut attempt = 0;
     loop {
-        match commit(db, node, limits, specs, health).await {
+        match commit(db, node, limits, specs, health, turn).await {
             // 40P01 deadlock (streams created by two nodes at once), 40001 serialization;
             // 25P03: the server ended the session for sitting idle in the transaction (this
             // process was frozen past --idle-in-transaction-timeout-s). None of them committed.
@@ -486,11 +602,12 @@ async fn commit(
     limits: TxLimits,
     specs: &[&AppendSpec],
     health: &DbHealth,
+    turn: &mut Turn,
 ) -> Result<Plan, Failure> {
-    let time = wire_time(Utc::now());
     if let Db::Postgres(pool) = db {
-        return commit_postgres(db, pool, node, limits, specs, health, time).await;
+        return commit_postgres(db, pool, node, limits, specs, health, turn).await;
     }
+    let time = wire_time(Utc::now());
     let names: BTreeSet<&str> = specs.iter().map(|s| s.stream.as_str()).collect();
     let names: Vec<&str> = names.into_iter().collect();
 
@@ -587,8 +704,9 @@ async fn commit_postgres(
     limits: TxLimits,
     specs: &[&AppendSpec],
     health: &DbHealth,
-    time: chrono::DateTime<Utc>,
+    turn: &mut Turn,
 ) -> Result<Plan, Failure> {
+    let time = wire_time(Utc::now());
     let mut rows = store::JobRows::default();
     for spec in specs {
         rows.stream.push(spec.stream.as_str());
@@ -608,7 +726,11 @@ async fn commit_postgres(
     let token = uuid::Uuid::new_v4();
     // Lock and idle-in-transaction timeouts set in the BEGIN round trip (see `TxLimits`).
     let mut tx = pool.begin_with(limits.begin_sql()).await?;
-    let res = store::append_jobs(&mut tx, node, token, time, &rows).await?;
+    turn.wait().await;
+    let res = store::append_jobs(&mut tx, node, token, time, &rows).await;
+    // Our row locks are held (or we failed): the next batch may take its own.
+    turn.done();
+    let res = res?;
     let outcomes = job_outcomes(specs, &res)?;
     let mut written: HashMap<&str, (i64, bool)> = HashMap::new();
     for ((name, head), closed) in res
@@ -833,11 +955,12 @@ fn deliver(sink: &dyn CommitSink, jobs: Vec<Job>, plan: Plan, started: Instant) 
             })
         })
         .collect();
-    if !committed.is_empty() {
-        sink.committed(committed);
-    }
+    let wake = (!committed.is_empty()).then(|| sink.committed(committed));
     for (reply, res) in replies {
         let _ = reply.send(res);
+    }
+    if let Some(wake) = wake {
+        wake();
     }
 }
 
@@ -850,10 +973,11 @@ mod tests {
     struct FailsOnce(AtomicBool);
 
     impl CommitSink for FailsOnce {
-        fn committed(&self, _: Vec<Committed>) {
+        fn committed(&self, _: Vec<Committed>) -> Box<dyn FnOnce() + Send> {
             if !self.0.swap(true, Ordering::SeqCst) {
                 panic!("the sink failed on purpose");
             }
+            Box::new(|| {})
         }
     }
 

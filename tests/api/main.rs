@@ -24,6 +24,7 @@ mod log_stress;
 mod node_process;
 mod nodes;
 mod openapi;
+mod opens;
 mod operator;
 mod ops;
 mod outage;
