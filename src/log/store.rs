@@ -326,21 +326,7 @@ pub async fn snapshot(
                order by key"#
         ),
     };
-    on_db!(db, read, |ex| {
-        let mut rows = sqlx::query_as::<_, StoredEvent>(&sql)
-            .bind(stream_id)
-            .bind(at)
-            .fetch(ex);
-        let (mut events, mut bytes) = (Vec::new(), 0usize);
-        while let Some(ev) = rows.try_next().await? {
-            bytes += ev.data.len() + ev.body.as_ref().map_or(0, Vec::len);
-            if bytes > max_bytes {
-                return Ok(None);
-            }
-            events.push(ev);
-        }
-        Ok(Some(events))
-    })
+    read_bounded(db, &sql, stream_id, at, max_bytes).await
 }
 
 /// The current message of every key at or below `at`, for a compacted snapshot: the events
@@ -363,8 +349,21 @@ pub async fn snapshot_messages(
            where e.stream_id = $1 and e.seq <= $2 and e.seq >= coalesce(m.start, 0)
            order by e.key, e.seq"#
     );
+    read_bounded(db, &sql, stream_id, at, max_bytes).await
+}
+
+/// Runs a snapshot query (`$1` the stream id, `$2` the seq it is taken at) and collects its
+/// events, or `None` once their data and bodies add up to more than `max_bytes` (counted as
+/// they stream in, so an oversized snapshot is never held whole).
+async fn read_bounded(
+    db: &Db,
+    sql: &str,
+    stream_id: i64,
+    at: i64,
+    max_bytes: usize,
+) -> Result<Option<Vec<StoredEvent>>, sqlx::Error> {
     on_db!(db, read, |ex| {
-        let mut rows = sqlx::query_as::<_, StoredEvent>(&sql)
+        let mut rows = sqlx::query_as::<_, StoredEvent>(sql)
             .bind(stream_id)
             .bind(at)
             .fetch(ex);
