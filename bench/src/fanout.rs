@@ -14,7 +14,6 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::http::{source_ip, Http};
 use crate::report::Metrics;
-use crate::sse::SseParser;
 use crate::util::{event_json, now_us, percentiles_ms, u64_after, Latencies};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -206,19 +205,15 @@ async fn subscriber(
             }
             drop(permit);
             tally.ready.fetch_add(1, Ordering::Relaxed);
-            let mut body = res.into_body();
-            let mut parser = SseParser::default();
-            while let Some(frame) = body.frame().await {
-                let Ok(data) = frame?.into_data() else {
-                    continue;
-                };
-                parser.feed(&data, |ev| {
+            crate::sse::follow(res.into_body(), |parser, data| {
+                parser.feed(data, |ev| {
                     if let Some(seq) = ev.id.and_then(crate::util::parse_u64) {
                         seen.event(seq, ev.data);
                     }
                 });
                 seen.flush();
-            }
+            })
+            .await?;
             drop(http);
         }
         Transport::Ws => {

@@ -26,7 +26,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use futures::{SinkExt, StreamExt};
 use hmac::{Hmac, Mac};
-use http_body_util::BodyExt;
 use md5::{Digest, Md5};
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
@@ -38,7 +37,6 @@ use crate::idle::{masked_text_frame, open_sse, open_ws, read_until};
 use crate::procs::{pss_kib, CpuSnapshot, PgBackends};
 use crate::report::Metrics;
 use crate::server::Server;
-use crate::sse::SseParser;
 use crate::util::{event_json, now_us, payload, percentiles_ms, u64_after, Latencies};
 
 /// Where the peers' programs are (bench/run finds or installs them).
@@ -581,21 +579,17 @@ async fn subscriber(
             }
             drop(permit);
             tally.ready.fetch_add(1, Ordering::Relaxed);
-            let mut body = res.into_body();
-            let mut parser = SseParser::default();
-            while let Some(frame) = body.frame().await {
-                let Ok(data) = frame?.into_data() else {
-                    continue;
-                };
+            crate::sse::follow(res.into_body(), |parser, data| {
                 let mut n = 0;
-                parser.feed(&data, |ev| {
+                parser.feed(data, |ev| {
                     if payload_ts(ev.data).is_some() {
                         seen(ev.data);
                         n += 1;
                     }
                 });
                 tally.delivered.fetch_add(n, Ordering::Relaxed);
-            }
+            })
+            .await?;
         }
         (Target::Tailcast, true) => {
             let mut ws = crate::ws::connect(addr, source_ip(i)).await?;

@@ -1,7 +1,26 @@
 //! A small SSE parser for the load generator: it sees hundreds of thousands of events per
 //! second, so it scans for frame ends with `memchr` and copies only partial frames.
 
+use anyhow::Result;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use memchr::memmem;
+
+/// Reads an SSE response body to its end, handing each data chunk to `on_chunk` with the one
+/// parser the body is fed to (the caller feeds it, and does its per-chunk work after).
+pub async fn follow(
+    mut body: Incoming,
+    mut on_chunk: impl FnMut(&mut SseParser, &[u8]),
+) -> Result<()> {
+    let mut parser = SseParser::default();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        on_chunk(&mut parser, &data);
+    }
+    Ok(())
+}
 
 /// One parsed event. `data` holds the `data:` lines joined with `\n`.
 #[derive(Debug, PartialEq)]
