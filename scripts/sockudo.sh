@@ -29,14 +29,16 @@ case ${1:-path} in
     ;;
   install)
     if [[ ! -x $bin ]]; then
-      if ! command -v protoc >/dev/null 2>&1; then
+      # protoc, and the well-known types its build imports (google/protobuf/timestamp.proto,
+      # in libprotobuf-dev: protobuf-compiler alone, without recommends, lacks them).
+      if ! command -v protoc >/dev/null 2>&1 || [[ ! -f /usr/include/google/protobuf/timestamp.proto ]]; then
         if ((EUID != 0)); then
-          echo "scripts/sockudo.sh: protoc is missing; as root: apt-get install protobuf-compiler" >&2
+          echo "scripts/sockudo.sh: protoc or the protobuf well-known types are missing; as root: apt-get install protobuf-compiler libprotobuf-dev" >&2
           exit 1
         fi
         export DEBIAN_FRONTEND=noninteractive
-        apt-cache show protobuf-compiler >/dev/null 2>&1 || apt-get update -q >&2
-        apt-get install -y -q --no-install-recommends protobuf-compiler >&2
+        apt-cache show libprotobuf-dev >/dev/null 2>&1 || apt-get update -q >&2
+        apt-get install -y -q --no-install-recommends protobuf-compiler libprotobuf-dev >&2
       fi
       echo "scripts/sockudo.sh: building sockudo $version (features: $features) into $root; this takes long" >&2
       mkdir -p "$cache"
