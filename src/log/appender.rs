@@ -120,7 +120,7 @@ impl Appender {
         let (limits, worker_health, worker_closing) =
             (settings.limits, health.clone(), closing.clone());
         let (worker_running, worker_restarts) = (running.clone(), restarts.clone());
-        let task = commit_thread(db, move |db| {
+        let task = commit_thread(db, limits, move |db| {
             let worker = Worker {
                 db,
                 sink,
@@ -195,7 +195,7 @@ const IN_FLIGHT: usize = 3;
 /// its own, made from the shared pool's settings: a connection is driven by the runtime that
 /// opened it, so the shared pool's connections would answer through the busy runtime again.
 /// SQLite connections run on threads of their own and are shared as they are.
-fn commit_thread<F, Fut>(db: Db, run: F) -> JoinHandle<()>
+fn commit_thread<F, Fut>(db: Db, limits: TxLimits, run: F) -> JoinHandle<()>
 where
     F: FnOnce(Db) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + 'static,
@@ -214,7 +214,13 @@ where
                         // One more than in flight, for resolving a commit left in doubt.
                         .max_connections(IN_FLIGHT as u32 + 1)
                         .min_connections(0)
-                        .connect_lazy_with((*pool.connect_options()).clone()),
+                        .connect_lazy_with(
+                            // A one-trip commit (see `commit_postgres`) sends no BEGIN to
+                            // set its lock timeout in: its session has it.
+                            (*pool.connect_options())
+                                .clone()
+                                .options([("lock_timeout", limits.lock_s * 1000)]),
+                        ),
                 ),
                 Db::Sqlite(_) => None,
             };
@@ -335,7 +341,9 @@ async fn run(rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>, worker: Arc<Worke
                     Some(jobs) => {
                         let (mine, next) = oneshot::channel();
                         let turn = Turn { prev: last_turn.replace(next), mine: Some(mine) };
-                        inflight.push_back(commit_jobs(db, &**sink, node_id, *limits, health, jobs, turn));
+                        // Alone, a batch commits in one round trip (see `commit_postgres`).
+                        let trip = if inflight.is_empty() { Trip::One } else { Trip::Pipelined };
+                        inflight.push_back(commit_jobs(db, &**sink, node_id, *limits, health, jobs, turn, trip));
                     }
                     None => open = false,
                 }
@@ -364,6 +372,7 @@ async fn next_jobs(rx: &mut mpsc::Receiver<Job>, max: usize) -> Option<Vec<Job>>
 
 /// Commits one batch. A committed batch is returned, for `run` to deliver in order; a failed
 /// one is answered here.
+#[allow(clippy::too_many_arguments)]
 async fn commit_jobs(
     db: &Db,
     sink: &dyn CommitSink,
@@ -372,10 +381,11 @@ async fn commit_jobs(
     health: &DbHealth,
     jobs: Vec<Job>,
     mut turn: Turn,
+    trip: Trip,
 ) -> Option<(Vec<Job>, Plan, Instant)> {
     let started = Instant::now();
     let specs: Vec<&AppendSpec> = jobs.iter().map(|j| &j.spec).collect();
-    let result = commit_with_retry(db, node, limits, &specs, health, &mut turn).await;
+    let result = commit_with_retry(db, node, limits, &specs, health, &mut turn, trip).await;
     // Whatever happened, the next batch may lock now.
     turn.done();
     match &result {
@@ -398,9 +408,8 @@ async fn commit_jobs(
             tracing::warn!(error = %e, jobs = jobs.len(), "batch failed; retrying appends one by one");
             for job in jobs {
                 let started = Instant::now();
-                match commit_with_retry(db, node, limits, &[&job.spec], health, &mut Turn::free())
-                    .await
-                {
+                let free = &mut Turn::free();
+                match commit_with_retry(db, node, limits, &[&job.spec], health, free, trip).await {
                     Ok(plan) => deliver(sink, vec![job], plan, started),
                     Err(e) => {
                         let _ = job.reply.send(Err(e.into_error()));
@@ -505,10 +514,11 @@ async fn commit_with_retry(
     specs: &[&AppendSpec],
     health: &DbHealth,
     turn: &mut Turn,
+    trip: Trip,
 ) -> Result<Plan, Failure> {
     let mut attempt = 0;
     loop {
-        match commit(db, node, limits, specs, health, turn).await {
+        match commit(db, node, limits, specs, health, turn, trip).await {
             // 40P01 deadlock (streams created by two nodes at once), 40001 serialization;
             // 25P03: the server ended the session for sitting idle in the transaction (this
             // process was frozen past --idle-in-transaction-timeout-s). None of them committed.
@@ -557,7 +567,7 @@ async fn settle(
         (Ok(()), _) => Ok(()),
         (Err(e), Some(token)) if commit_in_doubt(&e) => {
             health.mark_down();
-            resolve_in_doubt(db, token, e).await
+            resolve_in_doubt(db, token, e, false).await.map(drop)
         }
         (Err(e), _) => Err(e.into()),
     }
@@ -568,18 +578,37 @@ async fn settle(
 /// that callers hear the truth: success only if it is durable, `unavailable` only if nothing
 /// was written. Never by transaction id: after a crash PostgreSQL reuses the ids of
 /// transactions whose commit never reached disk. Gives up with [`Failure::Unknown`] if the
-/// database cannot be asked within the limit.
-async fn resolve_in_doubt(db: &Db, token: uuid::Uuid, err: sqlx::Error) -> Result<(), Failure> {
+/// database cannot be asked within the limit. With `answer`, a confirmed commit also brings
+/// the answer `tailcast.append_jobs` recorded with its token (a one-trip commit lost it with
+/// its connection); None without.
+async fn resolve_in_doubt(
+    db: &Db,
+    token: uuid::Uuid,
+    err: sqlx::Error,
+    answer: bool,
+) -> Result<Option<store::JobsOutcome>, Failure> {
     const LIMIT: Duration = Duration::from_secs(30);
     const WAIT: Duration = Duration::from_secs(1);
     let deadline = Instant::now() + LIMIT;
     let mut delay = Duration::from_millis(20);
     loop {
         match store::commit_outcome(db, token, WAIT).await {
-            Ok(store::CommitOutcome::Committed) => {
+            Ok(store::CommitOutcome::Committed) if !answer => {
                 tracing::info!(%token, "commit confirmed after its connection was lost");
-                return Ok(());
+                return Ok(None);
             }
+            Ok(store::CommitOutcome::Committed) => match store::recorded_answer(db, token).await {
+                Ok(Some(recorded)) => {
+                    tracing::info!(%token, "commit confirmed after its connection was lost");
+                    return Ok(Some(recorded));
+                }
+                Ok(None) => {
+                    tracing::error!(%token, "a commit confirmed without its answer; answering outcome_unknown");
+                    return Err(Failure::Unknown);
+                }
+                // The database went away again: ask again.
+                Err(_) => {}
+            },
             Ok(store::CommitOutcome::NotCommitted) => {
                 tracing::warn!(%token, error = %err, "commit lost with its connection; nothing was stored");
                 return Err(Failure::Db(err));
@@ -603,9 +632,10 @@ async fn commit(
     specs: &[&AppendSpec],
     health: &DbHealth,
     turn: &mut Turn,
+    trip: Trip,
 ) -> Result<Plan, Failure> {
     if let Db::Postgres(pool) = db {
-        return commit_postgres(db, pool, node, limits, specs, health, turn).await;
+        return commit_postgres(db, pool, node, limits, specs, health, turn, trip).await;
     }
     let time = wire_time(Utc::now());
     let names: BTreeSet<&str> = specs.iter().map(|s| s.stream.as_str()).collect();
@@ -695,8 +725,21 @@ async fn commit(
     })
 }
 
+/// How a PostgreSQL batch reaches the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trip {
+    /// The `append_jobs` call alone, outside a transaction block: the call is its own
+    /// transaction and its answer arrives committed. One round trip, but the batch keeps its
+    /// row locks until it has committed, so a batch started meanwhile waits for that.
+    One,
+    /// BEGIN, the call, COMMIT: three round trips, and the next batch may take its row locks
+    /// as soon as this one holds its own (while this one's WAL flush is under way).
+    Pipelined,
+}
+
 /// [`commit`] on PostgreSQL: the whole batch is one call of `tailcast.append_jobs` (the
-/// function applications append through too, so the rules live in one place), then COMMIT.
+/// function applications append through too, so the rules live in one place); see [`Trip`].
+#[allow(clippy::too_many_arguments)]
 async fn commit_postgres(
     db: &Db,
     pool: &sqlx::PgPool,
@@ -705,6 +748,7 @@ async fn commit_postgres(
     specs: &[&AppendSpec],
     health: &DbHealth,
     turn: &mut Turn,
+    trip: Trip,
 ) -> Result<Plan, Failure> {
     let time = wire_time(Utc::now());
     let mut rows = store::JobRows::default();
@@ -724,13 +768,39 @@ async fn commit_postgres(
         }
     }
     let token = uuid::Uuid::new_v4();
-    // Lock and idle-in-transaction timeouts set in the BEGIN round trip (see `TxLimits`).
-    let mut tx = pool.begin_with(limits.begin_sql()).await?;
-    turn.wait().await;
-    let res = store::append_jobs(&mut tx, node, token, time, &rows).await;
-    // Our row locks are held (or we failed): the next batch may take its own.
-    turn.done();
-    let res = res?;
+    let mut tx = None;
+    let res = match trip {
+        Trip::One => {
+            // The session has the lock timeout; there is no transaction to sit idle in.
+            let mut conn = pool.acquire().await?;
+            turn.wait().await;
+            let res = store::append_jobs(&mut conn, node, token, time, &rows).await;
+            turn.done();
+            match res {
+                Ok(res) => res,
+                // Lost with the connection: committed exactly if the token is in the log,
+                // and then the token's row holds the answer.
+                Err(e) if commit_in_doubt(&e) => {
+                    health.mark_down();
+                    resolve_in_doubt(db, token, e, true)
+                        .await?
+                        .ok_or(Failure::Unknown)?
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Trip::Pipelined => {
+            // Lock and idle-in-transaction timeouts set in the BEGIN round trip (see
+            // `TxLimits`).
+            let mut open = pool.begin_with(limits.begin_sql()).await?;
+            turn.wait().await;
+            let res = store::append_jobs(&mut open, node, token, time, &rows).await;
+            // Our row locks are held (or we failed): the next batch may take its own.
+            turn.done();
+            tx = Some(open);
+            res?
+        }
+    };
     let outcomes = job_outcomes(specs, &res)?;
     let mut written: HashMap<&str, (i64, bool)> = HashMap::new();
     for ((name, head), closed) in res
@@ -747,9 +817,11 @@ async fn commit_postgres(
             heads.entry(spec.stream.clone()).or_insert(*state);
         }
     }
-    // The token is in the transaction exactly when it wrote something.
-    let marked = !written.is_empty();
-    settle(db, health, marked.then_some(token), tx.commit().await).await?;
+    if let Some(tx) = tx {
+        // The token is in the transaction exactly when it wrote something.
+        let marked = !written.is_empty();
+        settle(db, health, marked.then_some(token), tx.commit().await).await?;
+    }
     Ok(Plan {
         outcomes,
         heads,

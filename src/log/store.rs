@@ -654,7 +654,7 @@ pub struct JobRows<'a> {
 }
 
 /// What `tailcast.append_jobs` decided, per event, per job and per stream written.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct JobsOutcome {
     /// Per event: its seq (a duplicate's: the original's); None if its job was refused.
     pub seqs: Vec<Option<i64>>,
@@ -669,13 +669,13 @@ pub struct JobsOutcome {
     pub written_closed: Vec<bool>,
 }
 
-/// Applies a whole batch with one statement (PostgreSQL): locks the streams (held until `tx`
-/// ends), de-duplicates ids, assigns seqs, inserts, moves the heads, queues the NOTIFY (with
+/// Applies a whole batch with one statement (PostgreSQL): locks the streams (held until the
+/// transaction ends: sent outside one, the call is its own transaction), de-duplicates ids, assigns seqs, inserts, moves the heads, queues the NOTIFY (with
 /// `node` as its first line) and, if anything was written, records `token` in
-/// `commit_tokens` (see [`commit_outcome`]). The same function applications call through
+/// `commit_tokens` with its answer (see [`commit_outcome`], [`recorded_answer`]). The same function applications call through
 /// `tailcast.append`, so both follow one implementation of the rules.
 pub async fn append_jobs(
-    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    conn: &mut sqlx::PgConnection,
     node: &str,
     token: uuid::Uuid,
     time: DateTime<Utc>,
@@ -699,7 +699,7 @@ pub async fn append_jobs(
     .bind(rows.body.iter().any(Option::is_some).then_some(&rows.body))
     .bind(rows.by.iter().any(Option::is_some).then_some(&rows.by))
     .bind(rows.append.iter().any(|a| *a).then_some(&rows.append))
-    .fetch_one(&mut **tx)
+    .fetch_one(conn)
     .await
 }
 
@@ -926,6 +926,26 @@ pub async fn commit_outcome(
     };
     tx.rollback().await?;
     Ok(outcome)
+}
+
+/// The answer `tailcast.append_jobs` recorded with `token`, once [`commit_outcome`] found the
+/// token committed: what a caller that lost its connection during the call (sent outside a
+/// transaction, so the call was its commit) never received. None for a token recorded without
+/// an answer (by [`notify_and_mark`], or before migration 20261128000010).
+pub async fn recorded_answer(
+    db: &Db,
+    token: uuid::Uuid,
+) -> Result<Option<JobsOutcome>, sqlx::Error> {
+    let Db::Postgres(pool) = db else {
+        return Ok(None);
+    };
+    sqlx::query_as(
+        "select seqs, dups, errors, error_heads, written_streams, written_heads, written_closed
+           from commit_tokens where token = $1::uuid and seqs is not null",
+    )
+    .bind(token.to_string())
+    .fetch_optional(pool)
+    .await
 }
 
 /// Deletes commit tokens older than `age`: an in-doubt commit is resolved within seconds.

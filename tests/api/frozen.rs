@@ -135,7 +135,19 @@ async fn frozen_holding_lock(pool: &sqlx::PgPool, stream: &str) -> bool {
         if !row_is_locked(pool, stream).await {
             return false;
         }
-        if sessions(pool, "state = 'idle in transaction'").await > 0 {
+        // The lock's holder (the transaction that last locked or updated the row: its
+        // xmax) sits idle in its transaction: frozen before its COMMIT. A batch sent as one
+        // call outside a transaction is 'active' while it holds the lock and commits on its
+        // own, frozen client or not.
+        let holder_idle: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity a join streams s on a.backend_xid = s.xmax
+              where s.name = $1 and a.state = 'idle in transaction'",
+        )
+        .bind(stream)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if holder_idle > 0 {
             return true;
         }
         // A statement of the frozen node's is still finishing on the server.

@@ -268,6 +268,73 @@ async fn a_commit_cut_off_mid_way_is_looked_up_by_its_token_not_by_transaction_i
     committed_meanwhile.unwrap();
     assert_eq!(looked.unwrap(), CommitOutcome::Committed);
 
+    // A token recorded without an answer (the transaction above) has none to give.
+    assert_eq!(
+        store::recorded_answer(&db.db, committed).await.unwrap(),
+        None
+    );
+
+    // A call of `tailcast.append_jobs` sent outside a transaction is its own commit: a caller
+    // that lost the connection during it finds the token committed, and the answer the call
+    // would have returned recorded with it (seqs, duplicates, refusals, new heads).
+    let tailcast::log::db::Db::Postgres(pool) = &db.db else {
+        unreachable!("postgres only")
+    };
+    let mut conn = pool.acquire().await.unwrap();
+    let rows = |stream: &'static str, n: usize, expected: Option<i64>| store::JobRows {
+        stream: vec![stream],
+        count: vec![n as i32],
+        expected: vec![expected],
+        close: vec![false],
+        ty: vec!["token"; n],
+        data: vec!["{}"; n],
+        id: vec![None; n],
+        key: vec![None; n],
+        body: vec![None; n],
+        by: vec![None; n],
+        append: vec![false; n],
+    };
+    let now = chrono::Utc::now();
+    let mut answers = Vec::new();
+    // A new stream (the general path), then two on its row (the one-UPDATE path), the
+    // second refused by its expected_seq.
+    for (n, expected) in [(2, None), (3, Some(2)), (1, Some(1))] {
+        let token = uuid::Uuid::new_v4();
+        let answer = store::append_jobs(
+            &mut conn,
+            "node",
+            token,
+            now,
+            &rows("one-trip", n, expected),
+        )
+        .await
+        .unwrap();
+        answers.push((token, answer));
+    }
+    let (first, second) = (&answers[0], &answers[1]);
+    assert_eq!(first.1.seqs, vec![Some(1), Some(2)]);
+    assert_eq!(second.1.seqs, vec![Some(3), Some(4), Some(5)]);
+    assert_eq!(second.1.written_heads, vec![5]);
+    for (token, answer) in &answers[..2] {
+        assert_eq!(outcome(*token).await.unwrap(), CommitOutcome::Committed);
+        assert_eq!(
+            store::recorded_answer(&db.db, *token)
+                .await
+                .unwrap()
+                .as_ref(),
+            Some(answer)
+        );
+    }
+    // The refused call wrote nothing, so it left no token: looked up, it never committed.
+    let (refused, answer) = &answers[2];
+    assert_eq!(answer.errors, vec![Some("seq_conflict".to_owned())]);
+    assert_eq!(answer.error_heads, vec![Some(5)]);
+    assert_eq!(
+        outcome(*refused).await.unwrap(),
+        CommitOutcome::NotCommitted
+    );
+    drop(conn);
+
     // Nothing to announce: nothing was written, so there is no token to look up.
     let mut tx = db.db.begin_write().await.unwrap();
     assert!(!store::notify_and_mark(&mut tx, &[], uuid::Uuid::new_v4())
