@@ -76,6 +76,9 @@ pub struct Hub {
     lag_fallbacks: AtomicU64,
     /// Subscriptions opened from what the hub knew, without reading the database.
     opened_from_hub: AtomicU64,
+    /// The runtime the subscribers' tasks run on, where a commit's wake-ups are made (see
+    /// [`CommitSink::committed`]); None outside a runtime (then the caller wakes them).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 /// A subscriber's end of a stream's channel. Dropping it unregisters the subscriber.
@@ -100,6 +103,7 @@ impl Hub {
             subscriptions: AtomicUsize::new(0),
             lag_fallbacks: AtomicU64::new(0),
             opened_from_hub: AtomicU64::new(0),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         })
     }
 
@@ -333,7 +337,19 @@ impl CommitSink for Hub {
             .filter_map(|(stream, frames, head)| Self::queue(&mut map, &stream, frames, head))
             .collect();
         drop(map);
-        Box::new(move || wakes.into_iter().for_each(ring::Wake::wake))
+        let wake = move || wakes.into_iter().for_each(ring::Wake::wake);
+        match &self.runtime {
+            // The commit thread is not one of the runtime's workers: each task it woke
+            // directly went through the runtime's shared queue and could unpark a worker, a
+            // thousand times per commit at a thousand subscribers. Woken from a task of the
+            // runtime, they go to that worker's own queue, and the commit thread goes back to
+            // committing at once.
+            Some(rt) => {
+                let rt = rt.clone();
+                Box::new(move || drop(rt.spawn(async move { wake() })))
+            }
+            None => Box::new(wake),
+        }
     }
 }
 
