@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use futures::future::{FutureExt, Shared};
 use futures::stream::{FuturesOrdered, StreamExt};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -324,13 +325,15 @@ async fn run(rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>, worker: Arc<Worke
     // SQLite has one write connection: batches there go one at a time, and what arrives
     // meanwhile joins the next.
     let in_flight = if db.is_sqlite() { 1 } else { IN_FLIGHT };
-    // Batches commit concurrently, but take their streams' row locks in the order they were
-    // started (see `Turn`) and are handed to the hub (and answered) in that order too: so the
-    // events of two batches on one stream reach its subscribers in seq order. In completion
-    // order they sometimes did not, and then every subscriber of the stream saw a gap and
-    // re-read the log — a thousand reads at a thousand subscribers.
+    // Batches commit concurrently, but a batch takes the row lock of a stream an earlier
+    // batch also writes only after that batch holds it (see `Turn`), and batches are handed
+    // to the hub (and answered) in the order they were started: so the events of two batches
+    // on one stream reach its subscribers in seq order. In completion order they sometimes
+    // did not, and then every subscriber of the stream saw a gap and re-read the log — a
+    // thousand reads at a thousand subscribers. Batches with no stream in common do not wait
+    // for each other: a one-trip batch holds its turn until it has committed.
     let mut inflight = FuturesOrdered::new();
-    let mut last_turn: Option<oneshot::Receiver<()>> = None;
+    let mut turns = Turns::default();
     let mut open = true;
     // A restarted incarnation finds the queue already closed if shutdown began meanwhile.
     let mut closed = false;
@@ -339,8 +342,7 @@ async fn run(rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>, worker: Arc<Worke
             jobs = next_jobs(&mut rx, max_batch), if open && inflight.len() < in_flight => {
                 match jobs {
                     Some(jobs) => {
-                        let (mine, next) = oneshot::channel();
-                        let turn = Turn { prev: last_turn.replace(next), mine: Some(mine) };
+                        let turn = turns.take(jobs.iter().map(|j| &j.spec.stream));
                         // Alone, a batch commits in one round trip (see `commit_postgres`).
                         let trip = if inflight.is_empty() { Trip::One } else { Trip::Pipelined };
                         inflight.push_back(commit_jobs(db, &**sink, node_id, *limits, health, jobs, turn, trip));
@@ -428,11 +430,46 @@ async fn commit_jobs(
     None
 }
 
+/// Fires once a batch holds its row locks (or failed, or ended).
+type Locked = Shared<oneshot::Receiver<()>>;
+
+/// Per stream, the turn of the latest batch started that writes it.
+#[derive(Default)]
+struct Turns {
+    latest: HashMap<StreamName, Locked>,
+}
+
+impl Turns {
+    /// The turn of a batch writing `streams` started now: after the batches before it that
+    /// write any of them.
+    fn take<'a>(&mut self, streams: impl IntoIterator<Item = &'a StreamName>) -> Turn {
+        // Streams whose latest batch has its locks (or ended) need no entry any more: the map
+        // holds only the streams of batches still waiting for theirs.
+        self.latest
+            .retain(|_, locked| locked.clone().now_or_never().is_none());
+        let (mine, locked) = oneshot::channel();
+        let locked = locked.shared();
+        let mut prev: Vec<Locked> = Vec::new();
+        for stream in streams {
+            if let Some(earlier) = self.latest.insert(stream.clone(), locked.clone()) {
+                if !earlier.ptr_eq(&locked) && !prev.iter().any(|p| p.ptr_eq(&earlier)) {
+                    prev.push(earlier);
+                }
+            }
+        }
+        Turn {
+            prev,
+            mine: Some(mine),
+        }
+    }
+}
+
 /// A batch's place in the order in which concurrent batches take their row locks: it sends
-/// its `append_jobs` only once the batch started before it has its locks (or is done), so
-/// seqs are assigned in the order batches are delivered (SQLite commits one at a time).
+/// its `append_jobs` only once every batch started before it that writes one of its streams
+/// has its locks (or is done), so each stream's seqs are assigned in the order batches are
+/// delivered (SQLite commits one at a time).
 struct Turn {
-    prev: Option<oneshot::Receiver<()>>,
+    prev: Vec<Locked>,
     mine: Option<oneshot::Sender<()>>,
 }
 
@@ -440,14 +477,14 @@ impl Turn {
     /// A batch that waits for no other (the one-by-one retries of a failed batch).
     fn free() -> Turn {
         Turn {
-            prev: None,
+            prev: Vec::new(),
             mine: None,
         }
     }
 
-    /// Waits until the previous batch holds its locks, failed or ended.
+    /// Waits until the earlier batches on its streams hold their locks, failed or ended.
     async fn wait(&mut self) {
-        if let Some(prev) = self.prev.take() {
+        for prev in std::mem::take(&mut self.prev) {
             let _ = prev.await;
         }
     }
@@ -1038,6 +1075,40 @@ fn deliver(sink: &dyn CommitSink, jobs: Vec<Job>, plan: Plan, started: Instant) 
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn a_batch_waits_only_for_earlier_batches_on_its_streams() {
+        use super::{StreamName, Turns};
+        let name = |s: &str| StreamName::parse(s).unwrap();
+        let (a, b, c) = (name("a"), name("b"), name("c"));
+        let mut turns = Turns::default();
+        let mut first = turns.take([&a, &b]);
+        assert!(first.prev.is_empty());
+        // Nothing in common: no wait.
+        let disjoint = turns.take([&c]);
+        assert!(disjoint.prev.is_empty());
+        // Two streams of one earlier batch: one wait for it.
+        let mut second = turns.take([&b, &a]);
+        assert_eq!(second.prev.len(), 1);
+        // A stream of each: waits for both.
+        let third = turns.take([&a, &c]);
+        assert_eq!(third.prev.len(), 2);
+        let locked = second.prev[0].clone();
+        assert!(
+            locked.clone().now_or_never().is_none(),
+            "waits while the first has no locks"
+        );
+        first.done();
+        assert!(
+            locked.now_or_never().is_some(),
+            "goes on once the first has them"
+        );
+        second.wait().await;
+        drop((disjoint, second, third));
+        // Once every batch has its locks (or is gone), the next take forgets their streams.
+        let _ = turns.take([&name("d")]);
+        assert_eq!(turns.latest.len(), 1);
+    }
+
     use super::*;
     use crate::log::health::DbHealth;
 
