@@ -42,7 +42,7 @@ use crate::live::presence::{Notice, PresenceGuard};
 use crate::live::{Compaction, EndReason, Frame, Item, Start, Subscription, Surface};
 use crate::log::model::format_time;
 use crate::log::{AppendSpec, StreamName};
-use crate::metrics as m;
+use crate::metrics::Deliveries;
 use protocol::{error_reply, error_with, reply, Op, Request};
 
 /// The protocol version announced in `welcome`.
@@ -219,6 +219,8 @@ struct Connection {
     /// Publishes whose appends are under way, answered in the order they came. A client may
     /// keep many in flight, and they then share group commits.
     publishes: FuturesOrdered<PendingReply>,
+    /// Delivery metrics, looked up once and recorded once per batch (see [`Deliveries`]).
+    deliveries: Deliveries,
 }
 
 type PendingReply = std::pin::Pin<Box<dyn std::future::Future<Output = Message> + Send>>;
@@ -252,6 +254,7 @@ impl Connection {
             catchup,
             out,
             publishes: FuturesOrdered::new(),
+            deliveries: Deliveries::new("ws"),
         };
         let welcome = json!({
             "connection_id": connection_id,
@@ -540,10 +543,14 @@ impl Connection {
     /// queue's room: queued as one batch, so it reaches the socket in one flush.
     async fn on_sub_events(&mut self, stream: StreamName, ev: SubEvent) {
         let mut batch = Vec::new();
-        let (mut bytes, mut events) = (0, 0);
+        let mut bytes = 0;
+        let deliveries = self.deliveries.clone();
+        let mut tally = deliveries.batch(std::time::Instant::now());
         let mut next = Some((stream, ev));
         while let Some((stream, ev)) = next.take() {
-            events += u64::from(matches!(ev, SubEvent::Item(Item::Event(_))));
+            if let SubEvent::Item(Item::Event(frame)) = &ev {
+                tally.add(frame);
+            }
             let msg = self.on_sub_event(stream, ev).await;
             bytes += queue::weight(&msg);
             batch.push(msg);
@@ -553,7 +560,7 @@ impl Connection {
                 next = self.subs.next().now_or_never().flatten();
             }
         }
-        metrics::counter!(m::DELIVERED_EVENTS, "transport" => "ws").increment(events);
+        deliveries.record(tally);
         let _ = self.out.send_batch(batch).await;
     }
 
@@ -561,13 +568,7 @@ impl Connection {
     async fn on_sub_event(&mut self, stream: StreamName, ev: SubEvent) -> Message {
         match ev {
             SubEvent::Item(Item::Event(frame)) => match event_text(&frame) {
-                Ok(msg) => {
-                    if let Some(t) = frame.committed_at {
-                        metrics::histogram!(m::DELIVERY_LATENCY, "transport" => "ws")
-                            .record(t.elapsed().as_secs_f64());
-                    }
-                    msg
-                }
+                Ok(msg) => msg,
                 // Never skip an event: end the subscription; the client resumes from the
                 // last seq it has.
                 Err(e) => self.ended(stream, None, Some(e)),

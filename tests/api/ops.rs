@@ -202,6 +202,8 @@ async fn metrics_cover_appends_delivery_fan_out_lag_and_retention(db: TestDb) {
     // Delivery (and on PostgreSQL fan-out from another node's commit).
     let res = client.get(b.url("/v1/streams/m/sse")).send().await.unwrap();
     let mut sub = crate::helpers::SseClient::new(res);
+    let mut ws = crate::ws_client::WsClient::connect(b.addr).await;
+    ws.subscribe("m", json!({})).await;
     let first = json!([{"data":1},{"data":2}]);
     match &a {
         Some(a) => drop(a.append("m", first).await),
@@ -210,6 +212,9 @@ async fn metrics_cover_appends_delivery_fan_out_lag_and_retention(db: TestDb) {
     sub.envelopes_through(1, 2).await;
     append("m", json!({"data":3})).await;
     sub.envelopes_through(3, 3).await;
+    for seq in 1..=3 {
+        assert_eq!(ws.next_event().await["seq"], seq);
+    }
 
     // A lag: a reader that stops reading while more commits than the live buffer holds pass.
     let stalled = crate::wire::get(b.addr, "/v1/streams/lag/sse?after=0", &[], Some(16384)).await;
@@ -257,6 +262,7 @@ async fn metrics_cover_appends_delivery_fan_out_lag_and_retention(db: TestDb) {
         "tailcast_connections{transport=\"sse\"}",
         "tailcast_subscriptions",
         "tailcast_delivery_latency_seconds_count{transport=\"sse\"}",
+        "tailcast_delivery_latency_seconds_count{transport=\"ws\"}",
         "tailcast_catchup_reads_total",
         "tailcast_lag_fallbacks_total",
     ] {
@@ -271,6 +277,10 @@ async fn metrics_cover_appends_delivery_fan_out_lag_and_retention(db: TestDb) {
     assert_eq!(
         value(&text, "tailcast_delivered_events_total{transport=\"sse\"}"),
         19.0
+    );
+    assert_eq!(
+        value(&text, "tailcast_delivered_events_total{transport=\"ws\"}"),
+        3.0
     );
     assert!(value(&text, "tailcast_live_streams") >= 1.0);
     assert!(text.contains("tailcast_http_requests_total{"), "{text}");

@@ -39,6 +39,19 @@ impl TestApp {
     }
 }
 
+impl WsClient {
+    /// Opens `/v1/ws` on the server at `addr` (a node of its own process) and reads the
+    /// `welcome`.
+    pub async fn connect(addr: std::net::SocketAddr) -> WsClient {
+        let url = format!("ws://{addr}/v1/ws");
+        let (socket, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect in time")
+            .expect("WebSocket handshake");
+        WsClient::greeted(socket).await
+    }
+}
+
 impl TestApp {
     /// Opens `/v1/ws` over a socket with a tiny receive buffer (a client that can hold little
     /// unread data), and reads the `welcome`.
