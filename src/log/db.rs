@@ -250,10 +250,18 @@ async fn open_sqlite(
         .connect_with(opts.clone().auto_vacuum(SqliteAutoVacuum::Incremental))
         .await
         .with_context(|| format!("cannot open the SQLite database {}", path.display()))?;
+    // Each connection's worker thread reads rows ahead of the task consuming them, up to its
+    // row buffer (sqlx's default: 50 rows). With events of up to a megabyte that is 50 MB a
+    // read beyond the page's own byte bound, and a slow reader let it fill: a catch-up of
+    // 900 KB events grew the process by 84 MB under load. A few rows keep the worker busy.
     let reader = SqlitePoolOptions::new()
         .max_connections(max_connections.max(2))
         .acquire_timeout(acquire_timeout)
-        .connect_with(opts.create_if_missing(false).read_only(true))
+        .connect_with(
+            opts.create_if_missing(false)
+                .read_only(true)
+                .row_buffer_size(READ_AHEAD_ROWS),
+        )
         .await
         .with_context(|| format!("cannot open the SQLite database {}", path.display()))?;
     tracing::info!(path = %path.display(), "embedded SQLite database open");
@@ -266,6 +274,9 @@ async fn open_sqlite(
         }),
     })
 }
+
+/// Rows a SQLite read connection's worker thread may read ahead of its consumer.
+const READ_AHEAD_ROWS: usize = 16;
 
 /// Takes the exclusive lock on `PATH.lock`, or explains who holds it. `PATH` is the file's
 /// real path (symbolic links and `..` resolved), so two spellings of one file share one lock.
