@@ -498,7 +498,11 @@ where
             return Poll::Pending;
         }
 
-        let num_read = ready!(self.force_io_read(cx)).map_err(crate::Error::new_io)?;
+        let num_read = ready!(self.io.poll_read_probe(cx).map_err(|e| {
+            self.state.close();
+            e
+        }))
+        .map_err(crate::Error::new_io)?;
 
         if num_read == 0 {
             trace!("found unexpected EOF on busy connection: {:?}", self.state);

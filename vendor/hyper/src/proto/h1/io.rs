@@ -267,6 +267,32 @@ where
         }
     }
 
+    /// A read while a message is in flight, only to notice EOF: with nothing buffered, the
+    /// (request's) read buffer is let go and the read goes into a small stack buffer.
+    pub(crate) fn poll_read_probe(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if !self.read_buf.is_empty() {
+            return self.poll_read_from_io(cx);
+        }
+        if self.read_buf.capacity() > 0 {
+            self.read_buf = BytesMut::new();
+        }
+        self.read_blocked = false;
+        let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); 64];
+        let mut buf = ReadBuf::uninit(&mut stack);
+        match Pin::new(&mut self.io).poll_read(cx, buf.unfilled()) {
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len();
+                self.read_buf.extend_from_slice(buf.filled());
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => {
+                self.read_blocked = true;
+                Poll::Pending
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        }
+    }
+
     pub(crate) fn into_inner(self) -> (T, Bytes) {
         (self.io, self.read_buf.freeze())
     }
@@ -535,7 +561,7 @@ pub(super) struct WriteBuf<B> {
 impl<B: Buf> WriteBuf<B> {
     fn new(strategy: WriteStrategy) -> WriteBuf<B> {
         WriteBuf {
-            headers: Cursor::new(Vec::with_capacity(INIT_BUFFER_SIZE)),
+            headers: Cursor::new(Vec::new()),
             max_buf_size: DEFAULT_MAX_BUFFER_SIZE,
             queue: BufList::new(),
             strategy,
