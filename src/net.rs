@@ -16,6 +16,7 @@
 //! while no request is with the router, which only hyper's own parse-error answer can be.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -29,7 +30,6 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_io_timeout::TimeoutStream;
@@ -419,6 +419,11 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Time
     }
 }
 
+/// A request's future, as hyper holds it while the router answers.
+type BoxedCall = Pin<
+    Box<dyn Future<Output = Result<axum::response::Response, std::convert::Infallible>> + Send>,
+>;
+
 /// Serves `router` on every connection `listener` accepts until `stop` is cancelled, then
 /// stops accepting, lets each connection finish its current response, and waits for them
 /// (the caller bounds the wait). Request headers must arrive within `header_timeout` of the
@@ -468,12 +473,22 @@ pub async fn serve(
                     }))
                 })
             });
-        let conn = builder
-            .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
-            .with_upgrades();
+        // hyper keeps a slot the size of the service's future for the whole connection, and a
+        // request is inline in it until called: boxed, an idle SSE connection does not carry
+        // those ~300 bytes (one short-lived box per request instead).
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let call: BoxedCall = Box::pin(service.clone().oneshot(req));
+            call
+        });
+        // Boxed before the task captures it: moved into the task and pinned there, it would
+        // take its ~780 bytes twice in the task's state (the captured value and the local).
+        let mut conn = Box::pin(
+            builder
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades(),
+        );
         let stop = stop.clone();
         connections.spawn(async move {
-            tokio::pin!(conn);
             let res = tokio::select! {
                 res = conn.as_mut() => res,
                 _ = stop.cancelled() => {

@@ -157,7 +157,8 @@ pub fn event_stream<F: Framing>(
         shutdown: app.shutdown.clone(),
         first,
         done: false,
-        expiry: who.expiry_deadline(),
+        // Boxed, and only for a token that expires: most connections have none.
+        expiry: who.expiry_deadline().map(|at| Box::pin(sleep_until(at))),
         _conn: ConnectionGuard::new(app, Transport::Sse),
         _follower: follower,
     };
@@ -232,7 +233,7 @@ struct SseState<F> {
     first: Option<Bytes>,
     done: bool,
     /// When the caller's token expires: the response ends there (README "Auth and limits").
-    expiry: Option<Instant>,
+    expiry: Option<Pin<Box<Sleep>>>,
     _conn: ConnectionGuard,
     _follower: PresenceGuard,
 }
@@ -250,7 +251,7 @@ impl<F: Framing> SseState<F> {
             biased;
             _ = self.shutdown.cancelled() => None,
             // Before events, so a busy stream cannot outlive the token.
-            _ = until(self.expiry) => {
+            _ = until(&mut self.expiry) => {
                 self.done = true;
                 Some(self.framing.failure(self.sub.stream(), "unauthorized", "the token has expired"))
             }
@@ -308,10 +309,10 @@ impl<F: Framing> SseState<F> {
     }
 }
 
-/// Sleeps until `at`, or forever.
-async fn until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
+/// Completes when `timer` does, or never without one.
+async fn until(timer: &mut Option<Pin<Box<Sleep>>>) {
+    match timer {
+        Some(timer) => timer.as_mut().await,
         None => std::future::pending().await,
     }
 }

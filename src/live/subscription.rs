@@ -179,8 +179,9 @@ pub struct Subscription {
     retry: Option<(tokio::time::Instant, std::time::Duration)>,
     /// A compacted subscription's rule, and where it is served.
     compaction: Option<(Compaction, Surface)>,
-    /// Folds the catch-up of a compacted subscription; gone while it is live.
-    folder: Option<Folder>,
+    /// Folds the catch-up of a compacted subscription; gone while it is live. Boxed: the run
+    /// it holds is hundreds of bytes that most subscriptions never use.
+    folder: Option<Box<Folder>>,
     /// The byte budget its catch-up pages come out of, if it shares one with others (a
     /// WebSocket's subscriptions), and its share for the page it holds in `pending`.
     budget: Option<Budget>,
@@ -413,11 +414,14 @@ impl Subscription {
             if self.ended.is_some() {
                 return None;
             }
+            // The log read and the outage backoff are boxed: inline, their state (a timer, the
+            // read's) would sit in the future of every subscriber waiting live, which is most
+            // of them (an idle SSE connection's memory), for the rare time they are needed.
             if let Some((at, _)) = self.retry {
-                tokio::time::sleep_until(at).await;
+                Box::pin(tokio::time::sleep_until(at)).await;
             }
             let step = match self.mode {
-                Mode::CatchUp => self.read_log().await,
+                Mode::CatchUp => Box::pin(self.read_log()).await,
                 Mode::Live => self.recv_live().await,
             };
             match step {
@@ -478,7 +482,7 @@ impl Subscription {
         if let (None, Some((rule, surface))) = (&self.folder, self.compaction) {
             // A compacted subscription's catch-up, the first or one the live path sent it
             // back to the log for: folded from the last seq it holds.
-            self.folder = Some(Folder::new(self.stream.clone(), rule, surface));
+            self.folder = Some(Box::new(Folder::new(self.stream.clone(), rule, surface)));
         }
         // `pending` is empty here (`next` reads only then), so nothing is held yet.
         let share = match &self.budget {
