@@ -97,13 +97,15 @@ class Proxy:
                     b'{"type":"about:blank","title":"Service Unavailable","status":503,"code":"'
                     + self.code_503.encode() + b'","detail":"proxy"}'
                 )
+                # Recorded before the answer goes out: a client that has its answer may look
+                # at `forwarded` at once (recorded after, a fast client sometimes missed it).
+                with self.lock:
+                    self.forwarded.append((m, p, "503"))
                 conn.sendall(
                     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\n"
                     b"retry-after: 0\r\nconnection: close\r\ncontent-length: "
                     + str(len(body)).encode() + b"\r\n\r\n" + body
                 )
-                with self.lock:
-                    self.forwarded.append((m, p, "503"))
                 return
             up = socket.create_connection(self.upstream)
             with up:
