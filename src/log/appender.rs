@@ -604,7 +604,7 @@ async fn settle(
         (Ok(()), _) => Ok(()),
         (Err(e), Some(token)) if commit_in_doubt(&e) => {
             health.mark_down();
-            resolve_in_doubt(db, token, e, false).await.map(drop)
+            resolve_in_doubt(db, token, e).await.map(drop)
         }
         (Err(e), _) => Err(e.into()),
     }
@@ -615,14 +615,13 @@ async fn settle(
 /// that callers hear the truth: success only if it is durable, `unavailable` only if nothing
 /// was written. Never by transaction id: after a crash PostgreSQL reuses the ids of
 /// transactions whose commit never reached disk. Gives up with [`Failure::Unknown`] if the
-/// database cannot be asked within the limit. With `answer`, a confirmed commit also brings
-/// the answer `tailcast.append_jobs` recorded with its token (a one-trip commit lost it with
-/// its connection); None without.
+/// database cannot be asked within the limit. A confirmed commit brings the answer
+/// `tailcast.append_jobs` recorded with its token, which a one-trip commit lost with its
+/// connection (None for a token recorded without one).
 async fn resolve_in_doubt(
     db: &Db,
     token: uuid::Uuid,
     err: sqlx::Error,
-    answer: bool,
 ) -> Result<Option<store::JobsOutcome>, Failure> {
     const LIMIT: Duration = Duration::from_secs(30);
     const WAIT: Duration = Duration::from_secs(1);
@@ -630,22 +629,13 @@ async fn resolve_in_doubt(
     let mut delay = Duration::from_millis(20);
     loop {
         match store::commit_outcome(db, token, WAIT).await {
-            Ok(store::CommitOutcome::Committed) if !answer => {
-                tracing::info!(%token, "commit confirmed after its connection was lost");
-                return Ok(None);
-            }
-            Ok(store::CommitOutcome::Committed) => match store::recorded_answer(db, token).await {
-                Ok(Some(recorded)) => {
+            Ok(store::CommitOutcome::Committed) => {
+                // If the database went away again before the answer was read: ask again.
+                if let Ok(recorded) = store::recorded_answer(db, token).await {
                     tracing::info!(%token, "commit confirmed after its connection was lost");
-                    return Ok(Some(recorded));
+                    return Ok(recorded);
                 }
-                Ok(None) => {
-                    tracing::error!(%token, "a commit confirmed without its answer; answering outcome_unknown");
-                    return Err(Failure::Unknown);
-                }
-                // The database went away again: ask again.
-                Err(_) => {}
-            },
+            }
             Ok(store::CommitOutcome::NotCommitted) => {
                 tracing::warn!(%token, error = %err, "commit lost with its connection; nothing was stored");
                 return Err(Failure::Db(err));
@@ -819,7 +809,8 @@ async fn commit_postgres(
                 // and then the token's row holds the answer.
                 Err(e) if commit_in_doubt(&e) => {
                     health.mark_down();
-                    resolve_in_doubt(db, token, e, true)
+                    // Every token `append_jobs` writes carries its answer.
+                    resolve_in_doubt(db, token, e)
                         .await?
                         .ok_or(Failure::Unknown)?
                 }
